@@ -1,0 +1,449 @@
+//! CA and node certificates.
+//!
+//! A CA certificate is self-signed and names the network. A node certificate
+//! binds a node's name, id, network, overlay addresses, groups, validity
+//! window, WireGuard public key and keyd Noise public key, and names its CA by
+//! fingerprint. Both are postcard-encoded inside a [`Signed`] envelope; files
+//! hold them armored.
+
+use serde::{Deserialize, Serialize};
+
+use crate::identity::{CaSigningKey, NodeId, NoisePublicKey, WgPublicKey};
+use crate::prefix::IpPrefix;
+use crate::signed::{Fingerprint, Signed};
+use crate::{CertError, CodecError, UnixTime, armor};
+
+pub const CERT_VERSION: u8 = 1;
+pub const CA_CERT_LABEL: &str = "PQMESH CA CERTIFICATE";
+pub const NODE_CERT_LABEL: &str = "PQMESH CERTIFICATE";
+const CA_DOMAIN: &[u8] = b"pqmesh ca certificate v1\0";
+const NODE_DOMAIN: &[u8] = b"pqmesh node certificate v1\0";
+
+/// Limits that keep a certificate small enough for one handshake payload.
+pub const MAX_NAME_LEN: usize = 63;
+pub const MAX_GROUPS: usize = 32;
+pub const MAX_ADDRESSES: usize = 8;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaCertBody {
+    pub version: u8,
+    pub name: String,
+    pub network_id: String,
+    pub not_before: UnixTime,
+    pub not_after: UnixTime,
+    pub public_key: [u8; 32],
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeCertBody {
+    pub version: u8,
+    pub name: String,
+    pub node_id: NodeId,
+    pub network_id: String,
+    pub addresses: Vec<IpPrefix>,
+    pub groups: Vec<String>,
+    pub not_before: UnixTime,
+    pub not_after: UnixTime,
+    pub wg_public: WgPublicKey,
+    pub noise_public: NoisePublicKey,
+    /// Fingerprint of the CA certificate that signed this one.
+    pub issuer: Fingerprint,
+}
+
+/// What an operator asks the CA to certify.
+#[derive(Clone, Debug)]
+pub struct NodeCertRequest {
+    pub name: String,
+    pub addresses: Vec<IpPrefix>,
+    pub groups: Vec<String>,
+    pub not_before: UnixTime,
+    pub not_after: UnixTime,
+    pub wg_public: WgPublicKey,
+    pub noise_public: NoisePublicKey,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CaCert(Signed<CaCertBody>);
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeCert(Signed<NodeCertBody>);
+
+/// Names, network ids and groups: short, printable, safe in logs and shells.
+pub fn check_label(field: &'static str, value: &str) -> Result<(), CertError> {
+    let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    if value.is_empty() || value.len() > MAX_NAME_LEN || !value.chars().all(ok_char) {
+        return Err(CertError::Field {
+            field,
+            reason: format!(
+                "`{value}` must be 1-{MAX_NAME_LEN} characters of letters, digits, '-', '_' or '.'"
+            ),
+        });
+    }
+    Ok(())
+}
+
+fn check_window(not_before: UnixTime, not_after: UnixTime) -> Result<(), CertError> {
+    if not_before >= not_after {
+        return Err(CertError::Field {
+            field: "not_after",
+            reason: format!("{not_after} is not after not_before {not_before}"),
+        });
+    }
+    Ok(())
+}
+
+fn check_version(version: u8) -> Result<(), CertError> {
+    if version != CERT_VERSION {
+        return Err(CodecError::Version {
+            found: version,
+            supported: CERT_VERSION,
+        }
+        .into());
+    }
+    Ok(())
+}
+
+impl CaCertBody {
+    fn validate(&self) -> Result<(), CertError> {
+        check_version(self.version)?;
+        check_label("name", &self.name)?;
+        check_label("network_id", &self.network_id)?;
+        check_window(self.not_before, self.not_after)
+    }
+}
+
+impl NodeCertBody {
+    fn validate(&self) -> Result<(), CertError> {
+        check_version(self.version)?;
+        check_label("name", &self.name)?;
+        check_label("network_id", &self.network_id)?;
+        check_window(self.not_before, self.not_after)?;
+        if self.addresses.is_empty() || self.addresses.len() > MAX_ADDRESSES {
+            return Err(CertError::Field {
+                field: "addresses",
+                reason: format!("need 1 to {MAX_ADDRESSES} overlay addresses"),
+            });
+        }
+        for a in &self.addresses {
+            a.validate().map_err(|reason| CertError::Field {
+                field: "addresses",
+                reason,
+            })?;
+        }
+        if self.groups.len() > MAX_GROUPS {
+            return Err(CertError::Field {
+                field: "groups",
+                reason: format!("at most {MAX_GROUPS} groups"),
+            });
+        }
+        for g in &self.groups {
+            check_label("groups", g)?;
+        }
+        if self.node_id != NodeId::derive(&self.wg_public, &self.noise_public) {
+            return Err(CertError::Field {
+                field: "node_id",
+                reason: "does not derive from the certificate's public keys".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl CaCert {
+    /// Creates a self-signed CA certificate for `network_id`.
+    pub fn create(
+        key: &CaSigningKey,
+        name: &str,
+        network_id: &str,
+        not_before: UnixTime,
+        not_after: UnixTime,
+    ) -> Result<Self, CertError> {
+        let body = CaCertBody {
+            version: CERT_VERSION,
+            name: name.to_string(),
+            network_id: network_id.to_string(),
+            not_before,
+            not_after,
+            public_key: key.verifying_key(),
+        };
+        body.validate()?;
+        Ok(Self(Signed::sign(CA_DOMAIN, body, key)?))
+    }
+
+    /// Decodes and checks the self-signature and every field.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, CertError> {
+        let signed = Signed::<CaCertBody>::decode(CA_DOMAIN, bytes)?;
+        signed.body.validate()?;
+        if !signed.verify(&signed.body.public_key) {
+            return Err(CertError::BadSignature);
+        }
+        Ok(Self(signed))
+    }
+
+    pub fn from_text(text: &str) -> Result<Self, CertError> {
+        Self::from_bytes(&armor::decode(CA_CERT_LABEL, text)?)
+    }
+
+    pub fn to_text(&self) -> String {
+        armor::encode(CA_CERT_LABEL, &self.to_bytes())
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.0.to_bytes()
+    }
+
+    pub fn body(&self) -> &CaCertBody {
+        &self.0.body
+    }
+
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.0.fingerprint()
+    }
+
+    pub fn is_valid_at(&self, now: UnixTime, skew: u64) -> bool {
+        now.saturating_add(skew) >= self.0.body.not_before
+            && now <= self.0.body.not_after.saturating_add(skew)
+    }
+
+    /// Signs `body`-shaped content with this CA's key (used for rosters).
+    pub(crate) fn check_key(&self, key: &CaSigningKey) -> Result<(), CertError> {
+        if key.verifying_key() != self.0.body.public_key {
+            return Err(CertError::Field {
+                field: "ca_key",
+                reason: "the CA private key does not belong to this CA certificate".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Issues a node certificate. The validity window must lie inside the CA's.
+    pub fn issue(&self, key: &CaSigningKey, req: NodeCertRequest) -> Result<NodeCert, CertError> {
+        self.check_key(key)?;
+        let ca = &self.0.body;
+        if req.not_before < ca.not_before || req.not_after > ca.not_after {
+            return Err(CertError::Field {
+                field: "not_after",
+                reason: format!(
+                    "node validity {}..{} must lie inside the CA's {}..{}",
+                    req.not_before, req.not_after, ca.not_before, ca.not_after
+                ),
+            });
+        }
+        let body = NodeCertBody {
+            version: CERT_VERSION,
+            node_id: NodeId::derive(&req.wg_public, &req.noise_public),
+            name: req.name,
+            network_id: ca.network_id.clone(),
+            addresses: req.addresses,
+            groups: req.groups,
+            not_before: req.not_before,
+            not_after: req.not_after,
+            wg_public: req.wg_public,
+            noise_public: req.noise_public,
+            issuer: self.fingerprint(),
+        };
+        body.validate()?;
+        Ok(NodeCert(Signed::sign(NODE_DOMAIN, body, key)?))
+    }
+
+    /// Checks that `cert` was signed by this CA (issuer and signature only;
+    /// validity, revocation and membership are [`crate::trust`]'s job).
+    pub fn signed(&self, cert: &NodeCert) -> bool {
+        cert.0.body.issuer == self.fingerprint() && cert.0.verify(&self.0.body.public_key)
+    }
+}
+
+impl NodeCert {
+    /// Decodes and checks every field. Does not check the signature, which
+    /// needs the CA: see [`CaCert::signed`] and [`crate::trust`].
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, CertError> {
+        let signed = Signed::<NodeCertBody>::decode(NODE_DOMAIN, bytes)?;
+        signed.body.validate()?;
+        Ok(Self(signed))
+    }
+
+    pub fn from_text(text: &str) -> Result<Self, CertError> {
+        Self::from_bytes(&armor::decode(NODE_CERT_LABEL, text)?)
+    }
+
+    pub fn to_text(&self) -> String {
+        armor::encode(NODE_CERT_LABEL, &self.to_bytes())
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.0.to_bytes()
+    }
+
+    pub fn body(&self) -> &NodeCertBody {
+        &self.0.body
+    }
+
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.0.fingerprint()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::identity::{NoisePrivateKey, WgPrivateKey};
+    use proptest::prelude::*;
+
+    pub const T0: UnixTime = 1_800_000_000;
+    pub const DAY: u64 = 86_400;
+
+    pub fn test_ca(network: &str) -> (CaSigningKey, CaCert) {
+        let key = CaSigningKey::generate().unwrap();
+        let ca = CaCert::create(&key, "test-ca", network, T0 - DAY, T0 + 365 * DAY).unwrap();
+        (key, ca)
+    }
+
+    pub fn request(name: &str, wg: &WgPrivateKey, noise: &NoisePrivateKey) -> NodeCertRequest {
+        NodeCertRequest {
+            name: name.into(),
+            addresses: vec![
+                "10.99.0.1/24".parse().unwrap(),
+                "fd99::1/64".parse().unwrap(),
+            ],
+            groups: vec!["web".into(), "db".into()],
+            not_before: T0 - 60,
+            not_after: T0 + 30 * DAY,
+            wg_public: wg.public_key(),
+            noise_public: noise.public_key(),
+        }
+    }
+
+    /// Signs any body, bypassing `issue`'s rules: models a CA that misbehaves.
+    pub fn sign_raw(body: NodeCertBody, key: &CaSigningKey) -> NodeCert {
+        NodeCert(Signed::sign(NODE_DOMAIN, body, key).unwrap())
+    }
+
+    fn issued() -> (CaSigningKey, CaCert, NodeCert) {
+        let (key, ca) = test_ca("net-a");
+        let wg = WgPrivateKey::generate().unwrap();
+        let noise = NoisePrivateKey::generate().unwrap();
+        let cert = ca.issue(&key, request("node-1", &wg, &noise)).unwrap();
+        (key, ca, cert)
+    }
+
+    #[test]
+    fn issue_round_trip_and_verify() {
+        let (_, ca, cert) = issued();
+        let again = NodeCert::from_text(&cert.to_text()).unwrap();
+        assert_eq!(again, cert);
+        assert_eq!(again.fingerprint(), cert.fingerprint());
+        assert!(ca.signed(&again));
+        assert_eq!(again.body().network_id, "net-a");
+        assert_eq!(CaCert::from_text(&ca.to_text()).unwrap(), ca);
+    }
+
+    #[test]
+    fn another_ca_does_not_sign() {
+        let (_, _, cert) = issued();
+        let (_, other) = test_ca("net-a");
+        assert!(!other.signed(&cert));
+    }
+
+    #[test]
+    fn issue_refuses_bad_fields() {
+        let (key, ca) = test_ca("net-a");
+        let wg = WgPrivateKey::generate().unwrap();
+        let noise = NoisePrivateKey::generate().unwrap();
+        let mut r = request("bad name!", &wg, &noise);
+        assert!(matches!(
+            ca.issue(&key, r.clone()),
+            Err(CertError::Field { field: "name", .. })
+        ));
+        r.name = "ok".into();
+        r.addresses.clear();
+        assert!(matches!(
+            ca.issue(&key, r.clone()),
+            Err(CertError::Field {
+                field: "addresses",
+                ..
+            })
+        ));
+        r = request("ok", &wg, &noise);
+        r.not_after = r.not_before;
+        assert!(matches!(
+            ca.issue(&key, r.clone()),
+            Err(CertError::Field {
+                field: "not_after",
+                ..
+            })
+        ));
+        r = request("ok", &wg, &noise);
+        r.not_after = T0 + 1000 * DAY;
+        assert!(ca.issue(&key, r).is_err(), "outlives the CA");
+        let other = CaSigningKey::generate().unwrap();
+        assert!(matches!(
+            ca.issue(&other, request("ok", &wg, &noise)),
+            Err(CertError::Field {
+                field: "ca_key",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn tampered_ca_cert_is_refused() {
+        let (_, ca) = test_ca("net-a");
+        let mut bytes = ca.to_bytes();
+        // Flip a byte in the network id, inside the signed body.
+        let pos = bytes.windows(5).position(|w| w == b"net-a").unwrap();
+        bytes[pos] ^= 0x01;
+        assert_eq!(CaCert::from_bytes(&bytes), Err(CertError::BadSignature));
+    }
+
+    #[test]
+    fn trailing_bytes_are_refused() {
+        let (_, _, cert) = issued();
+        let mut bytes = cert.to_bytes();
+        bytes.push(0);
+        assert!(matches!(
+            NodeCert::from_bytes(&bytes),
+            Err(CertError::Codec(CodecError::TrailingBytes(1)))
+        ));
+    }
+
+    #[test]
+    fn fingerprint_hex_round_trip() {
+        let (_, _, cert) = issued();
+        let fp = cert.fingerprint();
+        assert_eq!(Fingerprint::from_hex(&fp.to_hex()).unwrap(), fp);
+        assert!(Fingerprint::from_hex("abc").is_err());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn node_cert_round_trips(name in "[a-z][a-z0-9-]{0,20}", groups in proptest::collection::vec("[a-z]{1,8}", 0..5)) {
+            let (key, ca) = test_ca("net-p");
+            let wg = WgPrivateKey::generate().unwrap();
+            let noise = NoisePrivateKey::generate().unwrap();
+            let mut r = request(&name, &wg, &noise);
+            r.groups = groups;
+            let cert = ca.issue(&key, r).unwrap();
+            prop_assert_eq!(NodeCert::from_bytes(&cert.to_bytes()).unwrap(), cert);
+        }
+
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..700)) {
+            let _ = NodeCert::from_bytes(&bytes);
+            let _ = CaCert::from_bytes(&bytes);
+        }
+
+        #[test]
+        fn mutated_cert_never_verifies_as_original(pos in any::<prop::sample::Index>(), bit in 0u8..8) {
+            let (_, ca, cert) = issued();
+            let mut bytes = cert.to_bytes();
+            let i = pos.index(bytes.len());
+            bytes[i] ^= 1 << bit;
+            // Either it no longer decodes, or it decodes and fails the CA check.
+            if let Ok(c) = NodeCert::from_bytes(&bytes) {
+                prop_assert!(!ca.signed(&c));
+            }
+        }
+    }
+}

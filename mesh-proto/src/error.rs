@@ -1,0 +1,186 @@
+//! Error types. Every refusal has its own variant so that the daemons can log
+//! it specifically and count it under its own label (`TrustError::label`).
+
+use thiserror::Error;
+
+use crate::UnixTime;
+
+/// Bytes that do not decode: armor, base64, postcard, lengths.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum CodecError {
+    #[error("expected a `-----BEGIN {expected}-----` block")]
+    MissingArmor { expected: &'static str },
+    #[error("armored block `{found}` where `{expected}` was expected")]
+    WrongArmorLabel {
+        expected: &'static str,
+        found: String,
+    },
+    #[error("armored block has no matching END line")]
+    UnterminatedArmor,
+    #[error("invalid base64: {0}")]
+    Base64(String),
+    #[error("expected {expected} bytes, found {found}")]
+    Length { expected: usize, found: usize },
+    #[error("malformed encoding: {0}")]
+    Malformed(String),
+    #[error("{0} unexpected trailing bytes")]
+    TrailingBytes(usize),
+    #[error("unsupported format version {found} (this build understands {supported})")]
+    Version { found: u8, supported: u8 },
+}
+
+impl From<postcard::Error> for CodecError {
+    fn from(e: postcard::Error) -> Self {
+        CodecError::Malformed(e.to_string())
+    }
+}
+
+/// Key material problems.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum KeyError {
+    #[error("key: {0}")]
+    Codec(#[from] CodecError),
+    #[error(
+        "key file {path} is readable by group or others (mode {mode:03o}); \
+         a private key must be private: run `chmod 600 {path}`"
+    )]
+    InsecurePermissions { path: String, mode: u32 },
+    #[error("the operating system random generator failed: {0}")]
+    Random(String),
+}
+
+/// Certificate problems found while decoding, issuing or signing.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum CertError {
+    #[error("certificate: {0}")]
+    Codec(#[from] CodecError),
+    #[error("invalid certificate field `{field}`: {reason}")]
+    Field { field: &'static str, reason: String },
+    #[error("signature does not verify")]
+    BadSignature,
+}
+
+/// Roster problems: decoding, signature, consistency, rollback.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum RosterError {
+    #[error("roster: {0}")]
+    Codec(#[from] CodecError),
+    #[error("roster member {index}: {source}")]
+    Member { index: usize, source: CertError },
+    #[error("roster is not signed by the configured CA (issuer {found}, expected {expected})")]
+    WrongIssuer { expected: String, found: String },
+    #[error("roster signature does not verify against the configured CA")]
+    BadSignature,
+    #[error("roster is for network `{found}`, this node is in `{expected}`")]
+    WrongNetwork { expected: String, found: String },
+    #[error("roster member {index} ({name}) is not signed by the configured CA")]
+    MemberNotFromCa { index: usize, name: String },
+    #[error("roster member {index} ({name}) is for network `{found}`")]
+    MemberWrongNetwork {
+        index: usize,
+        name: String,
+        found: String,
+    },
+    #[error("roster lists {what} `{value}` twice")]
+    Duplicate { what: &'static str, value: String },
+    #[error("roster serial {offered} is older than the serial {current} in use (rollback refused)")]
+    Rollback { current: u64, offered: u64 },
+    #[error(
+        "roster serial {serial} is already in use with different contents (serial reuse refused)"
+    )]
+    SerialReuse { serial: u64 },
+    #[error("cannot sign roster: {0}")]
+    Signing(CertError),
+}
+
+/// Zero-trust refusals of a peer. One variant per check.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum TrustError {
+    #[error("peer certificate does not decode: {0}")]
+    MalformedCertificate(CodecError),
+    #[error("peer certificate is issued by another CA ({found}, expected {expected})")]
+    UnknownCa { expected: String, found: String },
+    #[error("peer certificate signature does not verify against the CA")]
+    BadSignature,
+    #[error("peer certificate is for network `{found}`, expected `{expected}`")]
+    WrongNetwork { expected: String, found: String },
+    #[error("peer certificate node id does not match its keys")]
+    NodeIdMismatch,
+    #[error("peer certificate is not valid before {not_before} (now {now})")]
+    NotYetValid { not_before: UnixTime, now: UnixTime },
+    #[error("peer certificate expired at {not_after} (now {now})")]
+    Expired { not_after: UnixTime, now: UnixTime },
+    #[error("the CA certificate is outside its validity window (now {now})")]
+    CaExpired { now: UnixTime },
+    #[error("peer certificate {fingerprint} is revoked")]
+    Revoked { fingerprint: String },
+    #[error("peer's Noise static key is not the one in its certificate")]
+    StaticKeyMismatch,
+    #[error("peer {name} ({node_id}) is not a member of the current roster")]
+    NotInRoster { name: String, node_id: String },
+    #[error("peer presented this node's own certificate")]
+    SelfConnection,
+    #[error("peer {name} ({node_id}) is not the peer this exchange was opened for")]
+    UnexpectedPeer { name: String, node_id: String },
+}
+
+impl TrustError {
+    /// Stable label for logs and the `reason` label of refusal counters.
+    pub fn label(&self) -> &'static str {
+        match self {
+            TrustError::MalformedCertificate(_) => "malformed_certificate",
+            TrustError::UnknownCa { .. } => "unknown_ca",
+            TrustError::BadSignature => "bad_signature",
+            TrustError::WrongNetwork { .. } => "wrong_network",
+            TrustError::NodeIdMismatch => "node_id_mismatch",
+            TrustError::NotYetValid { .. } => "not_yet_valid",
+            TrustError::Expired { .. } => "expired",
+            TrustError::CaExpired { .. } => "ca_expired",
+            TrustError::Revoked { .. } => "revoked",
+            TrustError::StaticKeyMismatch => "static_key_mismatch",
+            TrustError::NotInRoster { .. } => "not_in_roster",
+            TrustError::SelfConnection => "self_connection",
+            TrustError::UnexpectedPeer { .. } => "unexpected_peer",
+        }
+    }
+}
+
+/// Why a hybrid exchange failed.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum ExchangeError {
+    #[error("handshake message rejected: {0}")]
+    Noise(String),
+    #[error("peer refused: {0}")]
+    Trust(#[from] TrustError),
+    #[error("handshake payload does not decode: {0}")]
+    Payload(CodecError),
+    #[error("unexpected {0}")]
+    UnexpectedMessage(&'static str),
+    #[error("handshake timed out")]
+    Timeout,
+    #[error("exchange already ended")]
+    Closed,
+    #[error("local setup: {0}")]
+    Setup(String),
+}
+
+impl ExchangeError {
+    /// Stable label for logs and counters.
+    pub fn label(&self) -> &'static str {
+        match self {
+            ExchangeError::Noise(_) => "noise",
+            ExchangeError::Trust(t) => t.label(),
+            ExchangeError::Payload(_) => "payload",
+            ExchangeError::UnexpectedMessage(_) => "unexpected_message",
+            ExchangeError::Timeout => "timeout",
+            ExchangeError::Closed => "closed",
+            ExchangeError::Setup(_) => "setup",
+        }
+    }
+}
+
+impl From<snow::Error> for ExchangeError {
+    fn from(e: snow::Error) -> Self {
+        ExchangeError::Noise(e.to_string())
+    }
+}

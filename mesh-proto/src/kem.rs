@@ -1,0 +1,188 @@
+//! ML-KEM-1024 (FIPS 203) for snow's `hfs` KEM slot, backed by libcrux-ml-kem.
+//!
+//! snow's pattern grammar only knows the name `Kyber1024`, so the protocol
+//! name hashed into the handshake is `Noise_XXhfs_25519+Kyber1024_...`; the
+//! algorithm behind that name here is ML-KEM-1024, and the prologue (see
+//! [`crate::exchange::prologue`]) says so explicitly. snow's stock provider,
+//! pqcrypto-kyber 0.8.1, is unmaintained (RUSTSEC-2024-0381) and is kept only
+//! as a test-time interop reference.
+//!
+//! libcrux is formally verified and picks its AVX2 code path at run time.
+//! Why libcrux over RustCrypto's ml-kem: `docs/dependencies.md`.
+
+use libcrux_ml_kem::mlkem1024::{self, MlKem1024Ciphertext, MlKem1024KeyPair, MlKem1024PublicKey};
+use libcrux_ml_kem::{ENCAPS_SEED_SIZE, KEY_GENERATION_SEED_SIZE, SHARED_SECRET_SIZE};
+use snow::params::{CipherChoice, DHChoice, HashChoice, KemChoice};
+use snow::resolvers::{BoxedCryptoResolver, CryptoResolver, DefaultResolver, FallbackResolver};
+use snow::types::{Cipher, Dh, Hash, Kem, Random};
+use zeroize::Zeroizing;
+
+pub const PUBLIC_KEY_LEN: usize = 1568;
+pub const CIPHERTEXT_LEN: usize = 1568;
+
+/// Resolves the KEM to ML-KEM-1024; everything else to nothing (chain it in
+/// front of snow's default resolver with [`resolver`]).
+#[derive(Default)]
+pub struct MlKemResolver;
+
+impl CryptoResolver for MlKemResolver {
+    fn resolve_rng(&self) -> Option<Box<dyn Random>> {
+        None
+    }
+    fn resolve_dh(&self, _: &DHChoice) -> Option<Box<dyn Dh>> {
+        None
+    }
+    fn resolve_hash(&self, _: &HashChoice) -> Option<Box<dyn Hash>> {
+        None
+    }
+    fn resolve_cipher(&self, _: &CipherChoice) -> Option<Box<dyn Cipher>> {
+        None
+    }
+    fn resolve_kem(&self, choice: &KemChoice) -> Option<Box<dyn Kem>> {
+        match choice {
+            KemChoice::Kyber1024 => Some(Box::new(MlKem1024::default())),
+        }
+    }
+}
+
+/// The resolver pqmesh uses: ML-KEM-1024 from libcrux, and snow's defaults
+/// (X25519, ChaChaPoly, BLAKE2s, OS randomness) for the rest.
+pub fn resolver() -> BoxedCryptoResolver {
+    Box::new(FallbackResolver::new(
+        Box::new(MlKemResolver),
+        Box::new(DefaultResolver),
+    ))
+}
+
+/// One side's ephemeral ML-KEM-1024 state inside a snow handshake.
+#[derive(Default)]
+pub struct MlKem1024 {
+    keypair: Option<Box<MlKem1024KeyPair>>,
+}
+
+impl Drop for MlKem1024 {
+    fn drop(&mut self) {
+        // libcrux's key types do not zeroize; overwrite the decapsulation key
+        // in place. The volatile write keeps the compiler from eliding it.
+        if let Some(kp) = self.keypair.as_mut() {
+            let zero = MlKem1024KeyPair::new([0; 3168], [0; PUBLIC_KEY_LEN]);
+            // SAFETY: `kp` is a valid, exclusively borrowed, initialised
+            // key pair; the old value has no drop glue to skip.
+            unsafe { std::ptr::write_volatile(&mut **kp, zero) };
+            std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
+impl Kem for MlKem1024 {
+    fn name(&self) -> &'static str {
+        "Kyber1024"
+    }
+
+    fn pub_len(&self) -> usize {
+        PUBLIC_KEY_LEN
+    }
+
+    fn ciphertext_len(&self) -> usize {
+        CIPHERTEXT_LEN
+    }
+
+    fn shared_secret_len(&self) -> usize {
+        SHARED_SECRET_SIZE
+    }
+
+    fn generate(&mut self, rng: &mut dyn Random) {
+        let mut seed = Zeroizing::new([0u8; KEY_GENERATION_SEED_SIZE]);
+        // snow's trait gives no way to report a failed generator here. If the
+        // OS generator fails, the seed stays zero; refuse to use it, leaving no
+        // key pair, so `pubkey()` is empty and snow fails the message.
+        if rng.try_fill_bytes(seed.as_mut()).is_err() {
+            self.keypair = None;
+            return;
+        }
+        self.keypair = Some(Box::new(mlkem1024::generate_key_pair(*seed)));
+    }
+
+    fn pubkey(&self) -> &[u8] {
+        self.keypair.as_ref().map_or(&[][..], |kp| &kp.pk()[..])
+    }
+
+    fn encapsulate(
+        &self,
+        pubkey: &[u8],
+        shared_secret_out: &mut [u8],
+        ciphertext_out: &mut [u8],
+    ) -> Result<(usize, usize), snow::Error> {
+        let public = MlKem1024PublicKey::try_from(pubkey).map_err(|_| snow::Error::Kem)?;
+        // FIPS 203 section 7.2: check the encapsulation key before use.
+        if !mlkem1024::validate_public_key(&public) {
+            return Err(snow::Error::Kem);
+        }
+        if shared_secret_out.len() < SHARED_SECRET_SIZE || ciphertext_out.len() < CIPHERTEXT_LEN {
+            return Err(snow::Error::Kem);
+        }
+        let mut randomness = Zeroizing::new([0u8; ENCAPS_SEED_SIZE]);
+        getrandom::fill(randomness.as_mut()).map_err(|_| snow::Error::Kem)?;
+        let (ciphertext, shared) = mlkem1024::encapsulate(&public, *randomness);
+        let shared = Zeroizing::new(shared);
+        shared_secret_out[..SHARED_SECRET_SIZE].copy_from_slice(shared.as_ref());
+        ciphertext_out[..CIPHERTEXT_LEN].copy_from_slice(ciphertext.as_ref());
+        Ok((SHARED_SECRET_SIZE, CIPHERTEXT_LEN))
+    }
+
+    fn decapsulate(
+        &self,
+        ciphertext: &[u8],
+        shared_secret_out: &mut [u8],
+    ) -> Result<usize, snow::Error> {
+        let keypair = self.keypair.as_ref().ok_or(snow::Error::Kem)?;
+        let ciphertext = MlKem1024Ciphertext::try_from(ciphertext).map_err(|_| snow::Error::Kem)?;
+        if shared_secret_out.len() < SHARED_SECRET_SIZE {
+            return Err(snow::Error::Kem);
+        }
+        let shared = Zeroizing::new(mlkem1024::decapsulate(keypair.private_key(), &ciphertext));
+        shared_secret_out[..SHARED_SECRET_SIZE].copy_from_slice(shared.as_ref());
+        Ok(SHARED_SECRET_SIZE)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct OsRandom;
+    impl Random for OsRandom {
+        fn try_fill_bytes(&mut self, dest: &mut [u8]) -> Result<(), snow::Error> {
+            getrandom::fill(dest).map_err(|_| snow::Error::Rng)
+        }
+    }
+
+    #[test]
+    fn encapsulate_decapsulate_agree() {
+        let mut alice = MlKem1024::default();
+        alice.generate(&mut OsRandom);
+        let bob = MlKem1024::default();
+        let (mut ss_b, mut ct) = ([0u8; 32], [0u8; CIPHERTEXT_LEN]);
+        assert_eq!(
+            bob.encapsulate(alice.pubkey(), &mut ss_b, &mut ct).unwrap(),
+            (32, CIPHERTEXT_LEN)
+        );
+        let mut ss_a = [0u8; 32];
+        alice.decapsulate(&ct, &mut ss_a).unwrap();
+        assert_eq!(ss_a, ss_b);
+        assert_ne!(ss_a, [0; 32]);
+    }
+
+    #[test]
+    fn refuses_bad_lengths_and_invalid_keys() {
+        let kem = MlKem1024::default();
+        let (mut ss, mut ct) = ([0u8; 32], [0u8; CIPHERTEXT_LEN]);
+        assert!(kem.encapsulate(&[0; 10], &mut ss, &mut ct).is_err());
+        // Coefficients >= q fail the FIPS 203 modulus check.
+        assert!(
+            kem.encapsulate(&[0xff; PUBLIC_KEY_LEN], &mut ss, &mut ct)
+                .is_err()
+        );
+        assert!(kem.decapsulate(&ct, &mut ss).is_err(), "no key pair yet");
+    }
+}

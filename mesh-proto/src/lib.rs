@@ -1,0 +1,26 @@
+//! pqmesh's sans-IO core.
+//!
+//! Everything here takes bytes and time in and gives bytes, deadlines and
+//! events out: no sockets, no async runtime, no file system. The binaries
+//! (`keyd`, `mesh-node`) own all I/O. See `docs/architecture.md`.
+
+pub mod armor;
+pub mod cert;
+pub mod error;
+pub mod exchange;
+#[cfg(test)]
+mod exchange_tests;
+pub mod frame;
+pub mod identity;
+pub mod kem;
+pub mod prefix;
+pub mod roster;
+pub mod schedule;
+pub mod signed;
+pub mod trust;
+
+pub use error::{CertError, CodecError, ExchangeError, KeyError, RosterError, TrustError};
+
+/// Seconds since the Unix epoch. Certificate validity is judged in wall-clock
+/// time, which the caller supplies (sans-IO: this crate never reads a clock).
+pub type UnixTime = u64;

@@ -1,0 +1,404 @@
+//! The signed roster: who is in the network, where to reach them, and which
+//! certificates are revoked, under a serial that only goes up.
+//!
+//! A roster is accepted only whole: CA signature, network, and every member
+//! certificate signed by the same CA for the same network, with no node id,
+//! name, key or overlay address listed twice. [`Roster::check_update`] refuses
+//! a roster older than the one in use (rollback protection).
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::cert::{CaCert, NodeCert};
+use crate::identity::{CaSigningKey, NodeId};
+use crate::signed::{Fingerprint, Signed};
+use crate::{CodecError, RosterError, UnixTime, armor};
+
+pub const ROSTER_VERSION: u8 = 1;
+pub const ROSTER_LABEL: &str = "PQMESH ROSTER";
+const ROSTER_DOMAIN: &[u8] = b"pqmesh roster v1\0";
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct MemberEntry {
+    cert: Vec<u8>,
+    wg_endpoint: Option<SocketAddr>,
+    keyd_endpoint: Option<SocketAddr>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RosterBody {
+    version: u8,
+    network_id: String,
+    serial: u64,
+    issued_at: UnixTime,
+    issuer: Fingerprint,
+    members: Vec<MemberEntry>,
+    revoked: Vec<Fingerprint>,
+}
+
+/// One member of the network and its underlay endpoints.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    pub cert: NodeCert,
+    /// Where its WireGuard data plane listens (UDP).
+    pub wg_endpoint: Option<SocketAddr>,
+    /// Where its keyd listens (QUIC).
+    pub keyd_endpoint: Option<SocketAddr>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Roster {
+    signed: Signed<RosterBody>,
+    members: Vec<Member>,
+    revoked: HashSet<Fingerprint>,
+}
+
+impl Roster {
+    /// Builds and signs a roster. Members must be certificates of this CA.
+    pub fn build(
+        ca: &CaCert,
+        key: &CaSigningKey,
+        serial: u64,
+        issued_at: UnixTime,
+        members: Vec<Member>,
+        revoked: Vec<Fingerprint>,
+    ) -> Result<Self, RosterError> {
+        ca.check_key(key).map_err(RosterError::Signing)?;
+        let body = RosterBody {
+            version: ROSTER_VERSION,
+            network_id: ca.body().network_id.clone(),
+            serial,
+            issued_at,
+            issuer: ca.fingerprint(),
+            members: members
+                .iter()
+                .map(|m| MemberEntry {
+                    cert: m.cert.to_bytes(),
+                    wg_endpoint: m.wg_endpoint,
+                    keyd_endpoint: m.keyd_endpoint,
+                })
+                .collect(),
+            revoked,
+        };
+        let signed = Signed::sign(ROSTER_DOMAIN, body, key).map_err(RosterError::Signing)?;
+        Self::from_bytes(&signed.to_bytes(), ca)
+    }
+
+    /// Decodes and fully verifies a roster against the configured CA.
+    pub fn from_bytes(bytes: &[u8], ca: &CaCert) -> Result<Self, RosterError> {
+        let signed = Signed::<RosterBody>::decode(ROSTER_DOMAIN, bytes)?;
+        let body = &signed.body;
+        if body.version != ROSTER_VERSION {
+            return Err(CodecError::Version {
+                found: body.version,
+                supported: ROSTER_VERSION,
+            }
+            .into());
+        }
+        if body.issuer != ca.fingerprint() {
+            return Err(RosterError::WrongIssuer {
+                expected: ca.fingerprint().to_hex(),
+                found: body.issuer.to_hex(),
+            });
+        }
+        if !signed.verify(&ca.body().public_key) {
+            return Err(RosterError::BadSignature);
+        }
+        if body.network_id != ca.body().network_id {
+            return Err(RosterError::WrongNetwork {
+                expected: ca.body().network_id.clone(),
+                found: body.network_id.clone(),
+            });
+        }
+        let members = decode_members(&body.members)?;
+        for (index, m) in members.iter().enumerate() {
+            let c = m.cert.body();
+            if !ca.signed(&m.cert) {
+                return Err(RosterError::MemberNotFromCa {
+                    index,
+                    name: c.name.clone(),
+                });
+            }
+            if c.network_id != body.network_id {
+                return Err(RosterError::MemberWrongNetwork {
+                    index,
+                    name: c.name.clone(),
+                    found: c.network_id.clone(),
+                });
+            }
+        }
+        check_unique(&members)?;
+        let revoked = body.revoked.iter().copied().collect();
+        Ok(Self {
+            signed,
+            members,
+            revoked,
+        })
+    }
+
+    pub fn from_text(text: &str, ca: &CaCert) -> Result<Self, RosterError> {
+        Self::from_bytes(&armor::decode(ROSTER_LABEL, text)?, ca)
+    }
+
+    /// Decodes without checking any signature: only for showing a roster to a
+    /// person (`keyd inspect` without `--ca`). Never trust what this returns.
+    pub fn decode_unverified(bytes: &[u8]) -> Result<Self, RosterError> {
+        let signed = Signed::<RosterBody>::decode(ROSTER_DOMAIN, bytes)?;
+        let members = decode_members(&signed.body.members)?;
+        let revoked = signed.body.revoked.iter().copied().collect();
+        Ok(Self {
+            signed,
+            members,
+            revoked,
+        })
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.signed.to_bytes()
+    }
+
+    pub fn to_text(&self) -> String {
+        armor::encode(ROSTER_LABEL, &self.to_bytes())
+    }
+
+    pub fn serial(&self) -> u64 {
+        self.signed.body.serial
+    }
+
+    pub fn issued_at(&self) -> UnixTime {
+        self.signed.body.issued_at
+    }
+
+    pub fn network_id(&self) -> &str {
+        &self.signed.body.network_id
+    }
+
+    pub fn issuer(&self) -> Fingerprint {
+        self.signed.body.issuer
+    }
+
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.signed.fingerprint()
+    }
+
+    pub fn members(&self) -> &[Member] {
+        &self.members
+    }
+
+    pub fn revoked(&self) -> impl Iterator<Item = &Fingerprint> {
+        self.signed.body.revoked.iter()
+    }
+
+    pub fn member(&self, id: &NodeId) -> Option<&Member> {
+        self.members.iter().find(|m| m.cert.body().node_id == *id)
+    }
+
+    pub fn is_revoked(&self, fp: &Fingerprint) -> bool {
+        self.revoked.contains(fp)
+    }
+
+    /// Rollback protection: may `offered` replace `current`? `Ok(true)` if it
+    /// is newer, `Ok(false)` if it is the same roster again.
+    pub fn check_update(current: Option<&Roster>, offered: &Roster) -> Result<bool, RosterError> {
+        let Some(current) = current else {
+            return Ok(true);
+        };
+        match offered.serial().cmp(&current.serial()) {
+            std::cmp::Ordering::Less => Err(RosterError::Rollback {
+                current: current.serial(),
+                offered: offered.serial(),
+            }),
+            std::cmp::Ordering::Equal if offered.fingerprint() == current.fingerprint() => {
+                Ok(false)
+            }
+            std::cmp::Ordering::Equal => Err(RosterError::SerialReuse {
+                serial: offered.serial(),
+            }),
+            std::cmp::Ordering::Greater => Ok(true),
+        }
+    }
+}
+
+fn decode_members(entries: &[MemberEntry]) -> Result<Vec<Member>, RosterError> {
+    entries
+        .iter()
+        .enumerate()
+        .map(|(index, e)| {
+            let cert = NodeCert::from_bytes(&e.cert)
+                .map_err(|source| RosterError::Member { index, source })?;
+            Ok(Member {
+                cert,
+                wg_endpoint: e.wg_endpoint,
+                keyd_endpoint: e.keyd_endpoint,
+            })
+        })
+        .collect()
+}
+
+fn check_unique(members: &[Member]) -> Result<(), RosterError> {
+    let mut ids = HashSet::new();
+    let mut names = HashSet::new();
+    let mut wg = HashSet::new();
+    let mut noise = HashSet::new();
+    let mut addrs = HashSet::new();
+    for m in members {
+        let c = m.cert.body();
+        let dup = |what: &'static str, value: String| RosterError::Duplicate { what, value };
+        if !ids.insert(c.node_id) {
+            return Err(dup("node id", c.node_id.to_string()));
+        }
+        if !names.insert(c.name.clone()) {
+            return Err(dup("name", c.name.clone()));
+        }
+        if !wg.insert(c.wg_public) {
+            return Err(dup("WireGuard key", c.wg_public.to_base64()));
+        }
+        if !noise.insert(c.noise_public) {
+            return Err(dup("Noise key", c.noise_public.to_base64()));
+        }
+        for a in &c.addresses {
+            if !addrs.insert(a.addr) {
+                return Err(dup("overlay address", a.addr.to_string()));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::cert::tests::{T0, request, test_ca};
+    use crate::identity::{NoisePrivateKey, WgPrivateKey};
+    use proptest::prelude::*;
+
+    pub fn member(ca: &CaCert, key: &CaSigningKey, name: &str, octet: u8) -> Member {
+        let wg = WgPrivateKey::generate().unwrap();
+        let noise = NoisePrivateKey::generate().unwrap();
+        let mut r = request(name, &wg, &noise);
+        r.addresses = vec![format!("10.99.0.{octet}/24").parse().unwrap()];
+        Member {
+            cert: ca.issue(key, r).unwrap(),
+            wg_endpoint: Some(format!("192.0.2.{octet}:51820").parse().unwrap()),
+            keyd_endpoint: Some(format!("192.0.2.{octet}:51821").parse().unwrap()),
+        }
+    }
+
+    #[test]
+    fn build_round_trip_and_lookup() {
+        let (key, ca) = test_ca("net-a");
+        let members = vec![member(&ca, &key, "a", 1), member(&ca, &key, "b", 2)];
+        let r = Roster::build(&ca, &key, 7, T0, members.clone(), vec![]).unwrap();
+        let again = Roster::from_text(&r.to_text(), &ca).unwrap();
+        assert_eq!(again.serial(), 7);
+        assert_eq!(again.members(), members.as_slice());
+        let id = members[1].cert.body().node_id;
+        assert_eq!(again.member(&id).unwrap().cert.body().name, "b");
+    }
+
+    #[test]
+    fn refuses_another_ca_and_tampering() {
+        let (key, ca) = test_ca("net-a");
+        let (_, other) = test_ca("net-a");
+        let r = Roster::build(&ca, &key, 1, T0, vec![member(&ca, &key, "a", 1)], vec![]).unwrap();
+        assert!(matches!(
+            Roster::from_bytes(&r.to_bytes(), &other),
+            Err(RosterError::WrongIssuer { .. })
+        ));
+        let mut bytes = r.to_bytes();
+        let n = bytes.len();
+        bytes[n - 70] ^= 1; // inside the body, before the signature
+        assert!(Roster::from_bytes(&bytes, &ca).is_err());
+    }
+
+    #[test]
+    fn refuses_member_of_another_ca() {
+        let (key, ca) = test_ca("net-a");
+        let (okey, other) = test_ca("net-a");
+        let stranger = member(&other, &okey, "x", 9);
+        // Sign a roster with the right CA that lists a stranger's certificate.
+        let body = RosterBody {
+            version: ROSTER_VERSION,
+            network_id: "net-a".into(),
+            serial: 1,
+            issued_at: T0,
+            issuer: ca.fingerprint(),
+            members: vec![MemberEntry {
+                cert: stranger.cert.to_bytes(),
+                wg_endpoint: None,
+                keyd_endpoint: None,
+            }],
+            revoked: vec![],
+        };
+        let signed = Signed::sign(ROSTER_DOMAIN, body, &key).unwrap();
+        assert!(matches!(
+            Roster::from_bytes(&signed.to_bytes(), &ca),
+            Err(RosterError::MemberNotFromCa { index: 0, .. })
+        ));
+    }
+
+    #[test]
+    fn refuses_duplicates() {
+        let (key, ca) = test_ca("net-a");
+        let a = member(&ca, &key, "a", 1);
+        let b = member(&ca, &key, "a", 2);
+        assert!(matches!(
+            Roster::build(&ca, &key, 1, T0, vec![a.clone(), b], vec![]),
+            Err(RosterError::Duplicate { what: "name", .. })
+        ));
+        let c = member(&ca, &key, "c", 1);
+        assert!(matches!(
+            Roster::build(&ca, &key, 1, T0, vec![a, c], vec![]),
+            Err(RosterError::Duplicate {
+                what: "overlay address",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn rollback_and_serial_reuse_are_refused() {
+        let (key, ca) = test_ca("net-a");
+        let m = vec![member(&ca, &key, "a", 1)];
+        let r5 = Roster::build(&ca, &key, 5, T0, m.clone(), vec![]).unwrap();
+        let r4 = Roster::build(&ca, &key, 4, T0, m.clone(), vec![]).unwrap();
+        let r6 = Roster::build(&ca, &key, 6, T0, m.clone(), vec![]).unwrap();
+        let r5b = Roster::build(&ca, &key, 5, T0 + 1, m, vec![]).unwrap();
+        assert_eq!(Roster::check_update(None, &r4), Ok(true));
+        assert_eq!(
+            Roster::check_update(Some(&r5), &r4),
+            Err(RosterError::Rollback {
+                current: 5,
+                offered: 4
+            })
+        );
+        assert_eq!(Roster::check_update(Some(&r5), &r5), Ok(false));
+        assert_eq!(
+            Roster::check_update(Some(&r5), &r5b),
+            Err(RosterError::SerialReuse { serial: 5 })
+        );
+        assert_eq!(Roster::check_update(Some(&r5), &r6), Ok(true));
+    }
+
+    #[test]
+    fn revocation_is_listed() {
+        let (key, ca) = test_ca("net-a");
+        let a = member(&ca, &key, "a", 1);
+        let fp = a.cert.fingerprint();
+        let r = Roster::build(&ca, &key, 2, T0, vec![], vec![fp]).unwrap();
+        assert!(r.is_revoked(&fp));
+        assert!(!r.is_revoked(&Fingerprint([0; 32])));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2000)) {
+            let (_, ca) = test_ca("net-a");
+            let _ = Roster::from_bytes(&bytes, &ca);
+            let _ = Roster::decode_unverified(&bytes);
+        }
+    }
+}
