@@ -1,0 +1,6 @@
+//! keyd: pqmesh's key daemon and CA tooling. The binary is a thin clap layer
+//! over these modules; all protocol logic lives in `mesh-proto`.
+
+pub mod cli;
+pub mod files;
+pub mod time;
