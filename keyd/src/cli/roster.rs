@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
@@ -86,11 +86,11 @@ fn parse_member(spec: &str) -> Result<Member> {
     Ok(member)
 }
 
-fn load_roster(path: &PathBuf, ca: &CaCert) -> Result<Roster> {
+fn load_roster(path: &Path, ca: &CaCert) -> Result<Roster> {
     Roster::from_text(&files::read_text(path)?, ca).with_context(|| format!("{}", path.display()))
 }
 
-fn write(out: &PathBuf, roster: &Roster) -> Result<()> {
+fn write(out: &Path, roster: &Roster) -> Result<()> {
     files::write_document(out, &roster.to_text())?;
     println!(
         "wrote {} (serial {}, {} members, {} revoked)",
@@ -174,5 +174,5 @@ fn revoke(a: RevokeArgs) -> Result<()> {
         members,
         revoked,
     )?;
-    write(a.out.as_ref().unwrap_or(&a.roster), &roster)
+    write(a.out.as_deref().unwrap_or(&a.roster), &roster)
 }
