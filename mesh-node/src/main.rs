@@ -1,7 +1,190 @@
-//! mesh-node: the pqmesh data plane. Not built yet (issue 3): this binary only
-//! says so, so that nobody mistakes it for a working data plane.
+//! `mesh-node up IFNAME`: create the interface, serve the WireGuard userspace
+//! API, run until SIGINT/SIGTERM. Daemonizes by default, like wireguard-go.
 
-fn main() -> std::process::ExitCode {
-    eprintln!("mesh-node: the data plane is not implemented yet (see docs/architecture.md)");
-    std::process::ExitCode::from(2)
+use std::os::unix::process::CommandExt;
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use mesh_node::{api, counters::Counters, device};
+use tracing::{error, info};
+
+/// Set in the environment of the re-executed daemon process.
+const FOREGROUND_ENV: &str = "MESH_NODE_DAEMONIZED";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "mesh-node",
+    version,
+    about = "pqmesh data plane: WireGuard on gotatun"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Create the WireGuard interface IFNAME and serve its userspace API.
+    Up {
+        /// Interface name (at most 15 characters).
+        ifname: String,
+        /// Stay attached to the terminal instead of daemonizing.
+        #[arg(long, short)]
+        foreground: bool,
+        /// Where the daemon writes its log (default: discarded once running).
+        #[arg(long)]
+        log_file: Option<std::path::PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let Cmd::Up {
+        ifname,
+        foreground,
+        log_file,
+    } = Cli::parse().command;
+    let result = check_ifname(&ifname).and_then(|()| {
+        if foreground || std::env::var_os(FOREGROUND_ENV).is_some() {
+            run(&ifname, log_file.as_deref())
+        } else {
+            daemonize(&ifname)
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mesh-node: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check_ifname(name: &str) -> Result<()> {
+    let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    if name.is_empty() || name.len() > 15 || !name.chars().all(ok) || name == "." || name == ".." {
+        bail!("`{name}` is not an interface name (1-15 of letters, digits, '-', '_', '.')");
+    }
+    Ok(())
+}
+
+/// Re-executes this program in a new session and waits until its UAPI
+/// socket answers (success) or it exits (its error is on our stderr, which
+/// it shares until it is ready).
+fn daemonize(ifname: &str) -> Result<()> {
+    let exe = std::env::current_exe().context("cannot find own executable")?;
+    let mut child = unsafe {
+        Command::new(exe)
+            .args(std::env::args_os().skip(1))
+            .env(FOREGROUND_ENV, "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            // SAFETY: setsid is async-signal-safe and touches no memory.
+            .pre_exec(|| {
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            })
+            .spawn()
+            .context("cannot start the daemon process")?
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let socket = api::socket_path(ifname);
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait()? {
+            bail!("mesh-node daemon exited during start-up ({status})");
+        }
+        if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    bail!("mesh-node daemon did not become ready within 20 s")
+}
+
+fn init_logging(log_file: Option<&std::path::Path>) -> Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
+    match log_file {
+        Some(path) => {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("cannot open log file {}", path.display()))?;
+            builder.with_ansi(false).with_writer(Arc::new(file)).init();
+        }
+        None => builder.with_writer(std::io::stderr).init(),
+    }
+    Ok(())
+}
+
+/// Once the daemon is ready, it lets go of the terminal's stderr.
+fn detach_stderr() {
+    if std::env::var_os(FOREGROUND_ENV).is_none() {
+        return;
+    }
+    // SAFETY: plain libc calls on file descriptors this process owns.
+    unsafe {
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_WRONLY);
+        if null >= 0 {
+            libc::dup2(null, 2);
+            libc::close(null);
+        }
+    }
+}
+
+fn run(ifname: &str, log_file: Option<&std::path::Path>) -> Result<()> {
+    init_logging(log_file)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("mesh-node")
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let device = Arc::new(device::build(ifname).await?);
+        let listener = api::bind(ifname)?;
+        let counters = Arc::new(Counters::default());
+        let server = tokio::spawn(api::serve(listener, device.clone(), counters.clone()));
+        info!(
+            "mesh-node up on {ifname}; userspace API at {}",
+            api::socket_path(ifname).display()
+        );
+        if log_file.is_none() {
+            detach_stderr();
+        }
+        let reason = wait_for_signal().await;
+        info!("{reason}: shutting down {ifname}");
+        server.abort();
+        let _ = std::fs::remove_file(api::socket_path(ifname));
+        match Arc::try_unwrap(device) {
+            Ok(device) => device.stop().await,
+            Err(_) => error!("device still in use at shutdown; exiting anyway"),
+        }
+        info!("{}", counters.render().trim_end());
+        Ok(())
+    })
+}
+
+async fn wait_for_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the daemon can only be killed; run anyway.
+        std::future::pending::<()>().await;
+        unreachable!()
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
 }

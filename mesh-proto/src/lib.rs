@@ -18,6 +18,7 @@ pub mod roster;
 pub mod schedule;
 pub mod signed;
 pub mod trust;
+pub mod uapi;
 
 pub use error::{CertError, CodecError, ExchangeError, KeyError, RosterError, TrustError};
 

@@ -1,0 +1,256 @@
+//! The WireGuard userspace API on `/var/run/wireguard/IFNAME.sock`.
+//!
+//! gotatun ships a UAPI handler, but it replaces a peer (and so its live
+//! session) whenever a `set` touches it. The kernel and wireguard-go update a
+//! peer in place: a new preshared key is used from the next handshake on, and
+//! the session in flight keeps carrying traffic. keyd rotates keys every two
+//! minutes and must not cost a packet, so this module serves the protocol
+//! itself, with `mesh_proto::uapi` for the text and gotatun's public
+//! `Device::write`/`modify_peer` (which calls `Tunn::set_preshared_key`) for
+//! the changes.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use anyhow::{Context, Result};
+use gotatun::device::Peer;
+use gotatun::x25519::{PublicKey, StaticSecret};
+use ipnetwork::IpNetwork;
+use mesh_proto::prefix::IpPrefix;
+use mesh_proto::uapi::{self, DeviceInfo, Key, PeerInfo, PeerSet, Request, SetRequest};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tracing::{debug, info, warn};
+
+use crate::counters::Counters;
+use crate::device::WgDevice;
+
+pub const SOCKET_DIR: &str = "/var/run/wireguard";
+/// A request larger than this is refused: no real configuration comes close.
+const MAX_REQUEST_BYTES: usize = 1 << 20;
+
+pub fn socket_path(ifname: &str) -> PathBuf {
+    Path::new(SOCKET_DIR).join(format!("{ifname}.sock"))
+}
+
+/// Binds the UAPI socket (0600: it hands out and takes private keys).
+pub fn bind(ifname: &str) -> Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(SOCKET_DIR).with_context(|| format!("cannot create {SOCKET_DIR}"))?;
+    let path = socket_path(ifname);
+    if path.exists() {
+        // A live daemon would answer; a stale socket from a crash would not.
+        if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+            anyhow::bail!(
+                "{} is in use: is mesh-node already running on {ifname}?",
+                path.display()
+            );
+        }
+        std::fs::remove_file(&path)
+            .with_context(|| format!("cannot remove stale {}", path.display()))?;
+    }
+    let listener =
+        UnixListener::bind(&path).with_context(|| format!("cannot bind {}", path.display()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("cannot chmod {}", path.display()))?;
+    Ok(listener)
+}
+
+/// Accepts connections until the task is dropped.
+pub async fn serve(listener: UnixListener, device: Arc<WgDevice>, counters: Arc<Counters>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let (device, counters) = (device.clone(), counters.clone());
+                tokio::spawn(async move { handle_connection(stream, &device, &counters).await });
+            }
+            Err(e) => warn!("uapi: accept failed: {e}"),
+        }
+    }
+}
+
+/// One client connection: any number of requests, each ended by an empty line.
+async fn handle_connection(stream: UnixStream, device: &WgDevice, counters: &Counters) {
+    let (r, mut w) = stream.into_split();
+    let mut reader = BufReader::new(r);
+    let mut request = String::new();
+    loop {
+        let before = request.len();
+        match reader.read_line(&mut request).await {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) => {
+                debug!("uapi: read failed: {e}");
+                return;
+            }
+        }
+        if request.len() > MAX_REQUEST_BYTES {
+            Counters::inc(&counters.uapi_malformed);
+            warn!("uapi: request larger than {MAX_REQUEST_BYTES} bytes refused");
+            let _ = w
+                .write_all(uapi::format_errno(uapi::EPROTO).as_bytes())
+                .await;
+            return;
+        }
+        // A request ends with an empty line.
+        if &request[before..] != "\n" {
+            continue;
+        }
+        if request.trim().is_empty() {
+            request.clear();
+            continue;
+        }
+        Counters::inc(&counters.uapi_requests);
+        let response = respond(&request, device, counters).await;
+        request.clear();
+        if w.write_all(response.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn respond(text: &str, device: &WgDevice, counters: &Counters) -> String {
+    match uapi::parse_request(text) {
+        Ok(Request::Get) => uapi::format_get_response(&get(device).await),
+        Ok(Request::Set(set)) => match apply(set, device).await {
+            Ok(()) => uapi::format_errno(0),
+            Err(e) => {
+                Counters::inc(&counters.uapi_failed);
+                warn!("uapi: set failed: {e:#}");
+                uapi::format_errno(uapi::EIO)
+            }
+        },
+        Err(e) => {
+            Counters::inc(&counters.uapi_malformed);
+            warn!("uapi: refused request: {e}");
+            uapi::format_errno(e.errno())
+        }
+    }
+}
+
+fn to_network(p: &IpPrefix) -> Option<IpNetwork> {
+    IpNetwork::new(p.addr, p.len).ok()
+}
+
+fn to_prefix(n: &IpNetwork) -> IpPrefix {
+    let (addr, len): (IpAddr, u8) = (n.ip(), n.prefix());
+    IpPrefix { addr, len }
+}
+
+/// Applies a `set=1` the way the kernel does: existing peers are modified in
+/// place, so their sessions survive a new preshared key or endpoint.
+async fn apply(set: SetRequest, device: &WgDevice) -> Result<()> {
+    let SetRequest {
+        private_key,
+        listen_port,
+        fwmark,
+        replace_peers,
+        peers,
+    } = set;
+    device
+        .write(async |d| -> Result<()> {
+            if let Some(key) = private_key {
+                d.set_private_key(StaticSecret::from(key.0)).await;
+            }
+            if let Some(port) = listen_port {
+                d.set_listen_port(port);
+            }
+            if let Some(mark) = fwmark {
+                d.set_fwmark(mark).context("fwmark")?;
+            }
+            if replace_peers {
+                d.clear_peers();
+            }
+            for p in peers {
+                apply_peer(d, p).await;
+            }
+            Ok(())
+        })
+        .await
+        .context("reconfiguring the device")?
+}
+
+async fn apply_peer(
+    d: &mut gotatun::device::configure::DeviceWrite<'_, crate::device::Transports>,
+    p: PeerSet,
+) {
+    let public_key = PublicKey::from(p.public_key.0);
+    if p.remove {
+        d.remove_peer(&public_key).await;
+        return;
+    }
+    let psk = p
+        .preshared_key
+        .as_ref()
+        .map(|k| (!k.is_zero()).then_some(k.0));
+    let keepalive = p
+        .persistent_keepalive_interval
+        .map(|k| (k != 0).then_some(k));
+    let allowed: Vec<IpNetwork> = p.allowed_ips.iter().filter_map(to_network).collect();
+    let existed = d
+        .modify_peer(&public_key, |m| {
+            if let Some(psk) = psk {
+                m.set_preshared_key(psk);
+            }
+            if let Some(e) = p.endpoint {
+                m.set_endpoint(Some(e));
+            }
+            if let Some(k) = keepalive {
+                m.set_keepalive(k);
+            }
+            if p.replace_allowed_ips {
+                m.clear_allowed_ips();
+            }
+            m.add_allowed_ips(allowed.clone());
+        })
+        .await;
+    if existed || p.update_only {
+        return;
+    }
+    let mut peer = Peer::new(public_key).with_allowed_ips(allowed);
+    peer.endpoint = p.endpoint;
+    peer.preshared_key = psk.flatten();
+    peer.keepalive = keepalive.flatten();
+    d.add_peer(peer);
+    info!(
+        "uapi: added peer {}",
+        mesh_proto::armor::to_base64(&p.public_key.0)
+    );
+}
+
+async fn get(device: &WgDevice) -> DeviceInfo {
+    device
+        .read(async |d| {
+            let now = SystemTime::now();
+            let peers = d
+                .peers()
+                .await
+                .into_iter()
+                .map(|ps| PeerInfo {
+                    public_key: Key(*ps.peer.public_key.as_bytes()),
+                    preshared_key: ps.peer.preshared_key.map(Key),
+                    endpoint: ps.peer.endpoint,
+                    persistent_keepalive_interval: ps.peer.keepalive.unwrap_or(0),
+                    allowed_ips: ps.peer.allowed_ips.iter().map(to_prefix).collect(),
+                    rx_bytes: ps.stats.rx_bytes as u64,
+                    tx_bytes: ps.stats.tx_bytes as u64,
+                    last_handshake: ps.stats.last_handshake.and_then(|ago| {
+                        let t = now
+                            .checked_sub(ago)?
+                            .duration_since(SystemTime::UNIX_EPOCH)
+                            .ok()?;
+                        Some((t.as_secs(), t.subsec_nanos()))
+                    }),
+                })
+                .collect();
+            DeviceInfo {
+                private_key: d.private_key().map(|k| Key(k.to_bytes())),
+                listen_port: d.listen_port(),
+                fwmark: d.fwmark(),
+                peers,
+            }
+        })
+        .await
+}
