@@ -119,7 +119,7 @@ async fn respond(text: &str, device: &WgDevice, counters: &Counters) -> String {
             Err(e) => {
                 Counters::inc(&counters.uapi_failed);
                 warn!("uapi: set failed: {e:#}");
-                uapi::format_errno(uapi::EIO)
+                uapi::format_errno(errno_of(&e))
             }
         },
         Err(e) => {
@@ -128,6 +128,16 @@ async fn respond(text: &str, device: &WgDevice, counters: &Counters) -> String {
             uapi::format_errno(e.errno())
         }
     }
+}
+
+/// The errno wireguard-go would answer with for this failure.
+fn errno_of(e: &anyhow::Error) -> i32 {
+    let in_use = e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::AddrInUse)
+            || c.to_string().contains("Address already in use")
+    });
+    if in_use { uapi::EADDRINUSE } else { uapi::EIO }
 }
 
 fn to_network(p: &IpPrefix) -> Option<IpNetwork> {
@@ -140,7 +150,9 @@ fn to_prefix(n: &IpNetwork) -> IpPrefix {
 }
 
 /// Applies a `set=1` the way the kernel does: existing peers are modified in
-/// place, so their sessions survive a new preshared key or endpoint.
+/// place, so their sessions survive a new preshared key or endpoint, and a
+/// value equal to the current one changes nothing. (In gotatun, setting the
+/// key, port or mark rebinds the UDP socket; `wg setconf` resends all three.)
 async fn apply(set: SetRequest, device: &WgDevice) -> Result<()> {
     let SetRequest {
         private_key,
@@ -151,20 +163,29 @@ async fn apply(set: SetRequest, device: &WgDevice) -> Result<()> {
     } = set;
     device
         .write(async |d| -> Result<()> {
-            if let Some(key) = private_key {
+            let current_key = d.private_key().map(|k| Key(k.to_bytes()));
+            if let Some(key) = private_key.filter(|k| Some(k) != current_key.as_ref()) {
                 d.set_private_key(StaticSecret::from(key.0)).await;
             }
-            if let Some(port) = listen_port {
+            if let Some(port) = listen_port.filter(|p| *p != d.listen_port()) {
                 d.set_listen_port(port);
             }
-            if let Some(mark) = fwmark {
+            if let Some(mark) = fwmark.filter(|m| *m != d.fwmark().unwrap_or(0)) {
                 d.set_fwmark(mark).context("fwmark")?;
             }
             if replace_peers {
-                d.clear_peers();
+                // Not `clear_peers`: in gotatun that rebinds the UDP socket.
+                // Unlisted peers go; listed ones are reset to exactly what
+                // the request says, in place, keeping their sessions.
+                for existing in d.peers().await {
+                    let key = existing.peer.public_key;
+                    if !peers.iter().any(|p| p.public_key.0 == *key.as_bytes()) {
+                        d.remove_peer(&key).await;
+                    }
+                }
             }
             for p in peers {
-                apply_peer(d, p).await;
+                apply_peer(d, p, replace_peers).await;
             }
             Ok(())
         })
@@ -172,22 +193,29 @@ async fn apply(set: SetRequest, device: &WgDevice) -> Result<()> {
         .context("reconfiguring the device")?
 }
 
+/// `reset`: the request replaces all peers, so every attribute it does not
+/// name returns to its default (no preshared key, no keepalive, no allowed IPs).
 async fn apply_peer(
     d: &mut gotatun::device::configure::DeviceWrite<'_, crate::device::Transports>,
     p: PeerSet,
+    reset: bool,
 ) {
     let public_key = PublicKey::from(p.public_key.0);
     if p.remove {
         d.remove_peer(&public_key).await;
         return;
     }
-    let psk = p
+    let mut psk = p
         .preshared_key
         .as_ref()
         .map(|k| (!k.is_zero()).then_some(k.0));
-    let keepalive = p
+    let mut keepalive = p
         .persistent_keepalive_interval
         .map(|k| (k != 0).then_some(k));
+    if reset {
+        psk = Some(psk.flatten());
+        keepalive = Some(keepalive.flatten());
+    }
     let allowed: Vec<IpNetwork> = p.allowed_ips.iter().filter_map(to_network).collect();
     let existed = d
         .modify_peer(&public_key, |m| {
@@ -200,7 +228,7 @@ async fn apply_peer(
             if let Some(k) = keepalive {
                 m.set_keepalive(k);
             }
-            if p.replace_allowed_ips {
+            if p.replace_allowed_ips || reset {
                 m.clear_allowed_ips();
             }
             m.add_allowed_ips(allowed.clone());

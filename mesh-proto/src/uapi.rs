@@ -5,7 +5,8 @@
 //!
 //! Requests are `get=1` or `set=1` followed by `key=value` lines and an empty
 //! line. Keys are lower-case hex. A response ends with `errno=N` and an empty
-//! line; `N` is a positive errno value, 0 on success.
+//! line; `N` is 0 on success and a *negated* errno on failure (`errno=-22`),
+//! as wireguard-go writes it and as `wg` reads it.
 
 use std::fmt::{self, Write};
 use std::net::SocketAddr;
@@ -20,6 +21,7 @@ pub const EPROTO: i32 = 71;
 pub const EADDRINUSE: i32 = 98;
 
 /// Why a request was refused; every variant names the offending line.
+/// [`UapiError::errno`] is positive; [`format_errno`] negates it on the wire.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UapiError {
     #[error("request must start with get=1 or set=1, found `{0}`")]
@@ -303,9 +305,9 @@ pub fn format_get_response(info: &DeviceInfo) -> String {
     s
 }
 
-/// A bare `errno=N` response.
+/// A bare `errno=-N` response for a positive errno `N` (0: success).
 pub fn format_errno(errno: i32) -> String {
-    format!("errno={errno}\n\n")
+    format!("errno={}\n\n", -errno.abs())
 }
 
 /// Formats a `set=1` request (keyd's side).
@@ -365,7 +367,11 @@ pub fn parse_get_response(text: &str) -> Result<Result<DeviceInfo, i32>, UapiErr
             .ok_or_else(|| UapiError::NotKeyValue(line.to_string()))?;
         if k == "errno" {
             let errno: i32 = value(k, v)?;
-            return Ok(if errno == 0 { Ok(info) } else { Err(errno) });
+            return Ok(if errno == 0 {
+                Ok(info)
+            } else {
+                Err(errno.abs())
+            });
         }
         if k == "public_key" {
             info.peers.push(PeerInfo {
@@ -478,7 +484,8 @@ mod tests {
         let text = format_get_response(&info);
         assert!(text.ends_with("errno=0\n\n"));
         assert_eq!(parse_get_response(&text).unwrap(), Ok(info));
-        assert_eq!(parse_get_response("errno=22\n\n").unwrap(), Err(22));
+        assert_eq!(parse_get_response("errno=-22\n\n").unwrap(), Err(22));
+        assert_eq!(format_errno(EINVAL), "errno=-22\n\n");
     }
 
     #[test]

@@ -1,0 +1,266 @@
+//! mesh-node end to end: two namespaces joined by veth, a mesh-node in each,
+//! configured only with the stock `wg` tool. Needs root.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+use common::*;
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_mesh-node"))
+}
+
+fn pair(subnet: u8) -> Pair {
+    Pair::new(subnet, Impl::MeshNode(bin()), Impl::MeshNode(bin()))
+}
+
+#[test]
+fn ping_and_tcp_transfer_over_two_mesh_nodes() {
+    let p = pair(101);
+    assert_eq!(p.a.ping(p.b.overlay, 5, "0.2"), 5);
+    assert_eq!(p.b.ping(p.a.overlay, 5, "0.2"), 5);
+    let (sent, got) = tcp_transfer(&p.a.ns, &p.b.ns, p.b.overlay, 32 << 20);
+    assert_eq!(sent, got, "32 MiB arrive intact A -> B");
+    let (sent, got) = tcp_transfer(&p.b.ns, &p.a.ns, p.a.overlay, 8 << 20);
+    assert_eq!(sent, got, "8 MiB arrive intact B -> A");
+
+    // `wg show` reports the handshake and the bytes.
+    let dump = p.a.wg(&["show", &p.a.daemon.ifname, "dump"]);
+    let peer_line = dump.lines().nth(1).expect("one peer");
+    let fields: Vec<&str> = peer_line.split('\t').collect();
+    assert_eq!(fields[0], p.b.pubkey);
+    assert_ne!(fields[4], "0", "latest handshake is set: {peer_line}");
+    assert!(
+        fields[5].parse::<u64>().unwrap() > 8 << 20,
+        "rx bytes: {peer_line}"
+    );
+    assert!(
+        fields[6].parse::<u64>().unwrap() > 32 << 20,
+        "tx bytes: {peer_line}"
+    );
+}
+
+#[test]
+fn preshared_key_changes_during_transfer_lose_nothing() {
+    let p = pair(102);
+    assert_eq!(p.a.ping(p.b.overlay, 2, "0.2"), 2, "tunnel up first");
+    let handshake = || p.a.wg(&["show", &p.a.daemon.ifname, "latest-handshakes"]);
+    let before = handshake();
+    let rotate = |tag: &str| {
+        for round in 1..=5 {
+            std::thread::sleep(std::time::Duration::from_millis(900));
+            let psk = p.keys.psk(&format!("{tag}{round}"));
+            p.a.set_psk(&p.b, &psk);
+            p.b.set_psk(&p.a, &psk);
+        }
+    };
+
+    // Phase 1: a continuous ping stream (300 over ~6 s) across 5 key changes.
+    // Nothing else loads the tunnel, so any loss would be the key change's.
+    let (ns, target) = (p.a.ns.name.clone(), p.b.overlay.to_string());
+    let pinger = std::thread::spawn(move || {
+        let out = run(std::process::Command::new("ip").args([
+            "netns", "exec", &ns, "ping", "-n", "-q", "-c", "300", "-i", "0.02", "-W", "1", &target,
+        ]));
+        received(&String::from_utf8_lossy(&out.stdout))
+    });
+    rotate("ping");
+    assert_eq!(
+        pinger.join().unwrap(),
+        300,
+        "no ping lost across 5 key changes"
+    );
+    // As in the kernel: the session in flight is kept (no new handshake);
+    // the new key is for the next one.
+    assert_eq!(
+        handshake(),
+        before,
+        "key changes did not replace the session"
+    );
+
+    // Phase 2: a TCP stream that runs until the 5 key changes are done
+    // arrives intact (a stall would trip the transfer's socket timeouts).
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (na, nb, to, flag) = (
+        p.a.ns.name.clone(),
+        p.b.ns.name.clone(),
+        p.b.overlay,
+        done.clone(),
+    );
+    let transfer = std::thread::spawn(move || {
+        let (a, b) = (Netns { name: na }, Netns { name: nb });
+        let result = tcp_transfer_while(&a, &b, to, |_| {
+            !flag.load(std::sync::atomic::Ordering::Relaxed)
+        });
+        // The namespaces belong to `p`; do not delete them here.
+        std::mem::forget((a, b));
+        result
+    });
+    rotate("tcp");
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (sent, got) = transfer.join().unwrap();
+    assert_eq!(sent, got, "the stream arrives intact across key changes");
+    assert_eq!(handshake(), before, "still the same session");
+}
+
+#[test]
+fn new_preshared_key_is_used_at_the_next_handshake_and_a_mismatch_fails_closed() {
+    let p = pair(103);
+    assert_eq!(p.a.ping(p.b.overlay, 2, "0.2"), 2);
+    let ifa = p.a.daemon.ifname.clone();
+    // Both sides move to a new key; re-adding the peer on A starts a new
+    // session, whose handshake must use the new key.
+    let k2 = p.keys.psk("k2");
+    p.a.set_psk(&p.b, &k2);
+    p.b.set_psk(&p.a, &k2);
+    p.a.wg(&["set", &ifa, "peer", &p.b.pubkey, "remove"]);
+    p.a.wg(&[
+        "set",
+        &ifa,
+        "peer",
+        &p.b.pubkey,
+        "preshared-key",
+        k2.to_str().unwrap(),
+        "endpoint",
+        &format!("{}:51820", p.b.underlay),
+        "allowed-ips",
+        &format!("{}/32", p.b.overlay),
+    ]);
+    assert_eq!(
+        p.a.ping(p.b.overlay, 3, "0.2"),
+        3,
+        "new session with the new key"
+    );
+
+    // Now A alone takes another key: its next session cannot complete.
+    let k3 = p.keys.psk("k3");
+    p.a.wg(&["set", &ifa, "peer", &p.b.pubkey, "remove"]);
+    p.a.wg(&[
+        "set",
+        &ifa,
+        "peer",
+        &p.b.pubkey,
+        "preshared-key",
+        k3.to_str().unwrap(),
+        "endpoint",
+        &format!("{}:51820", p.b.underlay),
+        "allowed-ips",
+        &format!("{}/32", p.b.overlay),
+    ]);
+    assert_eq!(
+        p.a.ping(p.b.overlay, 4, "0.3"),
+        0,
+        "mismatched keys pass nothing"
+    );
+    let dump = p.a.wg(&["show", &ifa, "latest-handshakes"]);
+    assert!(
+        dump.trim_end().ends_with("\t0"),
+        "no handshake with mismatched keys: {dump}"
+    );
+}
+
+#[test]
+fn inner_source_outside_allowed_ips_is_dropped() {
+    let p = pair(104);
+    assert_eq!(p.a.ping(p.b.overlay, 2, "0.2"), 2);
+    // A gets a second overlay address that B does not allow for A. A routes
+    // the packet to B (the destination is B's), B must drop it.
+    let ifa = p.a.daemon.ifname.clone();
+    p.a.ns
+        .ok(&["ip", "addr", "add", "10.77.0.9/32", "dev", &ifa]);
+    let out = p.a.ns.run(&[
+        "ping",
+        "-n",
+        "-q",
+        "-c",
+        "3",
+        "-i",
+        "0.2",
+        "-W",
+        "1",
+        "-I",
+        "10.77.0.9",
+        &p.b.overlay.to_string(),
+    ]);
+    assert_eq!(
+        received(&String::from_utf8_lossy(&out.stdout)),
+        0,
+        "spoofed source dropped"
+    );
+    assert_eq!(
+        p.a.ping(p.b.overlay, 2, "0.2"),
+        2,
+        "the genuine source still passes"
+    );
+}
+
+#[test]
+fn wg_showconf_setconf_round_trip_and_malformed_uapi_survives() {
+    let p = pair(105);
+    let ifa = p.a.daemon.ifname.clone();
+    let conf = p.a.wg(&["showconf", &ifa]);
+    assert!(
+        conf.contains(&p.b.pubkey) && conf.contains("PresharedKey"),
+        "{conf}"
+    );
+    let path = p.keys.dir.path().join("a.conf");
+    std::fs::write(&path, &conf).unwrap();
+    p.a.wg(&["setconf", &ifa, path.to_str().unwrap()]);
+    assert_eq!(
+        p.a.wg(&["showconf", &ifa]),
+        conf,
+        "setconf(showconf) is the identity"
+    );
+    assert_eq!(p.a.ping(p.b.overlay, 2, "0.2"), 2);
+
+    // setconf replaces the peer set: a config without peers removes them ...
+    let bare: String = conf.split("[Peer]").next().unwrap().to_string();
+    std::fs::write(&path, &bare).unwrap();
+    p.a.wg(&["setconf", &ifa, path.to_str().unwrap()]);
+    assert_eq!(
+        p.a.wg(&["show", &ifa, "peers"]).trim(),
+        "",
+        "peers replaced by none"
+    );
+    assert_eq!(p.a.ping(p.b.overlay, 2, "0.2"), 0, "no peer, no traffic");
+    // ... and the full config brings the peer back.
+    std::fs::write(&path, &conf).unwrap();
+    p.a.wg(&["setconf", &ifa, path.to_str().unwrap()]);
+    assert_eq!(p.a.ping(p.b.overlay, 3, "0.2"), 3);
+
+    // Garbage on the socket: an errno back, and the daemon keeps serving.
+    let sock = format!("/var/run/wireguard/{ifa}.sock");
+    for garbage in [
+        "hello\n\n",
+        "set=1\nlisten_port=banana\n\n",
+        "set=1\npublic_key=zz\n\n",
+    ] {
+        let mut s = UnixStream::connect(&sock).unwrap();
+        s.write_all(garbage.as_bytes()).unwrap();
+        let mut reply = String::new();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        s.read_to_string(&mut reply).unwrap();
+        assert!(
+            reply.starts_with("errno=") && !reply.starts_with("errno=0"),
+            "{garbage:?} -> {reply:?}"
+        );
+    }
+    assert_eq!(p.a.ping(p.b.overlay, 2, "0.2"), 2, "tunnel unaffected");
+    assert!(
+        p.a.daemon.log().contains("refused request"),
+        "refusals are logged"
+    );
+}
+
+#[test]
+fn clean_shutdown_removes_socket_and_interface() {
+    let mut p = pair(106);
+    let ifa = p.a.daemon.ifname.clone();
+    assert!(p.a.daemon.stop(), "exits 0 on SIGTERM");
+    assert!(!Path::new(&format!("/var/run/wireguard/{ifa}.sock")).exists());
+    let out = p.a.ns.run(&["ip", "link", "show", &ifa]);
+    assert!(!out.status.success(), "interface {ifa} removed");
+}
