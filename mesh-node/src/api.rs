@@ -25,7 +25,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tracing::{debug, info, warn};
 
 use crate::counters::Counters;
-use crate::device::WgDevice;
+use gotatun::device::{Device, DeviceTransports};
 
 pub const SOCKET_DIR: &str = "/var/run/wireguard";
 /// A request larger than this is refused: no real configuration comes close.
@@ -59,7 +59,11 @@ pub fn bind(ifname: &str) -> Result<UnixListener> {
 }
 
 /// Accepts connections until the task is dropped.
-pub async fn serve(listener: UnixListener, device: Arc<WgDevice>, counters: Arc<Counters>) {
+pub async fn serve<T: DeviceTransports>(
+    listener: UnixListener,
+    device: Arc<Device<T>>,
+    counters: Arc<Counters>,
+) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
@@ -72,7 +76,11 @@ pub async fn serve(listener: UnixListener, device: Arc<WgDevice>, counters: Arc<
 }
 
 /// One client connection: any number of requests, each ended by an empty line.
-async fn handle_connection(stream: UnixStream, device: &WgDevice, counters: &Counters) {
+async fn handle_connection<T: DeviceTransports>(
+    stream: UnixStream,
+    device: &Device<T>,
+    counters: &Counters,
+) {
     let (r, mut w) = stream.into_split();
     let mut reader = BufReader::new(r);
     let mut request = String::new();
@@ -111,7 +119,11 @@ async fn handle_connection(stream: UnixStream, device: &WgDevice, counters: &Cou
     }
 }
 
-async fn respond(text: &str, device: &WgDevice, counters: &Counters) -> String {
+async fn respond<T: DeviceTransports>(
+    text: &str,
+    device: &Device<T>,
+    counters: &Counters,
+) -> String {
     match uapi::parse_request(text) {
         Ok(Request::Get) => uapi::format_get_response(&get(device).await),
         Ok(Request::Set(set)) => match apply(set, device).await {
@@ -153,7 +165,7 @@ fn to_prefix(n: &IpNetwork) -> IpPrefix {
 /// place, so their sessions survive a new preshared key or endpoint, and a
 /// value equal to the current one changes nothing. (In gotatun, setting the
 /// key, port or mark rebinds the UDP socket; `wg setconf` resends all three.)
-async fn apply(set: SetRequest, device: &WgDevice) -> Result<()> {
+async fn apply<T: DeviceTransports>(set: SetRequest, device: &Device<T>) -> Result<()> {
     let SetRequest {
         private_key,
         listen_port,
@@ -195,8 +207,8 @@ async fn apply(set: SetRequest, device: &WgDevice) -> Result<()> {
 
 /// `reset`: the request replaces all peers, so every attribute it does not
 /// name returns to its default (no preshared key, no keepalive, no allowed IPs).
-async fn apply_peer(
-    d: &mut gotatun::device::configure::DeviceWrite<'_, crate::device::Transports>,
+async fn apply_peer<T: DeviceTransports>(
+    d: &mut gotatun::device::configure::DeviceWrite<'_, T>,
     p: PeerSet,
     reset: bool,
 ) {
@@ -248,7 +260,7 @@ async fn apply_peer(
     );
 }
 
-async fn get(device: &WgDevice) -> DeviceInfo {
+async fn get<T: DeviceTransports>(device: &Device<T>) -> DeviceInfo {
     device
         .read(async |d| {
             let now = SystemTime::now();

@@ -6,18 +6,44 @@ use gotatun::device::{Device, DeviceBuilder};
 use gotatun::tun::tun_async_device::TunDevice;
 use gotatun::udp::socket::UdpSocketFactory;
 
-pub type Transports = (UdpSocketFactory, TunDevice, TunDevice);
-pub type WgDevice = Device<Transports>;
+use crate::transports;
 
-/// Creates the TUN interface `ifname` and the device around it. The device
-/// opens its UDP socket once it has a private key (`wg set IF private-key`).
-pub async fn build(ifname: &str) -> Result<WgDevice> {
+/// gotatun's own transports: plain TUN reads and writes, one packet each.
+pub type DefaultTransports = (UdpSocketFactory, TunDevice, TunDevice);
+/// Ours: TUN with virtio-net headers and TCP segmentation offload.
+pub type OffloadTransports = (
+    UdpSocketFactory,
+    transports::tun::TunSend,
+    transports::tun::TunRecv,
+);
+
+fn tun_context(ifname: &str) -> String {
+    format!("cannot create TUN interface {ifname} (need CAP_NET_ADMIN and /dev/net/tun)")
+}
+
+/// The device on gotatun's default transports (the reference in benchmarks).
+pub async fn build_default(ifname: &str) -> Result<Device<DefaultTransports>> {
     DeviceBuilder::new()
         .with_default_udp()
         .create_tun(ifname)
-        .with_context(|| {
-            format!("cannot create TUN interface {ifname} (need CAP_NET_ADMIN and /dev/net/tun)")
-        })?
+        .with_context(|| tun_context(ifname))?
+        .build()
+        .await
+        .with_context(|| format!("cannot start the WireGuard device on {ifname}"))
+}
+
+/// UDP socket buffers for bursts of 64 KB super-packets: the kernel default
+/// (~208 KB) overflows and drops (capped by net.core.{r,w}mem_max).
+const UDP_BUFFER: usize = 4 << 20;
+
+/// The device on our offloaded TUN transport.
+pub async fn build_offload(ifname: &str) -> Result<Device<OffloadTransports>> {
+    let (tx, rx) = transports::tun::open(ifname).with_context(|| tun_context(ifname))?;
+    DeviceBuilder::new()
+        .with_default_udp()
+        .udp_recv_buffer_size(UDP_BUFFER)
+        .udp_send_buffer_size(UDP_BUFFER)
+        .with_ip_pair(tx, rx)
         .build()
         .await
         .with_context(|| format!("cannot start the WireGuard device on {ifname}"))

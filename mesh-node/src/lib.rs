@@ -5,3 +5,4 @@
 pub mod api;
 pub mod counters;
 pub mod device;
+pub mod transports;

@@ -25,6 +25,12 @@ struct Cli {
     command: Cmd,
 }
 
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum TransportKind {
+    Offload,
+    Default,
+}
+
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Create the WireGuard interface IFNAME and serve its userspace API.
@@ -37,6 +43,9 @@ enum Cmd {
         /// Where the daemon writes its log (default: discarded once running).
         #[arg(long)]
         log_file: Option<std::path::PathBuf>,
+        /// `offload`: our TUN with TSO; `default`: gotatun's own (for comparison).
+        #[arg(long, value_enum, default_value_t = TransportKind::Offload)]
+        transports: TransportKind,
     },
 }
 
@@ -45,10 +54,11 @@ fn main() -> ExitCode {
         ifname,
         foreground,
         log_file,
+        transports,
     } = Cli::parse().command;
     let result = check_ifname(&ifname).and_then(|()| {
         if foreground || std::env::var_os(FOREGROUND_ENV).is_some() {
-            run(&ifname, log_file.as_deref())
+            run(&ifname, log_file.as_deref(), transports)
         } else {
             daemonize(&ifname)
         }
@@ -141,7 +151,7 @@ fn detach_stderr() {
     }
 }
 
-fn run(ifname: &str, log_file: Option<&std::path::Path>) -> Result<()> {
+fn run(ifname: &str, log_file: Option<&std::path::Path>, transports: TransportKind) -> Result<()> {
     init_logging(log_file)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -149,7 +159,25 @@ fn run(ifname: &str, log_file: Option<&std::path::Path>) -> Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
-        let device = Arc::new(device::build(ifname).await?);
+        match transports {
+            TransportKind::Offload => {
+                serve(ifname, log_file, device::build_offload(ifname).await?).await
+            }
+            TransportKind::Default => {
+                serve(ifname, log_file, device::build_default(ifname).await?).await
+            }
+        }
+    })
+}
+
+/// Serves the UAPI for `device` until SIGINT/SIGTERM, then shuts down cleanly.
+async fn serve<T: gotatun::device::DeviceTransports>(
+    ifname: &str,
+    log_file: Option<&std::path::Path>,
+    device: gotatun::device::Device<T>,
+) -> Result<()> {
+    {
+        let device = Arc::new(device);
         let listener = api::bind(ifname)?;
         let counters = Arc::new(Counters::default());
         let server = tokio::spawn(api::serve(listener, device.clone(), counters.clone()));
@@ -170,7 +198,7 @@ fn run(ifname: &str, log_file: Option<&std::path::Path>) -> Result<()> {
         }
         info!("{}", counters.render().trim_end());
         Ok(())
-    })
+    }
 }
 
 async fn wait_for_signal() -> &'static str {
