@@ -44,6 +44,28 @@ fn ping_and_tcp_transfer_over_two_mesh_nodes() {
 }
 
 #[test]
+fn interface_mtu_defaults_to_1420_and_1500_still_carries_full_size_packets() {
+    let p = pair(107);
+    let mtu = |s: &Side| {
+        s.ns.ok(&["cat", &format!("/sys/class/net/{}/mtu", s.daemon.ifname)])
+    };
+    assert_eq!(
+        mtu(&p.a).trim(),
+        "1420",
+        "like wireguard-go: fits a 1500-byte underlay"
+    );
+    // At 1500 the encrypted packets exceed the veth MTU: UDP GSO cannot
+    // carry them and the kernel must fragment. Data must still arrive.
+    for s in [&p.a, &p.b] {
+        s.ns.ok(&["ip", "link", "set", &s.daemon.ifname, "mtu", "1500"]);
+    }
+    let (sent, got) = tcp_transfer(&p.a.ns, &p.b.ns, p.b.overlay, 16 << 20);
+    assert_eq!(sent, got, "full-size packets over a fragmenting underlay");
+    let (sent, got) = tcp_transfer(&p.b.ns, &p.a.ns, p.a.overlay, 16 << 20);
+    assert_eq!(sent, got);
+}
+
+#[test]
 fn preshared_key_changes_during_transfer_lose_nothing() {
     let p = pair(102);
     assert_eq!(p.a.ping(p.b.overlay, 2, "0.2"), 2, "tunnel up first");

@@ -10,9 +10,9 @@ use crate::transports;
 
 /// gotatun's own transports: plain TUN reads and writes, one packet each.
 pub type DefaultTransports = (UdpSocketFactory, TunDevice, TunDevice);
-/// Ours: TUN with virtio-net headers and TCP segmentation offload.
+/// Ours: TUN with TSO/GRO and UDP with GSO.
 pub type OffloadTransports = (
-    UdpSocketFactory,
+    transports::udp::GsoUdpFactory,
     transports::tun::TunSend,
     transports::tun::TunRecv,
 );
@@ -39,10 +39,12 @@ const UDP_BUFFER: usize = 4 << 20;
 /// The device on our offloaded TUN transport.
 pub async fn build_offload(ifname: &str) -> Result<Device<OffloadTransports>> {
     let (tx, rx) = transports::tun::open(ifname).with_context(|| tun_context(ifname))?;
+    let udp = UdpSocketFactory {
+        recv_buffer_size: Some(UDP_BUFFER),
+        send_buffer_size: Some(UDP_BUFFER),
+    };
     DeviceBuilder::new()
-        .with_default_udp()
-        .udp_recv_buffer_size(UDP_BUFFER)
-        .udp_send_buffer_size(UDP_BUFFER)
+        .with_udp(transports::udp::GsoUdpFactory(udp))
         .with_ip_pair(tx, rx)
         .build()
         .await

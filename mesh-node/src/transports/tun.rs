@@ -31,6 +31,10 @@ const IFF_VNET_HDR: libc::c_short = 0x4000;
 const TUN_F_CSUM: libc::c_uint = 0x01;
 const TUN_F_TSO4: libc::c_uint = 0x02;
 const TUN_F_TSO6: libc::c_uint = 0x04;
+/// The interface MTU at creation, as wireguard-go and wg-quick use: 1500
+/// minus WireGuard's worst-case overhead (IPv6 + UDP + 32), so the
+/// encrypted packets fit an ordinary 1500-byte underlay unfragmented.
+pub const DEFAULT_MTU: libc::c_int = 1420;
 /// A read holds a virtio-net header and at most a 64 KB IP packet.
 const READ_BUF: usize = VIRTIO_NET_HDR_LEN + 65536;
 /// Decrypted packets queued for the writer; also the largest batch it takes.
@@ -77,6 +81,7 @@ pub fn open(name: &str) -> io::Result<(TunSend, TunRecv)> {
     if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
         return Err(io::Error::last_os_error());
     }
+    set_mtu(&req.name, DEFAULT_MTU)?;
     let offloads = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6;
     // SAFETY: TUNSETOFFLOAD takes the flags as an integer argument.
     if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETOFFLOAD, offloads) } < 0 {
@@ -100,10 +105,37 @@ pub fn open(name: &str) -> io::Result<(TunSend, TunRecv)> {
     ))
 }
 
+/// SIOCSIFMTU on a throwaway socket, as `ip link set IF mtu N` does.
+fn set_mtu(name: &[libc::c_char; libc::IFNAMSIZ], mtu: libc::c_int) -> io::Result<()> {
+    #[repr(C)]
+    struct IfReqMtu {
+        name: [libc::c_char; libc::IFNAMSIZ],
+        mtu: libc::c_int,
+        _pad: [u8; 20],
+    }
+    // SAFETY: socket(2) with constant arguments.
+    let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if sock < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: we own the descriptor just created.
+    let sock = unsafe { OwnedFd::from_raw_fd(sock) };
+    let mut req = IfReqMtu {
+        name: *name,
+        mtu,
+        _pad: [0; 20],
+    };
+    // SAFETY: SIOCSIFMTU takes a struct ifreq with the MTU in ifr_mtu.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFMTU, &mut req) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// The interface MTU, polled like gotatun's own TUN device does, so that
 /// `ip link set IF mtu N` takes effect.
 fn mtu_watcher(name: &str) -> MtuWatcher {
-    let initial = read_mtu(name).unwrap_or(1420);
+    let initial = read_mtu(name).unwrap_or(DEFAULT_MTU as u16);
     let (tx, rx) = watch::channel(initial);
     let name = name.to_string();
     tokio::spawn(async move {

@@ -1,0 +1,235 @@
+//! UDP with generic segmentation offload on send.
+//!
+//! gotatun's UDP transport sends a batch with `sendmmsg`: one datagram, one
+//! trip through the kernel's UDP/IP stack each. With `UDP_SEGMENT`, a run of
+//! equal-sized datagrams to one destination goes down as one buffer and the
+//! kernel (or the NIC) cuts it as late as possible; across a veth or a real
+//! NIC with UDP GRO, the receiver's stack sees one packet too. Receiving stays
+//! gotatun's (`recvmmsg` with UDP GRO). If the kernel refuses GSO, sending
+//! falls back to gotatun's `sendmmsg` for good. A segment larger than the
+//! egress MTU cannot be sent with GSO at all (EMSGSIZE: GSO never fragments),
+//! so such runs go through `sendmmsg`, where the kernel fragments them, and
+//! the size is remembered.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use gotatun::packet::Packet;
+use gotatun::udp::socket::{UdpSocket, UdpSocketFactory};
+use gotatun::udp::{UdpSend, UdpTransportFactory, UdpTransportFactoryParams};
+use tokio::io::Interest;
+use tracing::{debug, warn};
+
+const SOL_UDP: libc::c_int = 17;
+const UDP_SEGMENT: libc::c_int = 103;
+/// The kernel's limit on segments in one GSO send.
+const MAX_SEGMENTS: usize = 64;
+/// One send is at most one IP datagram's worth of UDP payload.
+const MAX_GSO_BYTES: usize = 65000;
+
+/// gotatun's UDP socket factory, with our GSO sender on top.
+pub struct GsoUdpFactory(pub UdpSocketFactory);
+
+impl UdpTransportFactory for GsoUdpFactory {
+    type Send = GsoSend;
+    type Recv = UdpSocket;
+
+    async fn bind(
+        &mut self,
+        params: &UdpTransportFactoryParams,
+    ) -> io::Result<(GsoSend, UdpSocket)> {
+        let (send, recv) = self.0.bind(params).await?;
+        Ok((
+            GsoSend {
+                inner: send,
+                gso: Arc::new(AtomicBool::new(true)),
+                too_big: Arc::new(AtomicUsize::new(usize::MAX)),
+            },
+            recv,
+        ))
+    }
+}
+
+#[derive(Clone)]
+pub struct GsoSend {
+    inner: UdpSocket,
+    /// Cleared when the kernel refuses UDP_SEGMENT.
+    gso: Arc<AtomicBool>,
+    /// Smallest segment size that failed with EMSGSIZE (larger than the MTU).
+    too_big: Arc<AtomicUsize>,
+}
+
+/// Reused between calls: the coalesced datagrams of one send.
+#[derive(Default)]
+pub struct GsoBuf {
+    data: Vec<u8>,
+    run: Vec<(Packet, SocketAddr)>,
+    fallback: <UdpSocket as UdpSend>::SendManyBuf,
+}
+
+/// Length of the run of packets from the start of `packets` that can go in
+/// one GSO send: same destination, same size (the last may be shorter).
+pub fn run_length(packets: &[(usize, SocketAddr)]) -> usize {
+    let Some(&(seg, dst)) = packets.first() else {
+        return 0;
+    };
+    let mut total = 0;
+    for (i, &(len, to)) in packets.iter().enumerate() {
+        if i == MAX_SEGMENTS || to != dst || len > seg || total + len > MAX_GSO_BYTES {
+            return i;
+        }
+        total += len;
+        if len < seg {
+            return i + 1;
+        }
+    }
+    packets.len()
+}
+
+impl GsoSend {
+    /// One `sendmsg` of `data` to `dst`, cut by the kernel into `seg`-byte datagrams.
+    async fn send_segments(&self, data: &[u8], seg: u16, dst: SocketAddr) -> io::Result<()> {
+        let socket = self.inner.socket();
+        let addr = socket2::SockAddr::from(dst);
+        socket
+            .async_io(Interest::WRITABLE, || {
+                let mut iov = libc::iovec {
+                    iov_base: data.as_ptr() as *mut libc::c_void,
+                    iov_len: data.len(),
+                };
+                // SAFETY: CMSG_SPACE is a pure size computation.
+                let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<u16>() as u32) } as usize;
+                let mut control = [0u8; 32];
+                // SAFETY: all-zero is a valid msghdr; every pointer set below
+                // points into a local that outlives the sendmsg call.
+                let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+                msg.msg_name = addr.as_ptr() as *mut libc::c_void;
+                msg.msg_namelen = addr.len();
+                msg.msg_iov = &mut iov;
+                msg.msg_iovlen = 1;
+                msg.msg_control = control.as_mut_ptr().cast();
+                msg.msg_controllen = space as _;
+                // SAFETY: the control buffer holds one cmsg of a u16.
+                unsafe {
+                    let cmsg = libc::CMSG_FIRSTHDR(&msg);
+                    (*cmsg).cmsg_level = SOL_UDP;
+                    (*cmsg).cmsg_type = UDP_SEGMENT;
+                    (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<u16>() as u32) as _;
+                    std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<u16>(), seg);
+                }
+                // SAFETY: msg is fully initialised above.
+                let n = unsafe { libc::sendmsg(socket.as_raw_fd(), &msg, libc::MSG_DONTWAIT) };
+                if n < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(())
+                }
+            })
+            .await
+    }
+}
+
+impl UdpSend for GsoSend {
+    type SendManyBuf = GsoBuf;
+
+    async fn send_to(&self, packet: Packet, destination: SocketAddr) -> io::Result<()> {
+        self.inner.send_to(packet, destination).await
+    }
+
+    async fn send_many_to(
+        &self,
+        buf: &mut GsoBuf,
+        packets: &mut Vec<(Packet, SocketAddr)>,
+    ) -> io::Result<()> {
+        if !self.gso.load(Ordering::Relaxed) {
+            return self.inner.send_many_to(&mut buf.fallback, packets).await;
+        }
+        while !packets.is_empty() {
+            let shape: Vec<(usize, SocketAddr)> = packets
+                .iter()
+                .take(MAX_SEGMENTS + 1)
+                .map(|(p, a)| (p.len(), *a))
+                .collect();
+            let n = run_length(&shape);
+            let (seg, dst) = shape[0];
+            if n > 1 && seg < self.too_big.load(Ordering::Relaxed) {
+                buf.data.clear();
+                for (p, _) in &packets[..n] {
+                    buf.data.extend_from_slice(&p[..]);
+                }
+                match self.send_segments(&buf.data, seg as u16, dst).await {
+                    Ok(()) => {
+                        packets.drain(..n);
+                        continue;
+                    }
+                    Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => {
+                        // Larger than the egress MTU: only fragmentation helps.
+                        self.too_big.fetch_min(seg, Ordering::Relaxed);
+                        debug!(
+                            "udp: {seg}-byte segments exceed the MTU to {dst}; sending them unsegmented"
+                        );
+                    }
+                    Err(e)
+                        if matches!(
+                            e.raw_os_error(),
+                            Some(libc::EINVAL | libc::EIO | libc::ENOPROTOOPT)
+                        ) =>
+                    {
+                        warn!("udp: kernel refuses UDP GSO ({e}); using sendmmsg from now on");
+                        self.gso.store(false, Ordering::Relaxed);
+                        return self.inner.send_many_to(&mut buf.fallback, packets).await;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            // One packet, or segments GSO cannot carry: plain sendmmsg.
+            buf.run.clear();
+            buf.run.extend(packets.drain(..n));
+            self.inner
+                .send_many_to(&mut buf.fallback, &mut buf.run)
+                .await?;
+        }
+        Ok(())
+    }
+
+    fn max_number_of_packets_to_send(&self) -> usize {
+        self.inner.max_number_of_packets_to_send()
+    }
+
+    fn local_addr(&self) -> io::Result<Option<SocketAddr>> {
+        self.inner.local_addr().map(Some)
+    }
+
+    fn set_fwmark(&self, mark: u32) -> io::Result<()> {
+        self.inner.set_fwmark(mark)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(port: u16) -> SocketAddr {
+        SocketAddr::from(([192, 0, 2, 1], port))
+    }
+
+    #[test]
+    fn runs_follow_gso_rules() {
+        assert_eq!(run_length(&[]), 0);
+        assert_eq!(run_length(&[(100, a(1)); 5]), 5);
+        // A shorter packet ends the run (and belongs to it).
+        assert_eq!(
+            run_length(&[(100, a(1)), (100, a(1)), (60, a(1)), (100, a(1))]),
+            3
+        );
+        // A longer one or another destination starts a new run.
+        assert_eq!(run_length(&[(100, a(1)), (120, a(1))]), 1);
+        assert_eq!(run_length(&[(100, a(1)), (100, a(2))]), 1);
+        // At most 64 segments and 65000 bytes.
+        assert_eq!(run_length(&[(10, a(1)); 100]), MAX_SEGMENTS);
+        assert_eq!(run_length(&[(1500, a(1)); 60]), 65000 / 1500);
+    }
+}
