@@ -5,4 +5,5 @@
 pub mod api;
 pub mod counters;
 pub mod device;
+pub mod metrics;
 pub mod transports;

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use mesh_node::{api, counters::Counters, device};
+use mesh_node::{api, counters::Counters, device, metrics};
 use tracing::{error, info};
 
 /// Set in the environment of the re-executed daemon process.
@@ -43,6 +43,9 @@ enum Cmd {
         /// Where the daemon writes its log (default: discarded once running).
         #[arg(long)]
         log_file: Option<std::path::PathBuf>,
+        /// Serve Prometheus metrics over HTTP on this address (e.g. 127.0.0.1:9586).
+        #[arg(long)]
+        metrics_listen: Option<std::net::SocketAddr>,
         /// `offload`: our TUN with TSO; `default`: gotatun's own (for comparison).
         #[arg(long, value_enum, default_value_t = TransportKind::Offload)]
         transports: TransportKind,
@@ -54,11 +57,12 @@ fn main() -> ExitCode {
         ifname,
         foreground,
         log_file,
+        metrics_listen,
         transports,
     } = Cli::parse().command;
     let result = check_ifname(&ifname).and_then(|()| {
         if foreground || std::env::var_os(FOREGROUND_ENV).is_some() {
-            run(&ifname, log_file.as_deref(), transports)
+            run(&ifname, log_file.as_deref(), metrics_listen, transports)
         } else {
             daemonize(&ifname)
         }
@@ -151,7 +155,12 @@ fn detach_stderr() {
     }
 }
 
-fn run(ifname: &str, log_file: Option<&std::path::Path>, transports: TransportKind) -> Result<()> {
+fn run(
+    ifname: &str,
+    log_file: Option<&std::path::Path>,
+    metrics: Option<std::net::SocketAddr>,
+    transports: TransportKind,
+) -> Result<()> {
     init_logging(log_file)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -161,10 +170,22 @@ fn run(ifname: &str, log_file: Option<&std::path::Path>, transports: TransportKi
     runtime.block_on(async {
         match transports {
             TransportKind::Offload => {
-                serve(ifname, log_file, device::build_offload(ifname).await?).await
+                serve(
+                    ifname,
+                    log_file,
+                    metrics,
+                    device::build_offload(ifname).await?,
+                )
+                .await
             }
             TransportKind::Default => {
-                serve(ifname, log_file, device::build_default(ifname).await?).await
+                serve(
+                    ifname,
+                    log_file,
+                    metrics,
+                    device::build_default(ifname).await?,
+                )
+                .await
             }
         }
     })
@@ -174,12 +195,18 @@ fn run(ifname: &str, log_file: Option<&std::path::Path>, transports: TransportKi
 async fn serve<T: gotatun::device::DeviceTransports>(
     ifname: &str,
     log_file: Option<&std::path::Path>,
+    metrics: Option<std::net::SocketAddr>,
     device: gotatun::device::Device<T>,
 ) -> Result<()> {
     {
         let device = Arc::new(device);
         let listener = api::bind(ifname)?;
         let counters = Arc::new(Counters::default());
+        let drops = device.counters().await;
+        if let Some(addr) = metrics {
+            metrics::serve(addr, counters.clone(), drops.clone()).await?;
+        }
+        let watcher = tokio::spawn(metrics::watch_drops(drops.clone(), Duration::from_secs(10)));
         let server = tokio::spawn(api::serve(listener, device.clone(), counters.clone()));
         info!(
             "mesh-node up on {ifname}; userspace API at {}",
@@ -191,12 +218,13 @@ async fn serve<T: gotatun::device::DeviceTransports>(
         let reason = wait_for_signal().await;
         info!("{reason}: shutting down {ifname}");
         server.abort();
+        watcher.abort();
         let _ = std::fs::remove_file(api::socket_path(ifname));
         match Arc::try_unwrap(device) {
             Ok(device) => device.stop().await,
             Err(_) => error!("device still in use at shutdown; exiting anyway"),
         }
-        info!("{}", counters.render().trim_end());
+        info!("{}", metrics::render(&counters, &drops).trim_end());
         Ok(())
     }
 }

@@ -123,6 +123,9 @@ pub fn link(a: &Netns, b: &Netns, subnet: u8) -> (Ipv4Addr, Ipv4Addr) {
     (aa, ab)
 }
 
+/// Where a test's mesh-node serves metrics, inside its own namespace.
+pub const METRICS_ADDR: &str = "127.0.0.1:9586";
+
 /// A WireGuard daemon (mesh-node or wireguard-go) in a namespace, stopped on drop.
 pub struct Daemon {
     pub ifname: String,
@@ -323,6 +326,20 @@ impl Side {
             ifname,
         ]);
         self.ns.ok(&["ip", "link", "set", ifname, "up"]);
+    }
+
+    /// The value of a Prometheus counter from this side's mesh-node.
+    pub fn metric(&self, name: &str) -> u64 {
+        let body = self.ns.enter(|| {
+            let mut s = TcpStream::connect(METRICS_ADDR).expect("metrics endpoint");
+            s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+            let mut body = String::new();
+            s.read_to_string(&mut body).unwrap();
+            body
+        });
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no metric {name} in {body}"))
     }
 
     pub fn set_psk(&self, peer: &Side, psk: &Path) {
