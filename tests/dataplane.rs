@@ -286,3 +286,84 @@ fn clean_shutdown_removes_socket_and_interface() {
     let out = p.a.ns.run(&["ip", "link", "show", &ifa]);
     assert!(!out.status.success(), "interface {ifa} removed");
 }
+
+#[test]
+fn endpoint_follows_authenticated_packets_when_a_peer_roams() {
+    let p = pair(108);
+    assert_eq!(p.b.ping(p.a.overlay, 2, "0.2"), 2);
+    let ifa = p.a.daemon.ifname.clone();
+    let endpoint = || p.a.wg(&["show", &ifa, "endpoints"]);
+    assert!(endpoint().contains(&format!("{}:51820", p.b.underlay)));
+    // B moves to another underlay address (a VM migrated, a NAT rebound).
+    let addrs = p.b.ns.ok(&["ip", "-o", "-4", "addr", "show"]);
+    let line = addrs
+        .lines()
+        .find(|l| l.contains(&format!(" {}/", p.b.underlay)))
+        .expect("B's underlay address");
+    let dev = line
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .split('@')
+        .next()
+        .unwrap()
+        .to_string();
+    // Old address first: deleting a primary IPv4 address also removes the
+    // secondaries of its subnet.
+    let old = format!("{}/24", p.b.underlay);
+    p.b.ns.ok(&["ip", "addr", "del", &old, "dev", &dev]);
+    p.b.ns
+        .ok(&["ip", "addr", "add", "192.168.108.7/24", "dev", &dev]);
+    // B's next packets come from the new address; A learns it from them
+    // (they authenticate), and A's answers reach B there.
+    assert_eq!(
+        p.b.ping(p.a.overlay, 3, "0.2"),
+        3,
+        "traffic follows the roaming peer"
+    );
+    assert!(
+        endpoint().contains("192.168.108.7:51820"),
+        "endpoint updated: {}",
+        endpoint()
+    );
+}
+
+#[test]
+fn ipv6_inside_the_tunnel_with_segmentation_and_coalescing() {
+    let p = pair(109);
+    for (s, me, peer) in [(&p.a, "fd77::1", "fd77::2"), (&p.b, "fd77::2", "fd77::1")] {
+        let other = if std::ptr::eq(s, &p.a) { &p.b } else { &p.a };
+        s.wg(&[
+            "set",
+            &s.daemon.ifname,
+            "peer",
+            &other.pubkey,
+            "allowed-ips",
+            &format!("{}/32,{peer}/128", other.overlay),
+        ]);
+        s.ns.ok(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            &format!("{me}/64"),
+            "dev",
+            &s.daemon.ifname,
+            "nodad",
+        ]);
+    }
+    let out = p.a.ns.run(&[
+        "ping", "-6", "-n", "-q", "-c", "3", "-i", "0.2", "-W", "1", "fd77::2",
+    ]);
+    assert_eq!(
+        received(&String::from_utf8_lossy(&out.stdout)),
+        3,
+        "IPv6 ping"
+    );
+    let b6: std::net::Ipv6Addr = "fd77::2".parse().unwrap();
+    let a6: std::net::Ipv6Addr = "fd77::1".parse().unwrap();
+    let (sent, got) = tcp6_transfer(&p.a.ns, &p.b.ns, b6, 16 << 20);
+    assert_eq!(sent, got, "16 MiB over IPv6 A -> B");
+    let (sent, got) = tcp6_transfer(&p.b.ns, &p.a.ns, a6, 16 << 20);
+    assert_eq!(sent, got, "16 MiB over IPv6 B -> A");
+}

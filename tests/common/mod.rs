@@ -379,6 +379,18 @@ pub fn received(ping_output: &str) -> u32 {
         .unwrap_or(0)
 }
 
+/// [`tcp_transfer`] to an IPv6 address.
+pub fn tcp6_transfer(
+    from: &Netns,
+    to: &Netns,
+    to_addr: std::net::Ipv6Addr,
+    len: usize,
+) -> ([u8; 32], [u8; 32]) {
+    transfer_to(from, to, std::net::IpAddr::V6(to_addr), move |sent| {
+        sent < len
+    })
+}
+
 /// Sends `len` pseudo-random bytes from `from` to `to` over TCP and returns
 /// (sent digest, received digest).
 pub fn tcp_transfer(
@@ -396,6 +408,15 @@ pub fn tcp_transfer_while(
     from: &Netns,
     to: &Netns,
     to_addr: Ipv4Addr,
+    more: impl Fn(usize) -> bool,
+) -> ([u8; 32], [u8; 32]) {
+    transfer_to(from, to, std::net::IpAddr::V4(to_addr), more)
+}
+
+fn transfer_to(
+    from: &Netns,
+    to: &Netns,
+    to_addr: std::net::IpAddr,
     more: impl Fn(usize) -> bool,
 ) -> ([u8; 32], [u8; 32]) {
     let listener = to.enter(move || TcpListener::bind((to_addr, 0)).expect("bind in namespace"));
