@@ -38,8 +38,8 @@ pub const DEFAULT_MTU: libc::c_int = 1420;
 /// A read holds a virtio-net header and at most a 64 KB IP packet.
 const READ_BUF: usize = VIRTIO_NET_HDR_LEN + 65536;
 /// Decrypted packets queued for the writer; also the largest batch it takes.
-const WRITE_QUEUE: usize = 1024;
-const WRITE_BATCH: usize = 128;
+const WRITE_QUEUE: usize = 256;
+const WRITE_BATCH: usize = 64;
 
 #[repr(C)]
 struct IfReq {
