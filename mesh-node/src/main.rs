@@ -236,8 +236,7 @@ async fn wait_for_signal() -> &'static str {
         signal(SignalKind::interrupt()),
     ) else {
         // Without signal handlers the daemon can only be killed; run anyway.
-        std::future::pending::<()>().await;
-        unreachable!()
+        return std::future::pending::<&'static str>().await;
     };
     tokio::select! {
         _ = term.recv() => "SIGTERM",
