@@ -2,5 +2,6 @@
 //! over these modules; all protocol logic lives in `mesh-proto`.
 
 pub mod cli;
+pub mod dataplane;
 pub mod files;
 pub mod time;
