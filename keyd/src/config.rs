@@ -1,0 +1,216 @@
+//! `keyd run --config FILE`: the daemon's configuration, TOML, validated on
+//! load. Every error names the field (or the file) at fault. Reference:
+//! docs/keyd-config.md.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+
+/// The file as written: durations are text such as `120s` or `2m`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    interface: String,
+    #[serde(default = "default_wg_port")]
+    wg_listen_port: u16,
+    quic_listen: SocketAddr,
+    ca_cert: PathBuf,
+    cert: PathBuf,
+    wg_key: PathBuf,
+    noise_key: PathBuf,
+    roster: PathBuf,
+    #[serde(default = "default_state_dir")]
+    state_dir: PathBuf,
+    #[serde(default = "default_rotation")]
+    rotation_interval: String,
+    #[serde(default = "default_hard_lifetime")]
+    hard_lifetime: String,
+    #[serde(default = "default_skew")]
+    max_clock_skew: String,
+    persistent_keepalive: Option<u16>,
+}
+
+fn default_wg_port() -> u16 {
+    51820
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/pqmesh")
+}
+fn default_rotation() -> String {
+    "120s".into()
+}
+fn default_hard_lifetime() -> String {
+    "180s".into()
+}
+fn default_skew() -> String {
+    "300s".into()
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// The WireGuard interface whose userspace API keyd drives.
+    pub interface: String,
+    /// UDP port of the local WireGuard data plane.
+    pub wg_listen_port: u16,
+    /// Where keyd accepts QUIC connections from peer keyds.
+    pub quic_listen: SocketAddr,
+    pub ca_cert: PathBuf,
+    pub cert: PathBuf,
+    pub wg_key: PathBuf,
+    pub noise_key: PathBuf,
+    pub roster: PathBuf,
+    /// Highest roster serial and key epochs survive restarts here.
+    pub state_dir: PathBuf,
+    /// A fresh hybrid exchange with every peer this often (jittered).
+    pub rotation_interval: Duration,
+    /// How long a key stays usable after its successor was due, when no
+    /// fresh key can be agreed; then the peer is cut off (fail closed).
+    pub hard_lifetime: Duration,
+    pub max_clock_skew: Duration,
+    pub persistent_keepalive: Option<u16>,
+}
+
+fn duration(field: &str, text: &str) -> Result<Duration> {
+    let d = humantime::parse_duration(text)
+        .with_context(|| format!("`{field}`: `{text}` is not a duration (try 120s, 2m or 1h)"))?;
+    if d.is_zero() {
+        bail!("`{field}` must be longer than zero");
+    }
+    Ok(d)
+}
+
+impl Config {
+    /// Reads, parses and validates `path`.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        Self::parse(&text, path.parent().unwrap_or(Path::new(".")))
+            .with_context(|| format!("config file {}", path.display()))
+    }
+
+    /// Parses TOML; relative paths are taken from `base` (the file's folder).
+    pub fn parse(text: &str, base: &Path) -> Result<Self> {
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.to_string().trim_end()))?;
+        let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+        if raw.interface.is_empty()
+            || raw.interface.len() > 15
+            || !raw.interface.chars().all(ok_char)
+        {
+            bail!(
+                "`interface`: `{}` is not an interface name (1-15 of letters, digits, '-', '_', '.')",
+                raw.interface
+            );
+        }
+        if raw.persistent_keepalive == Some(0) {
+            bail!("`persistent_keepalive` must be 1-65535 seconds, or left out to disable it");
+        }
+        let resolve = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
+        let config = Config {
+            interface: raw.interface,
+            wg_listen_port: raw.wg_listen_port,
+            quic_listen: raw.quic_listen,
+            ca_cert: resolve(raw.ca_cert),
+            cert: resolve(raw.cert),
+            wg_key: resolve(raw.wg_key),
+            noise_key: resolve(raw.noise_key),
+            roster: resolve(raw.roster),
+            state_dir: resolve(raw.state_dir),
+            rotation_interval: duration("rotation_interval", &raw.rotation_interval)?,
+            hard_lifetime: duration("hard_lifetime", &raw.hard_lifetime)?,
+            max_clock_skew: duration("max_clock_skew", &raw.max_clock_skew)?,
+            persistent_keepalive: raw.persistent_keepalive,
+        };
+        for (field, path) in [
+            ("ca_cert", &config.ca_cert),
+            ("cert", &config.cert),
+            ("wg_key", &config.wg_key),
+            ("noise_key", &config.noise_key),
+            ("roster", &config.roster),
+        ] {
+            if !path.is_file() {
+                bail!(
+                    "`{field}`: {} does not exist or is not a file",
+                    path.display()
+                );
+            }
+        }
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir_with_files() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["ca.crt", "node.crt", "wg.key", "noise.key", "roster"] {
+            std::fs::write(dir.path().join(f), "x").unwrap();
+        }
+        dir
+    }
+
+    const MINIMAL: &str = r#"
+interface = "pq0"
+quic_listen = "192.0.2.1:51821"
+ca_cert = "ca.crt"
+cert = "node.crt"
+wg_key = "wg.key"
+noise_key = "noise.key"
+roster = "roster"
+"#;
+
+    #[test]
+    fn minimal_config_gets_the_documented_defaults() {
+        let dir = dir_with_files();
+        let c = Config::parse(MINIMAL, dir.path()).unwrap();
+        assert_eq!(c.rotation_interval, Duration::from_secs(120));
+        assert_eq!(c.hard_lifetime, Duration::from_secs(180));
+        assert_eq!(c.max_clock_skew, Duration::from_secs(300));
+        assert_eq!(c.wg_listen_port, 51820);
+        assert_eq!(c.persistent_keepalive, None);
+        assert_eq!(
+            c.cert,
+            dir.path().join("node.crt"),
+            "relative to the file's folder"
+        );
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let dir = dir_with_files();
+        let err = |text: String| format!("{:#}", Config::parse(&text, dir.path()).unwrap_err());
+        let e = err(format!("{MINIMAL}rotation_interval = \"soon\"\n"));
+        assert!(e.contains("rotation_interval") && e.contains("soon"), "{e}");
+        let e = err(format!("{MINIMAL}hard_lifetime = \"0s\"\n"));
+        assert!(e.contains("hard_lifetime"), "{e}");
+        let e = err(format!("{MINIMAL}colour = \"blue\"\n"));
+        assert!(e.contains("colour"), "{e}");
+        let e = err(MINIMAL.replace("192.0.2.1:51821", "not-an-address"));
+        assert!(e.contains("quic_listen"), "{e}");
+        let e = err(MINIMAL.replace("\"pq0\"", "\"way-too-long-interface\""));
+        assert!(e.contains("interface"), "{e}");
+        let e = err(format!("{MINIMAL}persistent_keepalive = 0\n"));
+        assert!(e.contains("persistent_keepalive"), "{e}");
+        let e = err(MINIMAL.replace("roster = \"roster\"", "roster = \"missing\""));
+        assert!(e.contains("`roster`") && e.contains("missing"), "{e}");
+        let e = err(MINIMAL.replace("interface = \"pq0\"\n", ""));
+        assert!(e.contains("interface"), "{e}");
+        let e = err("this is not toml [".into());
+        assert!(!e.is_empty());
+    }
+
+    #[test]
+    fn missing_config_file_names_it() {
+        let e = format!(
+            "{:#}",
+            Config::load(Path::new("/nonexistent/keyd.toml")).unwrap_err()
+        );
+        assert!(e.contains("/nonexistent/keyd.toml"), "{e}");
+    }
+}
