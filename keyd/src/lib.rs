@@ -5,4 +5,5 @@ pub mod cli;
 pub mod config;
 pub mod dataplane;
 pub mod files;
+pub mod quic;
 pub mod time;
