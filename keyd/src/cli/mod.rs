@@ -5,6 +5,7 @@ mod cert;
 mod inspect;
 mod key;
 mod roster;
+mod run;
 
 use std::path::Path;
 
@@ -38,6 +39,10 @@ pub enum Command {
     Roster(roster::RosterCommand),
     /// Show a certificate or roster in readable text or JSON.
     Inspect(inspect::InspectArgs),
+    /// Run the key daemon.
+    Run(run::RunArgs),
+    /// Show the running daemon's peers, key epochs and refusals.
+    Status(run::StatusArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -47,6 +52,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Cert(c) => cert::run(c),
         Command::Roster(c) => roster::run(c),
         Command::Inspect(a) => inspect::run(a),
+        Command::Run(a) => run::run(a),
+        Command::Status(a) => run::status(a),
     }
 }
 
