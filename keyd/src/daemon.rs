@@ -294,6 +294,20 @@ async fn cut(s: &Shared, id: NodeId, state: &str, why: &str) {
 /// Puts the agreed key into the data plane and records it.
 async fn install(s: &Shared, est: &Established, member: &Member, role: &str) -> Result<()> {
     let body = est.peer.cert().body();
+    // The roster may have changed while the exchange ran: install only for a
+    // peer that is still an unrevoked member of the current one.
+    let current = s.roster.borrow().clone();
+    let fingerprint = est.peer.cert().fingerprint();
+    let listed = current
+        .member(&body.node_id)
+        .is_some_and(|m| m.cert.fingerprint() == fingerprint);
+    if !listed || current.is_revoked(&fingerprint) {
+        bail!(
+            "{} left roster serial {} during the exchange; key not installed",
+            body.name,
+            current.serial()
+        );
+    }
     s.dataplane.upsert_peer(&PeerConfig {
         public_key: body.wg_public,
         preshared_key: est.psk.clone(),
@@ -446,10 +460,11 @@ async fn accept_loop(s: Arc<Shared>) {
                 }
             };
             loop {
-                let roster = s.roster.borrow().clone();
-                match quic::respond(&conn, params(&s, roster.clone(), None, 0)).await {
+                match quic::respond(&conn, || params(&s, s.roster.borrow().clone(), None, 0)).await
+                {
                     Ok(est) => {
                         let id = est.peer.node_id();
+                        let roster = s.roster.borrow().clone();
                         if let Some(member) = roster.member(&id)
                             && let Err(e) = install(&s, &est, member, "responder").await
                         {

@@ -22,6 +22,10 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, Serve
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
 pub const ALPN: &[u8] = b"pqmesh/1";
+/// A dead peer is noticed within this (keep-alives every third of it).
+const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(6);
+/// A peer that does not complete the QUIC handshake in this time is unreachable.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -37,7 +41,14 @@ pub fn endpoint(listen: SocketAddr) -> Result<quinn::Endpoint> {
         .with_no_client_auth()
         .with_single_cert(vec![cert.cert.der().clone()], key)?;
     server.alpn_protocols = vec![ALPN.to_vec()];
-    let server = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(server)?));
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_idle_timeout(Some(IDLE_TIMEOUT.try_into()?))
+        .keep_alive_interval(Some(IDLE_TIMEOUT / 3));
+    let transport = Arc::new(transport);
+    let mut server =
+        quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(server)?));
+    server.transport_config(transport.clone());
 
     let mut client = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -45,7 +56,8 @@ pub fn endpoint(listen: SocketAddr) -> Result<quinn::Endpoint> {
         .with_custom_certificate_verifier(Arc::new(AnyServerCert(provider())))
         .with_no_client_auth();
     client.alpn_protocols = vec![ALPN.to_vec()];
-    let client = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(client)?));
+    let mut client = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(client)?));
+    client.transport_config(transport);
 
     let mut endpoint = quinn::Endpoint::server(server, listen)
         .with_context(|| format!("cannot listen for QUIC on {listen}"))?;
@@ -153,22 +165,29 @@ pub async fn initiate(conn: &quinn::Connection, params: ExchangeParams) -> Resul
     drive(ex, send, recv).await
 }
 
-/// Answers the next exchange a peer opens on `conn`.
-pub async fn respond(conn: &quinn::Connection, params: ExchangeParams) -> Result<Established> {
+/// Answers the next exchange a peer opens on `conn`. `params` is called only
+/// once the peer's stream has arrived, so the exchange is checked against
+/// the roster current at that moment, not when we started waiting.
+pub async fn respond(
+    conn: &quinn::Connection,
+    params: impl FnOnce() -> ExchangeParams,
+) -> Result<Established> {
     let (send, recv) = conn
         .accept_bi()
         .await
         .context("waiting for the peer's stream")?;
-    let ex = Exchange::respond(params, Instant::now(), unix_now())?;
+    let ex = Exchange::respond(params(), Instant::now(), unix_now())?;
     drive(ex, send, recv).await
 }
 
-/// Opens a QUIC connection to a peer keyd.
+/// Opens a QUIC connection to a peer keyd (bounded by a timeout).
 pub async fn connect(endpoint: &quinn::Endpoint, peer: SocketAddr) -> Result<quinn::Connection> {
-    endpoint
+    let connecting = endpoint
         .connect(peer, "pqmesh")
-        .with_context(|| format!("cannot dial {peer}"))?
+        .with_context(|| format!("cannot dial {peer}"))?;
+    tokio::time::timeout(CONNECT_TIMEOUT, connecting)
         .await
+        .map_err(|_| anyhow!("no QUIC answer from {peer} within {CONNECT_TIMEOUT:?}"))?
         .with_context(|| format!("QUIC handshake with {peer} failed"))
 }
 
@@ -248,8 +267,8 @@ mod tests {
         let (pb, rb) = (params(&ca, &roster, &b), eb.clone());
         let responder = tokio::spawn(async move {
             let conn = rb.accept().await.unwrap().await.unwrap();
-            let first = respond(&conn, pb.clone()).await;
-            let second = respond(&conn, pb).await;
+            let first = respond(&conn, || pb.clone()).await;
+            let second = respond(&conn, || pb).await;
             (first, second)
         });
         let conn = connect(&ea, b_addr).await.unwrap();
@@ -287,7 +306,7 @@ mod tests {
         let pb = params(&ca, &roster, &b);
         let responder = tokio::spawn(async move {
             let conn = eb.accept().await.unwrap().await.unwrap();
-            respond(&conn, pb).await
+            respond(&conn, || pb).await
         });
         let ea = endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
         let conn = connect(&ea, b_addr).await.unwrap();

@@ -1,0 +1,516 @@
+//! The whole system: N nodes in network namespaces on one bridge, each with
+//! its WireGuard data plane (mesh-node, or wireguard-go) and its keyd. The
+//! CA, keys, certificates and roster are made with the real `keyd` CLI.
+//! Needs root.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn keyd_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_keyd"))
+}
+
+fn mesh_node_bin() -> PathBuf {
+    let bin = keyd_bin().with_file_name("mesh-node");
+    assert!(
+        bin.exists(),
+        "build mesh-node first: cargo build -p mesh-node ({})",
+        bin.display()
+    );
+    bin
+}
+
+fn keyd(args: &[&str]) -> String {
+    ok(Command::new(keyd_bin()).args(args))
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// A keyd process in a namespace, killed on drop.
+struct Keyd(Child);
+
+impl Drop for Keyd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Node {
+    ns: Netns,
+    dir: PathBuf,
+    ifname: String,
+    overlay: String,
+    daemon: Option<Daemon>,
+    keyd: Option<Keyd>,
+}
+
+struct Mesh {
+    nodes: Vec<Node>,
+    lan: Netns,
+    work: tempfile::TempDir,
+    rotation: &'static str,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Plane {
+    MeshNode,
+    WireguardGo,
+}
+
+impl Mesh {
+    /// `planes[i]` is node i+1's data plane. Underlay 192.168.<subnet>.i.
+    fn new(subnet: u8, planes: &[Plane], rotation: &'static str) -> Self {
+        let lan = Netns::new();
+        lan.ok(&["ip", "link", "add", "br0", "type", "bridge"]);
+        lan.ok(&["ip", "link", "set", "br0", "up"]);
+        let work = tempfile::tempdir().unwrap();
+        let ca = work.path().join("ca");
+        keyd(&["ca", "create", "--network", "e2e", "--dir", p(&ca)]);
+        let mut nodes = Vec::new();
+        let mut members = Vec::new();
+        for (i, _) in planes.iter().enumerate() {
+            let i = i + 1;
+            let ns = Netns::new();
+            let (nic, lan_end) = (unique("mn"), unique("ml"));
+            ok(Command::new("ip").args([
+                "link", "add", &nic, "type", "veth", "peer", "name", &lan_end,
+            ]));
+            ok(Command::new("ip").args(["link", "set", &nic, "netns", &ns.name]));
+            ok(Command::new("ip").args(["link", "set", &lan_end, "netns", &lan.name]));
+            lan.ok(&["ip", "link", "set", &lan_end, "master", "br0", "up"]);
+            ns.ok(&[
+                "ip",
+                "addr",
+                "add",
+                &format!("192.168.{subnet}.{i}/24"),
+                "dev",
+                &nic,
+            ]);
+            ns.ok(&["ip", "link", "set", &nic, "up"]);
+            let dir = work.path().join(format!("node{i}"));
+            keyd(&["key", "generate", "--dir", p(&dir)]);
+            let overlay = format!("10.98.{subnet}.{i}");
+            keyd(&[
+                "cert",
+                "issue",
+                "--ca-dir",
+                p(&ca),
+                "--name",
+                &format!("node{i}"),
+                "--address",
+                &format!("{overlay}/24"),
+                "--key-dir",
+                p(&dir),
+                "--out",
+                p(&dir.join("node.crt")),
+            ]);
+            members.push(format!(
+                "{},wg=192.168.{subnet}.{i}:51820,keyd=192.168.{subnet}.{i}:51821",
+                p(&dir.join("node.crt"))
+            ));
+            nodes.push(Node {
+                ns,
+                dir,
+                ifname: unique("wg"),
+                overlay,
+                daemon: None,
+                keyd: None,
+            });
+        }
+        let mut args = vec!["roster", "build", "--ca-dir", p(&ca), "--out"];
+        let roster = work.path().join("roster");
+        args.push(p(&roster));
+        for m in &members {
+            args.extend(["--member", m.as_str()]);
+        }
+        keyd(&args);
+        let mut mesh = Mesh {
+            nodes,
+            lan,
+            work,
+            rotation,
+        };
+        for (i, plane) in planes.iter().enumerate() {
+            mesh.start_data_plane(i, *plane);
+            mesh.start_keyd(i);
+        }
+        mesh
+    }
+
+    fn start_data_plane(&mut self, i: usize, plane: Plane) {
+        let n = &mut self.nodes[i];
+        n.daemon = Some(match plane {
+            Plane::MeshNode => Daemon::mesh_node(&n.ns, &mesh_node_bin(), &n.ifname),
+            Plane::WireguardGo => Daemon::wireguard_go(&n.ns, &n.ifname),
+        });
+        n.ns.ok(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{}/24", n.overlay),
+            "dev",
+            &n.ifname,
+        ]);
+        n.ns.ok(&["ip", "link", "set", &n.ifname, "up"]);
+        let subnet = n.overlay.split('.').nth(2).unwrap().to_string();
+        let config = format!(
+            "interface = \"{}\"\nquic_listen = \"192.168.{subnet}.{}:51821\"\nca_cert = \"../ca/ca.crt\"\n\
+             cert = \"node.crt\"\nwg_key = \"wg.key\"\nnoise_key = \"noise.key\"\nroster = \"../roster\"\n\
+             state_dir = \"state\"\nrotation_interval = \"{}\"\nhard_lifetime = \"6s\"\n",
+            n.ifname,
+            i + 1,
+            self.rotation
+        );
+        std::fs::write(n.dir.join("keyd.toml"), config).unwrap();
+    }
+
+    fn start_keyd(&mut self, i: usize) {
+        let n = &mut self.nodes[i];
+        let log = std::fs::File::create(n.dir.join("keyd.log")).unwrap();
+        let child =
+            n.ns.cmd(&[
+                p(&keyd_bin()),
+                "run",
+                "--config",
+                p(&n.dir.join("keyd.toml")),
+            ])
+            .stdin(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn keyd");
+        n.keyd = Some(Keyd(child));
+    }
+
+    fn ping(&self, from: usize, to: usize, count: u32, interval: &str) -> u32 {
+        let out = self.nodes[from].ns.run(&[
+            "ping",
+            "-n",
+            "-q",
+            "-c",
+            &count.to_string(),
+            "-i",
+            interval,
+            "-W",
+            "1",
+            &self.nodes[to].overlay,
+        ]);
+        received(&String::from_utf8_lossy(&out.stdout))
+    }
+
+    /// Waits (bounded) until every pair among `nodes` passes a ping.
+    fn wait_complete(&self, nodes: &[usize]) {
+        let deadline = Instant::now() + Duration::from_secs(40);
+        'outer: loop {
+            for &a in nodes {
+                for &b in nodes {
+                    if a != b && self.ping(a, b, 1, "0.2") != 1 {
+                        assert!(
+                            Instant::now() < deadline,
+                            "mesh incomplete: node{} -> node{}\n{}",
+                            a + 1,
+                            b + 1,
+                            self.logs()
+                        );
+                        std::thread::sleep(Duration::from_millis(300));
+                        continue 'outer;
+                    }
+                }
+            }
+            return;
+        }
+    }
+
+    fn wg_peers(&self, i: usize) -> String {
+        self.nodes[i]
+            .ns
+            .ok(&["wg", "show", &self.nodes[i].ifname, "peers"])
+    }
+
+    fn wg_pub(&self, i: usize) -> String {
+        std::fs::read_to_string(self.nodes[i].dir.join("wg.pub"))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    fn status(&self, i: usize) -> serde_json::Value {
+        let text = std::fs::read_to_string(self.nodes[i].dir.join("state/status.json"))
+            .unwrap_or_default();
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::Null)
+    }
+
+    fn logs(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| std::fs::read_to_string(n.dir.join("keyd.log")).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n---\n")
+    }
+
+    fn roster(&self) -> PathBuf {
+        self.work.path().join("roster")
+    }
+}
+
+fn epoch(status: &serde_json::Value, peer: &str) -> u64 {
+    status["peers"][peer]["epoch"].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn four_nodes_build_a_full_mesh_and_rotate_without_loss() {
+    let mesh = Mesh::new(141, &[Plane::MeshNode; 4], "2s");
+    mesh.wait_complete(&[0, 1, 2, 3]);
+    for a in 0..4 {
+        for b in 0..4 {
+            if a != b {
+                assert_eq!(
+                    mesh.ping(a, b, 2, "0.2"),
+                    2,
+                    "node{} -> node{}",
+                    a + 1,
+                    b + 1
+                );
+            }
+        }
+    }
+    let before = epoch(&mesh.status(0), "node2");
+    // ~12 s of pings at 50/s while keys rotate every ~2 s.
+    assert_eq!(
+        mesh.ping(0, 1, 600, "0.02"),
+        600,
+        "no loss across rotations"
+    );
+    let after = epoch(&mesh.status(0), "node2");
+    assert!(
+        after >= before + 5,
+        "at least 5 rotations happened: epoch {before} -> {after}\n{}",
+        mesh.logs()
+    );
+}
+
+#[test]
+fn revoked_node_is_cut_everywhere_within_one_interval() {
+    let mesh = Mesh::new(142, &[Plane::MeshNode; 4], "3s");
+    mesh.wait_complete(&[0, 1, 2, 3]);
+    let gone = mesh.wg_pub(3);
+    keyd(&[
+        "roster",
+        "revoke",
+        "--ca-dir",
+        p(&mesh.work.path().join("ca")),
+        "--roster",
+        p(&mesh.roster()),
+        "--cert",
+        p(&mesh.nodes[3].dir.join("node.crt")),
+    ]);
+    // One rotation interval (plus the 1 s roster poll).
+    std::thread::sleep(Duration::from_secs(4));
+    for i in 0..3 {
+        assert!(
+            !mesh.wg_peers(i).contains(&gone),
+            "node{} still has the revoked peer\n{}",
+            i + 1,
+            mesh.logs()
+        );
+        assert_eq!(
+            mesh.ping(i, 3, 2, "0.2"),
+            0,
+            "node{} cannot reach the revoked node",
+            i + 1
+        );
+    }
+    mesh.wait_complete(&[0, 1, 2]);
+    assert_eq!(mesh.status(0)["roster_serial"], 2);
+}
+
+/// Zero trust against a hostile underlay: a machine with a certificate from
+/// another CA takes over a member's address. The member that dials that
+/// address must refuse it (its certificate comes in msg2) and never put it
+/// in its data plane: being at the right address earns nothing.
+#[test]
+fn node_with_a_certificate_from_another_ca_is_refused() {
+    let mut mesh = Mesh::new(143, &[Plane::MeshNode; 2], "2s");
+    mesh.wait_complete(&[0, 1]);
+    let id = |i: usize| {
+        mesh.status(i)["node_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    // The lower node id dials; the stranger takes the other one's place.
+    let (dialer, victim) = if id(0) < id(1) { (0, 1) } else { (1, 0) };
+    let victim_ip = format!("192.168.143.{}", victim + 1);
+    mesh.nodes[victim].keyd = None;
+    let addrs = mesh.nodes[victim]
+        .ns
+        .ok(&["ip", "-o", "-4", "addr", "show"]);
+    let line = addrs
+        .lines()
+        .find(|l| l.contains(&format!(" {victim_ip}/")))
+        .unwrap();
+    let nic = line
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .split('@')
+        .next()
+        .unwrap()
+        .to_string();
+    mesh.nodes[victim]
+        .ns
+        .ok(&["ip", "addr", "del", &format!("{victim_ip}/24"), "dev", &nic]);
+
+    // The stranger: its own CA, its own roster, the victim's address.
+    let work = tempfile::tempdir().unwrap();
+    let (sca, sdir) = (work.path().join("ca"), work.path().join("stranger"));
+    keyd(&["ca", "create", "--network", "e2e", "--dir", p(&sca)]);
+    keyd(&["key", "generate", "--dir", p(&sdir)]);
+    keyd(&[
+        "cert",
+        "issue",
+        "--ca-dir",
+        p(&sca),
+        "--name",
+        "stranger",
+        "--address",
+        "10.98.143.9/24",
+        "--key-dir",
+        p(&sdir),
+        "--out",
+        p(&sdir.join("node.crt")),
+    ]);
+    keyd(&[
+        "roster",
+        "build",
+        "--ca-dir",
+        p(&sca),
+        "--out",
+        p(&work.path().join("roster")),
+        "--member",
+        &format!("{},keyd={victim_ip}:51821", p(&sdir.join("node.crt"))),
+    ]);
+    let ns = Netns::new();
+    let (nic, lan_end) = (unique("mn"), unique("ml"));
+    ok(Command::new("ip").args([
+        "link", "add", &nic, "type", "veth", "peer", "name", &lan_end,
+    ]));
+    ok(Command::new("ip").args(["link", "set", &nic, "netns", &ns.name]));
+    ok(Command::new("ip").args(["link", "set", &lan_end, "netns", &mesh.lan.name]));
+    mesh.lan
+        .ok(&["ip", "link", "set", &lan_end, "master", "br0", "up"]);
+    ns.ok(&["ip", "addr", "add", &format!("{victim_ip}/24"), "dev", &nic]);
+    ns.ok(&["ip", "link", "set", &nic, "up"]);
+    let ifname = unique("wg");
+    let _dp = Daemon::mesh_node(&ns, &mesh_node_bin(), &ifname);
+    std::fs::write(
+        sdir.join("keyd.toml"),
+        format!(
+            "interface = \"{ifname}\"\nquic_listen = \"{victim_ip}:51821\"\nca_cert = \"../ca/ca.crt\"\n\
+             cert = \"node.crt\"\nwg_key = \"wg.key\"\nnoise_key = \"noise.key\"\nroster = \"../roster\"\n\
+             state_dir = \"state\"\nrotation_interval = \"2s\"\n"
+        ),
+    )
+    .unwrap();
+    let _stranger = Keyd(
+        ns.cmd(&[
+            p(&keyd_bin()),
+            "run",
+            "--config",
+            p(&sdir.join("keyd.toml")),
+        ])
+        .stdin(Stdio::null())
+        .stderr(std::fs::File::create(sdir.join("keyd.log")).unwrap())
+        .spawn()
+        .unwrap(),
+    );
+    // What the takeover announces on a real LAN (gratuitous ARP): the
+    // dialer's neighbour entry for the stolen address now points at the stranger.
+    mesh.nodes[dialer].ns.ok(&["ip", "neigh", "flush", "all"]);
+    let stranger_pub = std::fs::read_to_string(sdir.join("wg.pub"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while mesh.status(dialer)["refusals"]["unknown_ca"]
+        .as_u64()
+        .unwrap_or(0)
+        == 0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "node{} never refused the stranger:\n{}\n{}",
+            dialer + 1,
+            mesh.logs(),
+            std::fs::read_to_string(sdir.join("keyd.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(
+        !mesh.wg_peers(dialer).contains(&stranger_pub),
+        "the stranger reached the data plane"
+    );
+    assert!(
+        mesh.logs().contains("another CA"),
+        "the refusal is logged with its reason"
+    );
+    assert_eq!(
+        mesh.status(dialer)["peers"][format!("node{}", victim + 1)]["last_error"]
+            .as_str()
+            .map(|e| e.starts_with("unknown_ca")),
+        Some(true)
+    );
+}
+
+#[test]
+fn restarting_keyd_does_not_interrupt_tunnels() {
+    let mut mesh = Mesh::new(144, &[Plane::MeshNode; 2], "2s");
+    mesh.wait_complete(&[0, 1]);
+    let (ns, to) = (mesh.nodes[0].ns.name.clone(), mesh.nodes[1].overlay.clone());
+    let pinger = std::thread::spawn(move || {
+        let out = run(Command::new("ip").args([
+            "netns", "exec", &ns, "ping", "-n", "-q", "-c", "400", "-i", "0.02", "-W", "1", &to,
+        ]));
+        received(&String::from_utf8_lossy(&out.stdout))
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    for i in [0, 1] {
+        mesh.nodes[i].keyd = None; // killed
+        std::thread::sleep(Duration::from_millis(700));
+        mesh.start_keyd(i);
+    }
+    assert_eq!(
+        pinger.join().unwrap(),
+        400,
+        "no ping lost while keyd restarted on both nodes"
+    );
+    // And the restarted daemons take over rotation again.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while mesh.status(0)["peers"]["node2"]["state"] != "up" {
+        assert!(
+            Instant::now() < deadline,
+            "restarted keyd did not resume:\n{}",
+            mesh.logs()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+#[test]
+fn a_node_on_wireguard_go_joins_the_mesh() {
+    let mesh = Mesh::new(
+        145,
+        &[Plane::MeshNode, Plane::WireguardGo, Plane::MeshNode],
+        "3s",
+    );
+    mesh.wait_complete(&[0, 1, 2]);
+    assert_eq!(mesh.ping(1, 0, 3, "0.2"), 3);
+    assert_eq!(mesh.ping(2, 1, 3, "0.2"), 3);
+}
