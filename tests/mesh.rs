@@ -514,3 +514,55 @@ fn a_node_on_wireguard_go_joins_the_mesh() {
     assert_eq!(mesh.ping(1, 0, 3, "0.2"), 3);
     assert_eq!(mesh.ping(2, 1, 3, "0.2"), 3);
 }
+
+/// Fail closed, then recover: with the peer's keyd gone, the dialer's key
+/// ages past rotation interval + hard lifetime (2 s + 6 s here) and the peer
+/// is removed from its data plane; when the peer's keyd returns, exchanges
+/// succeed again and the peer comes back.
+#[test]
+fn a_peer_without_fresh_keys_is_cut_and_comes_back() {
+    let mut mesh = Mesh::new(146, &[Plane::MeshNode; 2], "2s");
+    mesh.wait_complete(&[0, 1]);
+    let id = |i: usize| {
+        mesh.status(i)["node_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let (dialer, other) = if id(0) < id(1) { (0, 1) } else { (1, 0) };
+    let other_pub = mesh.wg_pub(other);
+    mesh.nodes[other].keyd = None;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while mesh.wg_peers(dialer).contains(&other_pub) {
+        assert!(Instant::now() < deadline, "never cut:\n{}", mesh.logs());
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // status.json is rewritten every second.
+    while mesh.status(dialer)["peers_cut_at_hard_lifetime"]
+        .as_u64()
+        .unwrap_or(0)
+        == 0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "cut not counted:\n{}",
+            mesh.status(dialer)
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert_eq!(
+        mesh.status(dialer)["peers"][format!("node{}", other + 1)]["state"],
+        "expired"
+    );
+    assert_eq!(
+        mesh.ping(dialer, other, 2, "0.2"),
+        0,
+        "fail closed: no key, no traffic"
+    );
+    mesh.start_keyd(other);
+    mesh.wait_complete(&[0, 1]);
+    assert!(
+        mesh.wg_peers(dialer).contains(&other_pub),
+        "the peer is back"
+    );
+}
