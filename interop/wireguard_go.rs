@@ -6,8 +6,6 @@
 mod common;
 
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use common::*;
 
@@ -26,27 +24,14 @@ fn exercise(p: &Pair) {
 
     // A stream that runs until the key has changed on both sides three
     // times arrives intact.
-    let done = Arc::new(AtomicBool::new(false));
-    let (na, nb, to, flag) = (
-        p.a.ns.name.clone(),
-        p.b.ns.name.clone(),
-        p.b.overlay,
-        done.clone(),
-    );
-    let transfer = std::thread::spawn(move || {
-        let (a, b) = (Netns { name: na }, Netns { name: nb });
-        let r = tcp_transfer_while(&a, &b, to, |_| !flag.load(Ordering::Relaxed));
-        std::mem::forget((a, b)); // owned by `p`
-        r
+    let (sent, got) = stream_during(p, || {
+        for round in 1..=3 {
+            std::thread::sleep(std::time::Duration::from_millis(800));
+            let psk = p.keys.psk(&format!("rot{round}"));
+            p.a.set_psk(&p.b, &psk);
+            p.b.set_psk(&p.a, &psk);
+        }
     });
-    for round in 1..=3 {
-        std::thread::sleep(std::time::Duration::from_millis(800));
-        let psk = p.keys.psk(&format!("rot{round}"));
-        p.a.set_psk(&p.b, &psk);
-        p.b.set_psk(&p.a, &psk);
-    }
-    done.store(true, Ordering::Relaxed);
-    let (sent, got) = transfer.join().unwrap();
     assert_eq!(sent, got, "stream intact across key changes");
     assert_eq!(
         p.a.ping(p.b.overlay, 3, "0.2"),

@@ -105,25 +105,7 @@ fn preshared_key_changes_during_transfer_lose_nothing() {
 
     // Phase 2: a TCP stream that runs until the 5 key changes are done
     // arrives intact (a stall would trip the transfer's socket timeouts).
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (na, nb, to, flag) = (
-        p.a.ns.name.clone(),
-        p.b.ns.name.clone(),
-        p.b.overlay,
-        done.clone(),
-    );
-    let transfer = std::thread::spawn(move || {
-        let (a, b) = (Netns { name: na }, Netns { name: nb });
-        let result = tcp_transfer_while(&a, &b, to, |_| {
-            !flag.load(std::sync::atomic::Ordering::Relaxed)
-        });
-        // The namespaces belong to `p`; do not delete them here.
-        std::mem::forget((a, b));
-        result
-    });
-    rotate("tcp");
-    done.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (sent, got) = transfer.join().unwrap();
+    let (sent, got) = stream_during(&p, || rotate("tcp"));
     assert_eq!(sent, got, "the stream arrives intact across key changes");
     assert_eq!(handshake(), before, "still the same session");
 }
@@ -295,19 +277,7 @@ fn endpoint_follows_authenticated_packets_when_a_peer_roams() {
     let endpoint = || p.a.wg(&["show", &ifa, "endpoints"]);
     assert!(endpoint().contains(&format!("{}:51820", p.b.underlay)));
     // B moves to another underlay address (a VM migrated, a NAT rebound).
-    let addrs = p.b.ns.ok(&["ip", "-o", "-4", "addr", "show"]);
-    let line = addrs
-        .lines()
-        .find(|l| l.contains(&format!(" {}/", p.b.underlay)))
-        .expect("B's underlay address");
-    let dev = line
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .split('@')
-        .next()
-        .unwrap()
-        .to_string();
+    let dev = device_with_addr(&p.b.ns, &p.b.underlay.to_string());
     // Old address first: deleting a primary IPv4 address also removes the
     // secondaries of its subnet.
     let old = format!("{}/24", p.b.underlay);

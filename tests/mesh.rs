@@ -255,6 +255,17 @@ impl Mesh {
             .join("\n---\n")
     }
 
+    /// In a 2-node mesh: (the node that dials, the other). The lower node id dials.
+    fn dialer_and_other(&self) -> (usize, usize) {
+        let id = |i: usize| {
+            self.status(i)["node_id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        };
+        if id(0) < id(1) { (0, 1) } else { (1, 0) }
+    }
+
     fn roster(&self) -> PathBuf {
         self.work.path().join("roster")
     }
@@ -339,31 +350,11 @@ fn revoked_node_is_cut_everywhere_within_one_interval() {
 fn node_with_a_certificate_from_another_ca_is_refused() {
     let mut mesh = Mesh::new(143, &[Plane::MeshNode; 2], "2s");
     mesh.wait_complete(&[0, 1]);
-    let id = |i: usize| {
-        mesh.status(i)["node_id"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string()
-    };
     // The lower node id dials; the stranger takes the other one's place.
-    let (dialer, victim) = if id(0) < id(1) { (0, 1) } else { (1, 0) };
+    let (dialer, victim) = mesh.dialer_and_other();
     let victim_ip = format!("192.168.143.{}", victim + 1);
     mesh.nodes[victim].keyd = None;
-    let addrs = mesh.nodes[victim]
-        .ns
-        .ok(&["ip", "-o", "-4", "addr", "show"]);
-    let line = addrs
-        .lines()
-        .find(|l| l.contains(&format!(" {victim_ip}/")))
-        .unwrap();
-    let nic = line
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .split('@')
-        .next()
-        .unwrap()
-        .to_string();
+    let nic = device_with_addr(&mesh.nodes[victim].ns, &victim_ip);
     mesh.nodes[victim]
         .ns
         .ok(&["ip", "addr", "del", &format!("{victim_ip}/24"), "dev", &nic]);
@@ -523,13 +514,7 @@ fn a_node_on_wireguard_go_joins_the_mesh() {
 fn a_peer_without_fresh_keys_is_cut_and_comes_back() {
     let mut mesh = Mesh::new(146, &[Plane::MeshNode; 2], "2s");
     mesh.wait_complete(&[0, 1]);
-    let id = |i: usize| {
-        mesh.status(i)["node_id"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string()
-    };
-    let (dialer, other) = if id(0) < id(1) { (0, 1) } else { (1, 0) };
+    let (dialer, other) = mesh.dialer_and_other();
     let other_pub = mesh.wg_pub(other);
     mesh.nodes[other].keyd = None;
     let deadline = Instant::now() + Duration::from_secs(30);

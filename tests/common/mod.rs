@@ -506,3 +506,43 @@ impl Pair {
         Pair { a, b, keys }
     }
 }
+
+/// The interface in `ns` that holds the IPv4 address `addr`.
+pub fn device_with_addr(ns: &Netns, addr: &str) -> String {
+    let addrs = ns.ok(&["ip", "-o", "-4", "addr", "show"]);
+    let line = addrs
+        .lines()
+        .find(|l| l.contains(&format!(" {addr}/")))
+        .unwrap_or_else(|| panic!("no interface holds {addr}: {addrs}"));
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .split('@')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// A TCP stream from A to B that runs exactly as long as `during` does;
+/// returns (sent digest, received digest).
+pub fn stream_during(p: &Pair, during: impl FnOnce()) -> ([u8; 32], [u8; 32]) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let done = Arc::new(AtomicBool::new(false));
+    let (na, nb, to, flag) = (
+        p.a.ns.name.clone(),
+        p.b.ns.name.clone(),
+        p.b.overlay,
+        done.clone(),
+    );
+    let transfer = std::thread::spawn(move || {
+        let (a, b) = (Netns { name: na }, Netns { name: nb });
+        let result = tcp_transfer_while(&a, &b, to, |_| !flag.load(Ordering::Relaxed));
+        // The namespaces belong to `p`: do not delete them here.
+        std::mem::forget((a, b));
+        result
+    });
+    during();
+    done.store(true, Ordering::Relaxed);
+    transfer.join().expect("transfer thread")
+}
