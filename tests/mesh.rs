@@ -57,6 +57,19 @@ struct Mesh {
     lan: Netns,
     work: tempfile::TempDir,
     rotation: &'static str,
+    /// `CERT,wg=..,keyd=..` per node, for `keyd roster build`.
+    members: Vec<String>,
+    skew: &'static str,
+}
+
+#[derive(Default)]
+struct Opts {
+    /// How many nodes the first roster lists (default: all).
+    listed: Option<usize>,
+    /// (node index, --valid) for a certificate that expires soon.
+    short_lived: Option<(usize, &'static str)>,
+    /// keyd's max_clock_skew (default 300s).
+    skew: &'static str,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -68,6 +81,10 @@ enum Plane {
 impl Mesh {
     /// `planes[i]` is node i+1's data plane. Underlay 192.168.<subnet>.i.
     fn new(subnet: u8, planes: &[Plane], rotation: &'static str) -> Self {
+        Self::with(subnet, planes, rotation, Opts::default())
+    }
+
+    fn with(subnet: u8, planes: &[Plane], rotation: &'static str, opts: Opts) -> Self {
         let lan = Netns::new();
         lan.ok(&["ip", "link", "add", "br0", "type", "bridge"]);
         lan.ok(&["ip", "link", "set", "br0", "up"]);
@@ -111,6 +128,10 @@ impl Mesh {
                 p(&dir),
                 "--out",
                 p(&dir.join("node.crt")),
+                "--valid",
+                opts.short_lived
+                    .filter(|(n, _)| *n == i - 1)
+                    .map_or("1d", |(_, v)| v),
             ]);
             members.push(format!(
                 "{},wg=192.168.{subnet}.{i}:51820,keyd=192.168.{subnet}.{i}:51821",
@@ -125,19 +146,15 @@ impl Mesh {
                 keyd: None,
             });
         }
-        let mut args = vec!["roster", "build", "--ca-dir", p(&ca), "--out"];
-        let roster = work.path().join("roster");
-        args.push(p(&roster));
-        for m in &members {
-            args.extend(["--member", m.as_str()]);
-        }
-        keyd(&args);
         let mut mesh = Mesh {
             nodes,
             lan,
             work,
             rotation,
+            members,
+            skew: opts.skew,
         };
+        mesh.publish_roster(opts.listed.unwrap_or(planes.len()));
         for (i, plane) in planes.iter().enumerate() {
             mesh.start_data_plane(i, *plane);
             mesh.start_keyd(i);
@@ -164,10 +181,16 @@ impl Mesh {
         let config = format!(
             "interface = \"{}\"\nquic_listen = \"192.168.{subnet}.{}:51821\"\nca_cert = \"../ca/ca.crt\"\n\
              cert = \"node.crt\"\nwg_key = \"wg.key\"\nnoise_key = \"noise.key\"\nroster = \"../roster\"\n\
-             state_dir = \"state\"\nrotation_interval = \"{}\"\nhard_lifetime = \"6s\"\n",
+             state_dir = \"state\"\nrotation_interval = \"{}\"\nhard_lifetime = \"6s\"\n\
+             max_clock_skew = \"{}\"\n",
             n.ifname,
             i + 1,
-            self.rotation
+            self.rotation,
+            if self.skew.is_empty() {
+                "300s"
+            } else {
+                self.skew
+            }
         );
         std::fs::write(n.dir.join("keyd.toml"), config).unwrap();
     }
@@ -253,6 +276,21 @@ impl Mesh {
             .map(|n| std::fs::read_to_string(n.dir.join("keyd.log")).unwrap_or_default())
             .collect::<Vec<_>>()
             .join("\n---\n")
+    }
+
+    /// Signs a roster listing the first `listed` nodes (serial 1, or the
+    /// previous serial + 1 when a roster exists) where every keyd reads it.
+    fn publish_roster(&self, listed: usize) {
+        let roster = self.roster();
+        let ca = self.work.path().join("ca");
+        let mut args = vec!["roster", "build", "--ca-dir", p(&ca), "--out", p(&roster)];
+        if roster.exists() {
+            args.extend(["--previous", p(&roster)]);
+        }
+        for m in &self.members[..listed] {
+            args.extend(["--member", m.as_str()]);
+        }
+        keyd(&args);
     }
 
     /// In a 2-node mesh: (the node that dials, the other). The lower node id dials.
@@ -550,4 +588,57 @@ fn a_peer_without_fresh_keys_is_cut_and_comes_back() {
         mesh.wg_peers(dialer).contains(&other_pub),
         "the peer is back"
     );
+}
+
+#[test]
+fn a_member_added_to_the_roster_joins_without_restarts() {
+    let opts = Opts {
+        listed: Some(2),
+        ..Default::default()
+    };
+    let mesh = Mesh::with(147, &[Plane::MeshNode; 3], "2s", opts);
+    mesh.wait_complete(&[0, 1]);
+    // node3 runs but is not a member yet: nobody lets it in.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(mesh.ping(2, 0, 2, "0.2"), 0, "not in the roster, no tunnel");
+    assert!(!mesh.wg_peers(0).contains(&mesh.wg_pub(2)));
+    // The CA publishes serial 2 with node3; every keyd picks it up.
+    mesh.publish_roster(3);
+    mesh.wait_complete(&[0, 1, 2]);
+    assert_eq!(mesh.status(0)["roster_serial"], 2);
+}
+
+#[test]
+fn an_expired_certificate_is_refused_at_the_next_exchange() {
+    // node3's certificate lives 25 s; clock skew tolerance 1 s.
+    let opts = Opts {
+        short_lived: Some((2, "25s")),
+        skew: "1s",
+        ..Default::default()
+    };
+    let mesh = Mesh::with(148, &[Plane::MeshNode; 3], "2s", opts);
+    mesh.wait_complete(&[0, 1, 2]);
+    let gone = mesh.wg_pub(2);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let expired: u64 = (0..2)
+            .map(|i| mesh.status(i)["refusals"]["expired"].as_u64().unwrap_or(0))
+            .sum();
+        let cut = (0..2).all(|i| !mesh.wg_peers(i).contains(&gone));
+        if expired > 0 && cut {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "expired node3 not refused and cut:\n{}",
+            mesh.logs()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(
+        mesh.ping(0, 2, 2, "0.2"),
+        0,
+        "no traffic with the expired node"
+    );
+    assert_eq!(mesh.ping(0, 1, 2, "0.2"), 2, "the others are unaffected");
 }
