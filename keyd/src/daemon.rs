@@ -181,6 +181,7 @@ pub async fn run(config: Config) -> Result<()> {
     tokio::spawn(accept_loop(shared.clone()));
     tokio::spawn(watch_roster(shared.clone()));
     tokio::spawn(write_status_loop(shared.clone()));
+    tokio::spawn(expire_loop(shared.clone()));
     supervise(shared).await;
     Ok(())
 }
@@ -410,7 +411,6 @@ async fn initiator(s: Arc<Shared>, id: NodeId) {
             Err(e) => {
                 conn = None;
                 record_failure(&s, id, &name, &e).await;
-                check_hard_lifetime(&s, id).await;
                 let w = backoff;
                 backoff = (backoff * 2)
                     .min(s.config.rotation_interval / 2)
@@ -425,25 +425,30 @@ async fn initiator(s: Arc<Shared>, id: NodeId) {
     }
 }
 
-/// Fail closed: a key older than interval + hard lifetime goes.
-async fn check_hard_lifetime(s: &Shared, id: NodeId) {
+/// Fail closed, whatever the role: every second, a key older than rotation
+/// interval + hard lifetime is removed from the data plane.
+async fn expire_loop(s: Arc<Shared>) {
     let limit = s.config.rotation_interval + s.config.hard_lifetime;
-    let expired = s
-        .peers
-        .lock()
-        .await
-        .get(&id)
-        .and_then(|t| t.installed_at)
-        .is_some_and(|at| at.elapsed() > limit);
-    if expired {
-        s.cut_at_hard_lifetime.fetch_add(1, Ordering::Relaxed);
-        cut(
-            s,
-            id,
-            "expired",
-            "no fresh key could be agreed within the hard lifetime",
-        )
-        .await;
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let stale: Vec<NodeId> = s
+            .peers
+            .lock()
+            .await
+            .iter()
+            .filter(|(_, t)| t.installed_at.is_some_and(|at| at.elapsed() > limit))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in stale {
+            s.cut_at_hard_lifetime.fetch_add(1, Ordering::Relaxed);
+            cut(
+                &s,
+                id,
+                "expired",
+                "no fresh key could be agreed within the hard lifetime",
+            )
+            .await;
+        }
     }
 }
 

@@ -150,8 +150,10 @@ impl TrustError {
 pub enum ExchangeError {
     #[error("handshake message rejected: {0}")]
     Noise(String),
+    /// Not marked as `source`: the message already carries the reason, and
+    /// error chains would print it twice.
     #[error("peer refused: {0}")]
-    Trust(#[from] TrustError),
+    Trust(TrustError),
     #[error("handshake payload does not decode: {0}")]
     Payload(CodecError),
     #[error("unexpected {0}")]
@@ -176,6 +178,12 @@ impl ExchangeError {
             ExchangeError::Closed => "closed",
             ExchangeError::Setup(_) => "setup",
         }
+    }
+}
+
+impl From<TrustError> for ExchangeError {
+    fn from(e: TrustError) -> Self {
+        ExchangeError::Trust(e)
     }
 }
 
