@@ -115,24 +115,27 @@ fn new_preshared_key_is_used_at_the_next_handshake_and_a_mismatch_fails_closed()
     let p = pair(103);
     assert_eq!(p.a.ping(p.b.overlay, 2, "0.2"), 2);
     let ifa = p.a.daemon.ifname.clone();
-    // Both sides move to a new key; re-adding the peer on A starts a new
-    // session, whose handshake must use the new key.
+    // Removing and re-adding the peer on A starts a new session with `psk`.
+    let readd = |psk: &std::path::Path| {
+        p.a.wg(&["set", &ifa, "peer", &p.b.pubkey, "remove"]);
+        p.a.wg(&[
+            "set",
+            &ifa,
+            "peer",
+            &p.b.pubkey,
+            "preshared-key",
+            psk.to_str().unwrap(),
+            "endpoint",
+            &format!("{}:51820", p.b.underlay),
+            "allowed-ips",
+            &format!("{}/32", p.b.overlay),
+        ]);
+    };
+    // Both sides move to a new key; the new session's handshake must use it.
     let k2 = p.keys.psk("k2");
     p.a.set_psk(&p.b, &k2);
     p.b.set_psk(&p.a, &k2);
-    p.a.wg(&["set", &ifa, "peer", &p.b.pubkey, "remove"]);
-    p.a.wg(&[
-        "set",
-        &ifa,
-        "peer",
-        &p.b.pubkey,
-        "preshared-key",
-        k2.to_str().unwrap(),
-        "endpoint",
-        &format!("{}:51820", p.b.underlay),
-        "allowed-ips",
-        &format!("{}/32", p.b.overlay),
-    ]);
+    readd(&k2);
     assert_eq!(
         p.a.ping(p.b.overlay, 3, "0.2"),
         3,
@@ -141,19 +144,7 @@ fn new_preshared_key_is_used_at_the_next_handshake_and_a_mismatch_fails_closed()
 
     // Now A alone takes another key: its next session cannot complete.
     let k3 = p.keys.psk("k3");
-    p.a.wg(&["set", &ifa, "peer", &p.b.pubkey, "remove"]);
-    p.a.wg(&[
-        "set",
-        &ifa,
-        "peer",
-        &p.b.pubkey,
-        "preshared-key",
-        k3.to_str().unwrap(),
-        "endpoint",
-        &format!("{}:51820", p.b.underlay),
-        "allowed-ips",
-        &format!("{}/32", p.b.overlay),
-    ]);
+    readd(&k3);
     assert_eq!(
         p.a.ping(p.b.overlay, 4, "0.3"),
         0,
