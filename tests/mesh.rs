@@ -270,6 +270,25 @@ impl Mesh {
         serde_json::from_str(&text).unwrap_or(serde_json::Value::Null)
     }
 
+    /// Waits until node `i`'s status.json (rewritten every second) shows
+    /// `what`; fails with the logs after 30 s.
+    fn wait_status(&self, i: usize, what: &str, shows: impl Fn(&serde_json::Value) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let status = self.status(i);
+            if shows(&status) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node{}: never {what}\nstatus: {status}\n{}",
+                i + 1,
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
     fn logs(&self) -> String {
         self.nodes
             .iter()
@@ -377,7 +396,7 @@ fn revoked_node_is_cut_everywhere_within_one_interval() {
         );
     }
     mesh.wait_complete(&[0, 1, 2]);
-    assert_eq!(mesh.status(0)["roster_serial"], 2);
+    mesh.wait_status(0, "on roster serial 2", |s| s["roster_serial"] == 2);
 }
 
 /// Zero trust against a hostile underlay: a machine with a certificate from
@@ -467,21 +486,9 @@ fn node_with_a_certificate_from_another_ca_is_refused() {
         .unwrap()
         .trim()
         .to_string();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while mesh.status(dialer)["refusals"]["unknown_ca"]
-        .as_u64()
-        .unwrap_or(0)
-        == 0
-    {
-        assert!(
-            Instant::now() < deadline,
-            "node{} never refused the stranger:\n{}\n{}",
-            dialer + 1,
-            mesh.logs(),
-            std::fs::read_to_string(sdir.join("keyd.log")).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    mesh.wait_status(dialer, "refused the stranger", |s| {
+        s["refusals"]["unknown_ca"].as_u64().unwrap_or(0) > 0
+    });
     assert!(
         !mesh.wg_peers(dialer).contains(&stranger_pub),
         "the stranger reached the data plane"
@@ -521,15 +528,9 @@ fn restarting_keyd_does_not_interrupt_tunnels() {
         "no ping lost while keyd restarted on both nodes"
     );
     // And the restarted daemons take over rotation again.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while mesh.status(0)["peers"]["node2"]["state"] != "up" {
-        assert!(
-            Instant::now() < deadline,
-            "restarted keyd did not resume:\n{}",
-            mesh.logs()
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    mesh.wait_status(0, "resumed after the restart", |s| {
+        s["peers"]["node2"]["state"] == "up"
+    });
 }
 
 #[test]
@@ -560,19 +561,9 @@ fn a_peer_without_fresh_keys_is_cut_and_comes_back() {
         assert!(Instant::now() < deadline, "never cut:\n{}", mesh.logs());
         std::thread::sleep(Duration::from_millis(300));
     }
-    // status.json is rewritten every second.
-    while mesh.status(dialer)["peers_cut_at_hard_lifetime"]
-        .as_u64()
-        .unwrap_or(0)
-        == 0
-    {
-        assert!(
-            Instant::now() < deadline,
-            "cut not counted:\n{}",
-            mesh.status(dialer)
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    mesh.wait_status(dialer, "counted the cut", |s| {
+        s["peers_cut_at_hard_lifetime"].as_u64().unwrap_or(0) > 0
+    });
     assert_eq!(
         mesh.status(dialer)["peers"][format!("node{}", other + 1)]["state"],
         "expired"
@@ -605,7 +596,7 @@ fn a_member_added_to_the_roster_joins_without_restarts() {
     // The CA publishes serial 2 with node3; every keyd picks it up.
     mesh.publish_roster(3);
     mesh.wait_complete(&[0, 1, 2]);
-    assert_eq!(mesh.status(0)["roster_serial"], 2);
+    mesh.wait_status(0, "on roster serial 2", |s| s["roster_serial"] == 2);
 }
 
 #[test]
