@@ -47,6 +47,7 @@ pub struct DeviceBuilder<Udp, TunTx, TunRx> {
     peers: Vec<Peer>,
     index_table: Option<IndexTable>,
     suspended: bool,
+    inline: bool,
 
     #[cfg(target_os = "linux")]
     fwmark: Option<u32>,
@@ -82,6 +83,7 @@ impl DeviceBuilder<Nul, Nul, Nul> {
             peers: Vec::new(),
             index_table: None,
             suspended: false,
+            inline: false,
             #[cfg(target_os = "linux")]
             fwmark: None,
         }
@@ -109,6 +111,7 @@ impl<X, Y> DeviceBuilder<Nul, X, Y> {
             peers: self.peers,
             index_table: self.index_table,
             suspended: self.suspended,
+            inline: self.inline,
             #[cfg(target_os = "linux")]
             fwmark: self.fwmark,
         }
@@ -185,6 +188,7 @@ impl<X> DeviceBuilder<X, Nul, Nul> {
             peers: self.peers,
             index_table: self.index_table,
             suspended: self.suspended,
+            inline: self.inline,
             #[cfg(target_os = "linux")]
             fwmark: self.fwmark,
         }
@@ -246,6 +250,18 @@ impl<X, Y, Z> DeviceBuilder<X, Y, Z> {
         self
     }
 
+    /// Run the data path inline (pqmesh patch): the tasks that read the TUN
+    /// device and the UDP socket encrypt, decrypt and send in the same task,
+    /// without the buffering tasks and their channels in between. Fewer task
+    /// hops and bounded in-flight memory; meant for transports that batch
+    /// themselves (`recv_many_from`, `send_many_to`, [`IpSend::flush`]).
+    ///
+    /// [`IpSend::flush`]: crate::tun::IpSend::flush
+    pub fn inline_pipeline(mut self, inline: bool) -> Self {
+        self.inline = inline;
+        self
+    }
+
     /// Specify the `SO_MARK` argument to the [`UdpTransportFactory`].
     ///
     /// You probably only want this when using [`with_default_udp`](Self::with_default_udp).
@@ -292,6 +308,7 @@ impl<Udp: UdpTransportFactory, TunTx: IpSend, TunRx: IpRecv> DeviceBuilder<Udp, 
             port: self.port,
             connection: None,
             suspended: self.suspended,
+            inline: self.inline,
             fatal_error: watch::Sender::new(None),
         };
 

@@ -30,7 +30,7 @@ use builder::Nul;
 use futures::TryFutureExt;
 use std::collections::HashMap;
 use std::io::{self};
-use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::ops::BitOrAssign;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -43,7 +43,7 @@ use crate::noise::errors::WireGuardError;
 use crate::noise::handshake::parse_handshake_anon;
 use crate::noise::rate_limiter::RateLimiter;
 use crate::noise::{Tunn, TunnResult};
-use crate::packet::{PacketBufPool, WgKind};
+use crate::packet::{Ip, Packet, PacketBufPool, WgKind};
 use crate::task::Task;
 use crate::tun::{IpRecv, IpSend, MtuWatcher};
 use crate::udp::buffer::{BufferedUdpReceive, BufferedUdpSend};
@@ -161,6 +161,9 @@ pub(crate) struct DeviceState<T: DeviceTransports> {
     /// traffic flows, but peers, keys, and config are retained for [`Device::resume`].
     suspended: bool,
 
+    /// Whether the data path runs inline, without buffering tasks (pqmesh patch).
+    inline: bool,
+
     /// The task that responds to API requests.
     api: Option<Task>,
 
@@ -208,6 +211,10 @@ impl<T: DeviceTransports> Connection<T> {
         // Remember the bound port in case it was 0
         if let Some(addr) = udp_tx.local_addr()? {
             device.port = addr.port();
+        }
+
+        if device.inline {
+            return Self::set_up_inline(&device_arc, &mut device, udp_tx, udp_rx, pool).await;
         }
 
         let (buffered_ip_tx, buffered_ip_rx) = crate::tun::buffer::channel(
@@ -281,6 +288,102 @@ impl<T: DeviceTransports> Connection<T> {
         });
 
         Ok(())
+    }
+}
+
+impl<T: DeviceTransports> Connection<T> {
+    /// The inline data path (pqmesh patch): `handle_outgoing` reads the TUN
+    /// device and sends on the socket itself, `handle_incoming` reads the
+    /// socket and writes the TUN device itself; no buffering tasks between.
+    async fn set_up_inline(
+        device_arc: &Arc<RwLock<DeviceState<T>>>,
+        device: &mut DeviceState<T>,
+        udp_tx: <T::UdpTransportFactory as UdpTransportFactory>::Send,
+        udp_rx: <T::UdpTransportFactory as UdpTransportFactory>::Recv,
+        pool: PacketBufPool,
+    ) -> Result<(), Error> {
+        // The previous connection's tasks may still be letting go of these.
+        let lock_timeout = Duration::from_secs(5);
+        let busy = || Error::IoError(io::Error::other("TUN device still held by a stopped task"));
+        let tun_tx = tokio::time::timeout(lock_timeout, Arc::clone(&device.tun_tx).lock_owned())
+            .await
+            .map_err(|_| busy())?;
+        let tun_rx = tokio::time::timeout(lock_timeout, Arc::clone(&device.tun_rx).lock_owned())
+            .await
+            .map_err(|_| busy())?;
+
+        let fatal_error = device.fatal_error.clone();
+        let register_fatal_error = move |e| {
+            fatal_error.send_if_modified(|option| {
+                let has_error = option.is_some();
+                if !has_error {
+                    *option = Some(e);
+                }
+                !has_error
+            })
+        };
+        let outgoing = Task::spawn(
+            "handle_outgoing",
+            DeviceState::handle_outgoing(
+                Arc::downgrade(device_arc),
+                LockedIp(tun_rx),
+                udp_tx.clone(),
+                pool.clone(),
+            )
+            .map_err(register_fatal_error.clone()),
+        );
+        let timers = Task::spawn(
+            "handle_timers",
+            DeviceState::handle_timers(Arc::downgrade(device_arc), udp_tx.clone()),
+        );
+        let incoming = Task::spawn(
+            "handle_incoming",
+            DeviceState::handle_incoming(
+                Arc::downgrade(device_arc),
+                LockedIp(tun_tx),
+                udp_tx.clone(),
+                udp_rx,
+                pool,
+            )
+            .map_err(register_fatal_error),
+        );
+        device.connection = Some(Connection {
+            udp: udp_tx,
+            incoming,
+            timers,
+            outgoing,
+        });
+        Ok(())
+    }
+}
+
+/// A TUN half held for the lifetime of an inline connection (pqmesh patch).
+struct LockedIp<I>(tokio::sync::OwnedMutexGuard<I>);
+
+impl<S: IpSend> IpSend for LockedIp<S> {
+    fn send(
+        &mut self,
+        packet: Packet<Ip>,
+    ) -> impl std::future::Future<Output = io::Result<()>> + Send {
+        self.0.send(packet)
+    }
+
+    fn flush(&mut self) -> impl std::future::Future<Output = io::Result<()>> + Send {
+        self.0.flush()
+    }
+}
+
+impl<R: IpRecv> IpRecv for LockedIp<R> {
+    fn recv<'a>(
+        &'a mut self,
+        pool: &mut PacketBufPool,
+    ) -> impl std::future::Future<Output = io::Result<impl Iterator<Item = Packet<Ip>> + Send + 'a>> + Send
+    {
+        self.0.recv(pool)
+    }
+
+    fn mtu(&self) -> MtuWatcher {
+        self.0.mtu()
     }
 }
 
@@ -700,11 +803,20 @@ impl<T: DeviceTransports> DeviceState<T> {
             (private_key, public_key, rate_limiter, tun_mtu, counters)
         };
 
+        // Received datagrams, in reverse order (pqmesh patch: batches).
+        let mut recv_many_buf = Default::default();
+        let mut received = Vec::new();
         loop {
-            let (src_buf, addr) = udp_rx
-                .recv_from(&mut packet_pool)
-                .await
-                .map_err(Error::IoError)?;
+            let Some((src_buf, addr)) = received.pop() else {
+                // The batch is done: a batching TUN writer writes it now.
+                tun_tx.flush().await.map_err(Error::IoError)?;
+                udp_rx
+                    .recv_many_from(&mut recv_many_buf, &mut packet_pool, &mut received)
+                    .await
+                    .map_err(Error::IoError)?;
+                received.reverse();
+                continue;
+            };
             let parsed_packet = match rate_limiter.verify_packet(addr, src_buf) {
                 Ok(packet) => packet,
                 Err(TunnResult::WriteToNetwork(WgKind::CookieReply(cookie))) => {
@@ -848,7 +960,12 @@ impl<T: DeviceTransports> DeviceState<T> {
             device.tun_rx_mtu.clone()
         };
 
+        // Encrypted packets of one TUN read, sent together (pqmesh patch).
+        let mut send_many_buf = Default::default();
+        let mut to_send = Vec::new();
+        let max_batch = udp.max_number_of_packets_to_send().max(1);
         loop {
+            Self::send_batch(&udp, &mut send_many_buf, &mut to_send).await;
             let packets = match tun_rx.recv(&mut packet_pool).await {
                 Ok(packets) => packets,
                 Err(e) => {
@@ -923,11 +1040,34 @@ impl<T: DeviceTransports> DeviceState<T> {
                 drop(peer); // release lock
                 drop(device_guard);
 
-                if udp.send_to(packet, peer_addr).await.is_err() {
-                    break;
+                // One batch holds one address family, as send_many_to asks.
+                let other_family = to_send
+                    .last()
+                    .is_some_and(|(_, to): &(_, SocketAddr)| to.is_ipv4() != peer_addr.is_ipv4());
+                if other_family || to_send.len() >= max_batch {
+                    Self::send_batch(&udp, &mut send_many_buf, &mut to_send).await;
                 }
+                to_send.push((packet, peer_addr));
             }
         }
+    }
+
+    /// Sends and empties `packets` (pqmesh patch); a failed send drops them.
+    async fn send_batch<U: UdpSend>(
+        udp: &U,
+        buf: &mut U::SendManyBuf,
+        packets: &mut Vec<(crate::packet::Packet, SocketAddr)>,
+    ) {
+        if packets.len() > 1 {
+            if udp.send_many_to(buf, packets).await.is_err() {
+                tracing::trace!("udp.send_many_to failed");
+            }
+        } else if let Some((packet, to)) = packets.pop() {
+            if udp.send_to(packet, to).await.is_err() {
+                tracing::trace!("udp.send_to failed");
+            }
+        }
+        packets.clear();
     }
 }
 

@@ -74,7 +74,11 @@ impl BufferedIpSend {
                 .expect("Deadlock on IpSend. There must be no more than one IpSend active at any given time.");
 
             while let Some(packet) = rx.recv().await {
-                if let Err(e) = inner.send(packet).await {
+                let mut result = inner.send(packet).await;
+                if result.is_ok() && rx.is_empty() {
+                    result = inner.flush().await;
+                }
+                if let Err(e) = result {
                     if is_fatal_tun_error(&e) {
                         tracing::error!("TUN device was deleted: {e}");
                         break;

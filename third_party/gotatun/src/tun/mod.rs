@@ -41,6 +41,12 @@ pub trait IpSend: Send + Sync + 'static {
     /// Send a complete IP packet.
     // TODO: consider refactoring trait with methods that take `Packet<Ipv4>` and `Packet<Ipv6>`
     fn send(&mut self, packet: Packet<Ip>) -> impl Future<Output = io::Result<()>> + Send;
+
+    /// Called when no further packet is at hand right now, so that an
+    /// implementation that batches writes sends what it holds (pqmesh patch).
+    fn flush(&mut self) -> impl Future<Output = io::Result<()>> + Send {
+        async { Ok(()) }
+    }
 }
 
 /// A type that let's you receive an IP packet.
