@@ -46,6 +46,7 @@ pub async fn build_offload(ifname: &str) -> Result<Device<OffloadTransports>> {
     DeviceBuilder::new()
         .with_udp(transports::udp::GsoUdpFactory(udp))
         .with_ip_pair(tx, rx)
+        .inline_pipeline(true)
         .build()
         .await
         .with_context(|| format!("cannot start the WireGuard device on {ifname}"))

@@ -3,10 +3,10 @@
 //! Opened with `IFF_VNET_HDR` and `TUNSETOFFLOAD(CSUM | TSO4 | TSO6)`, the
 //! kernel hands us TCP in super-packets of up to 64 KB (one read, one trip
 //! through the sender's TCP stack) that [`gso::split`] cuts into packets for
-//! WireGuard. On the way in, a writer task takes whatever decrypted packets
-//! are queued (never waiting for more) and [`gso::coalesce`]s each TCP flow's
-//! consecutive segments into one write, so the receiving TCP stack also works
-//! per 64 KB. Packets were authenticated by WireGuard's AEAD, so, as in the
+//! WireGuard. On the way in, the packets decrypted from one UDP batch are
+//! held until the batch ends (never waiting for more) and [`gso::coalesce`]d,
+//! each TCP flow's consecutive segments into one write, so the receiving TCP
+//! stack also works per 64 KB. Packets were authenticated by WireGuard's AEAD, so, as in the
 //! kernel's WireGuard, the stack need not verify their checksums again.
 
 use std::ffi::CString;
@@ -18,7 +18,7 @@ use std::time::Duration;
 use gotatun::packet::{Ip, Packet, PacketBufPool};
 use gotatun::tun::{IpRecv, IpSend, MtuWatcher};
 use tokio::io::unix::AsyncFd;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use super::gso::{self, VIRTIO_NET_HDR_LEN, VirtioNetHdr};
@@ -37,8 +37,7 @@ const TUN_F_TSO6: libc::c_uint = 0x04;
 pub const DEFAULT_MTU: libc::c_int = 1420;
 /// A read holds a virtio-net header and at most a 64 KB IP packet.
 const READ_BUF: usize = VIRTIO_NET_HDR_LEN + 65536;
-/// Decrypted packets queued for the writer; also the largest batch it takes.
-const WRITE_QUEUE: usize = 256;
+/// Decrypted packets held for one coalescing write, at most.
 const WRITE_BATCH: usize = 64;
 
 #[repr(C)]
@@ -91,10 +90,12 @@ pub fn open(name: &str) -> io::Result<(TunSend, TunRecv)> {
     // replaces while the AsyncFd owns it.
     let fd = Arc::new(unsafe { AsyncFd::register(fd)? });
     let mtu = mtu_watcher(name);
-    let (tx, rx) = mpsc::channel(WRITE_QUEUE);
-    tokio::spawn(write_loop(fd.clone(), rx));
     Ok((
-        TunSend { tx },
+        TunSend {
+            fd: fd.clone(),
+            pending: Vec::with_capacity(WRITE_BATCH),
+            scratch: Vec::with_capacity(READ_BUF),
+        },
         TunRecv {
             fd,
             mtu,
@@ -162,41 +163,61 @@ fn read_mtu(name: &str) -> Option<u16> {
         .ok()
 }
 
-/// Hands decrypted packets to the writer task.
-#[derive(Clone)]
+/// Writes decrypted packets to the interface. gotatun's receive task calls
+/// [`IpSend::send`] for each packet of a UDP batch, then [`IpSend::flush`]
+/// (our patch); the packets wait here until then, or until a full batch, and
+/// go out with each TCP flow's consecutive segments coalesced into one write.
 pub struct TunSend {
-    tx: mpsc::Sender<Packet<Ip>>,
+    fd: Arc<AsyncFd<OwnedFd>>,
+    pending: Vec<Packet<[u8]>>,
+    scratch: Vec<u8>,
 }
 
 impl IpSend for TunSend {
     async fn send(&mut self, packet: Packet<Ip>) -> io::Result<()> {
-        self.tx
-            .send(packet)
-            .await
-            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "TUN writer stopped"))
+        self.pending.push(packet.into_bytes());
+        if self.pending.len() >= WRITE_BATCH {
+            self.write_pending()?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> io::Result<()> {
+        self.write_pending()
     }
 }
 
-/// Takes every packet already queued, coalesces, writes. Ends when all
-/// senders are gone (the device stopped).
-async fn write_loop(fd: Arc<AsyncFd<OwnedFd>>, mut rx: mpsc::Receiver<Packet<Ip>>) {
-    let mut batch: Vec<Packet<Ip>> = Vec::with_capacity(WRITE_BATCH);
-    let mut bytes: Vec<Packet<[u8]>> = Vec::with_capacity(WRITE_BATCH);
-    let mut scratch = Vec::with_capacity(READ_BUF);
-    while rx.recv_many(&mut batch, WRITE_BATCH).await > 0 {
-        bytes.extend(batch.drain(..).map(Packet::into_bytes));
-        let packets: Vec<&[u8]> = bytes.iter().map(|p| &p[..]).collect();
-        // Coalesced packets live in `scratch`: write each as it is formed.
+impl TunSend {
+    /// Coalesces and writes what is pending. Only a vanished interface is an
+    /// error; a full queue drops the packet, as a full NIC queue would.
+    fn write_pending(&mut self) -> io::Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let packets: Vec<&[u8]> = self.pending.iter().map(|p| &p[..]).collect();
         let mut failed = None;
-        gso::coalesce(&packets, &mut scratch, |hdr, pkt| {
+        // Coalesced packets live in `scratch`: write each as it is formed.
+        gso::coalesce(&packets, &mut self.scratch, |hdr, pkt| {
             if failed.is_none() {
-                failed = write_now(&fd, hdr, pkt).err();
+                failed = write_now(&self.fd, hdr, pkt).err();
             }
         });
         drop(packets);
-        bytes.clear();
-        if let Some(e) = failed {
-            debug!("tun: write failed: {e}");
+        self.pending.clear();
+        match failed {
+            Some(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EBADF | libc::EBADFD | libc::ENODEV)
+                ) =>
+            {
+                Err(e)
+            }
+            Some(e) => {
+                debug!("tun: write failed: {e}");
+                Ok(())
+            }
+            None => Ok(()),
         }
     }
 }
