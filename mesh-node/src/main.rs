@@ -10,6 +10,8 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use mesh_node::{api, counters::Counters, device, metrics};
 use tracing::{error, info};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 /// Set in the environment of the re-executed daemon process.
 const FOREGROUND_ENV: &str = "MESH_NODE_DAEMONIZED";
@@ -121,11 +123,15 @@ fn daemonize(ifname: &str) -> Result<()> {
 }
 
 fn init_logging(log_file: Option<&std::path::Path>) -> Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false);
+    // `Targets` reads RUST_LOG's common form (`info,gotatun=debug`) without
+    // EnvFilter's regex engine, which costs resident memory on every node.
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| v.parse::<tracing_subscriber::filter::Targets>().ok())
+        .unwrap_or_else(|| {
+            tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO)
+        });
+    let builder = tracing_subscriber::fmt().with_target(false);
     match log_file {
         Some(path) => {
             let file = std::fs::OpenOptions::new()
@@ -133,9 +139,18 @@ fn init_logging(log_file: Option<&std::path::Path>) -> Result<()> {
                 .append(true)
                 .open(path)
                 .with_context(|| format!("cannot open log file {}", path.display()))?;
-            builder.with_ansi(false).with_writer(Arc::new(file)).init();
+            builder
+                .with_ansi(false)
+                .with_writer(Arc::new(file))
+                .finish()
+                .with(filter)
+                .init();
         }
-        None => builder.with_writer(std::io::stderr).init(),
+        None => builder
+            .with_writer(std::io::stderr)
+            .finish()
+            .with(filter)
+            .init(),
     }
     Ok(())
 }
@@ -162,6 +177,12 @@ fn run(
     transports: TransportKind,
 ) -> Result<()> {
     init_logging(log_file)?;
+    // One malloc arena for all threads: packet buffers come from gotatun's
+    // pool, so the data path rarely allocates, and per-thread arenas only
+    // add resident memory on every node.
+    // SAFETY: mallopt only sets an allocator parameter; called before any
+    // other thread exists.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("mesh-node")
