@@ -307,8 +307,8 @@ fn continues(
 /// other packet is written alone, marked `F_DATA_VALID` (WireGuard's AEAD
 /// already authenticated it). Order within a flow is kept. `write` receives
 /// the virtio-net header and the packet.
-pub fn coalesce(
-    packets: &[&[u8]],
+pub fn coalesce<P: std::ops::Deref<Target = [u8]>>(
+    packets: &[P],
     scratch: &mut Vec<u8>,
     mut write: impl FnMut(&VirtioNetHdr, &[u8]),
 ) {
@@ -318,7 +318,7 @@ pub fn coalesce(
     };
     let mut i = 0;
     while i < packets.len() {
-        let first = packets[i];
+        let first: &[u8] = &packets[i];
         let Some((ip_len, hdr_len, v6)) = coalescible(first) else {
             write(&single, first);
             i += 1;
@@ -337,7 +337,7 @@ pub fn coalesce(
         // PSH ends a group; so does a short segment.
         let mut open = first[ip_len + 13] & 0x08 == 0;
         while open && j < packets.len() {
-            let p = packets[j];
+            let p: &[u8] = &packets[j];
             let len = p.len().saturating_sub(hdr_len);
             if coalescible(p) != Some((ip_len, hdr_len, v6))
                 || len > seg

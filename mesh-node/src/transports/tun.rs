@@ -194,15 +194,13 @@ impl TunSend {
         if self.pending.is_empty() {
             return Ok(());
         }
-        let packets: Vec<&[u8]> = self.pending.iter().map(|p| &p[..]).collect();
         let mut failed = None;
         // Coalesced packets live in `scratch`: write each as it is formed.
-        gso::coalesce(&packets, &mut self.scratch, |hdr, pkt| {
+        gso::coalesce(&self.pending, &mut self.scratch, |hdr, pkt| {
             if failed.is_none() {
                 failed = write_now(&self.fd, hdr, pkt).err();
             }
         });
-        drop(packets);
         self.pending.clear();
         match failed {
             Some(e)

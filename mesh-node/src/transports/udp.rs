@@ -4,8 +4,8 @@
 //! trip through the kernel's UDP/IP stack each. With `UDP_SEGMENT`, a run of
 //! equal-sized datagrams to one destination goes down as one buffer and the
 //! kernel (or the NIC) cuts it as late as possible; across a veth or a real
-//! NIC with UDP GRO, the receiver's stack sees one packet too. Receiving stays
-//! gotatun's (`recvmmsg` with UDP GRO). If the kernel refuses GSO, sending
+//! NIC with UDP GRO, the receiver's stack sees one packet too. Receiving is in
+//! `udp_recv.rs`. If the kernel refuses GSO, sending
 //! falls back to gotatun's `sendmmsg` for good. A segment larger than the
 //! egress MTU cannot be sent with GSO at all (EMSGSIZE: GSO never fragments),
 //! so such runs go through `sendmmsg`, where the kernel fragments them, and
@@ -23,6 +23,8 @@ use gotatun::udp::{UdpSend, UdpTransportFactory, UdpTransportFactoryParams};
 use tokio::io::Interest;
 use tracing::{debug, warn};
 
+use super::udp_recv::GroRecv;
+
 const SOL_UDP: libc::c_int = 17;
 const UDP_SEGMENT: libc::c_int = 103;
 /// The kernel's limit on segments in one GSO send.
@@ -30,17 +32,14 @@ const MAX_SEGMENTS: usize = 64;
 /// One send is at most one IP datagram's worth of UDP payload.
 const MAX_GSO_BYTES: usize = 65000;
 
-/// gotatun's UDP socket factory, with our GSO sender on top.
+/// gotatun's UDP socket factory, with our GSO sender and GRO receiver on top.
 pub struct GsoUdpFactory(pub UdpSocketFactory);
 
 impl UdpTransportFactory for GsoUdpFactory {
     type Send = GsoSend;
-    type Recv = UdpSocket;
+    type Recv = GroRecv;
 
-    async fn bind(
-        &mut self,
-        params: &UdpTransportFactoryParams,
-    ) -> io::Result<(GsoSend, UdpSocket)> {
+    async fn bind(&mut self, params: &UdpTransportFactoryParams) -> io::Result<(GsoSend, GroRecv)> {
         let (send, recv) = self.0.bind(params).await?;
         Ok((
             GsoSend {
@@ -48,7 +47,7 @@ impl UdpTransportFactory for GsoUdpFactory {
                 gso: Arc::new(AtomicBool::new(true)),
                 too_big: Arc::new(AtomicUsize::new(usize::MAX)),
             },
-            recv,
+            GroRecv::new(recv),
         ))
     }
 }
@@ -72,21 +71,24 @@ pub struct GsoBuf {
 
 /// Length of the run of packets from the start of `packets` that can go in
 /// one GSO send: same destination, same size (the last may be shorter).
-pub fn run_length(packets: &[(usize, SocketAddr)]) -> usize {
-    let Some(&(seg, dst)) = packets.first() else {
+pub fn run_length(packets: impl IntoIterator<Item = (usize, SocketAddr)>) -> usize {
+    let mut packets = packets.into_iter().peekable();
+    let Some(&(seg, dst)) = packets.peek() else {
         return 0;
     };
     let mut total = 0;
-    for (i, &(len, to)) in packets.iter().enumerate() {
+    let mut count = 0;
+    for (i, (len, to)) in packets.enumerate() {
         if i == MAX_SEGMENTS || to != dst || len > seg || total + len > MAX_GSO_BYTES {
             return i;
         }
         total += len;
+        count = i + 1;
         if len < seg {
-            return i + 1;
+            return count;
         }
     }
-    packets.len()
+    count
 }
 
 impl GsoSend {
@@ -148,13 +150,8 @@ impl UdpSend for GsoSend {
             return self.inner.send_many_to(&mut buf.fallback, packets).await;
         }
         while !packets.is_empty() {
-            let shape: Vec<(usize, SocketAddr)> = packets
-                .iter()
-                .take(MAX_SEGMENTS + 1)
-                .map(|(p, a)| (p.len(), *a))
-                .collect();
-            let n = run_length(&shape);
-            let (seg, dst) = shape[0];
+            let n = run_length(packets.iter().map(|(p, a)| (p.len(), *a)));
+            let (seg, dst) = (packets[0].0.len(), packets[0].1);
             if n > 1 && seg < self.too_big.load(Ordering::Relaxed) {
                 buf.data.clear();
                 for (p, _) in &packets[..n] {
@@ -218,18 +215,18 @@ mod tests {
 
     #[test]
     fn runs_follow_gso_rules() {
-        assert_eq!(run_length(&[]), 0);
-        assert_eq!(run_length(&[(100, a(1)); 5]), 5);
+        assert_eq!(run_length([]), 0);
+        assert_eq!(run_length([(100, a(1)); 5]), 5);
         // A shorter packet ends the run (and belongs to it).
         assert_eq!(
-            run_length(&[(100, a(1)), (100, a(1)), (60, a(1)), (100, a(1))]),
+            run_length([(100, a(1)), (100, a(1)), (60, a(1)), (100, a(1))]),
             3
         );
         // A longer one or another destination starts a new run.
-        assert_eq!(run_length(&[(100, a(1)), (120, a(1))]), 1);
-        assert_eq!(run_length(&[(100, a(1)), (100, a(2))]), 1);
+        assert_eq!(run_length([(100, a(1)), (120, a(1))]), 1);
+        assert_eq!(run_length([(100, a(1)), (100, a(2))]), 1);
         // At most 64 segments and 65000 bytes.
-        assert_eq!(run_length(&[(10, a(1)); 100]), MAX_SEGMENTS);
-        assert_eq!(run_length(&[(1500, a(1)); 60]), 65000 / 1500);
+        assert_eq!(run_length([(10, a(1)); 100]), MAX_SEGMENTS);
+        assert_eq!(run_length([(1500, a(1)); 60]), 65000 / 1500);
     }
 }

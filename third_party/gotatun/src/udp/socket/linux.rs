@@ -114,11 +114,8 @@ mod gro {
     /// Size of a single UDP packet with multiple segments
     // TODO: Fix constant
     const MAX_GRO_SIZE: usize = MAX_SEGMENTS * 4096;
-    /// Messages per `recvmmsg` (pqmesh patch: was the send batch, 100). Each
-    /// message already carries up to `MAX_SEGMENTS` datagrams, and every
-    /// buffer the kernel fills stays resident: 100 of them grew the receiver
-    /// by up to 6 MB under load.
-    const MAX_PACKET_COUNT: usize = 4;
+
+    use super::MAX_PACKET_COUNT;
     use crate::packet::{Packet, PacketBufPool};
     use crate::udp::socket::map_src_addr;
     use crate::udp::{UdpRecv, socket::UdpSocket};
