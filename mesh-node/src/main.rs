@@ -1,6 +1,8 @@
 //! `mesh-node up IFNAME`: create the interface, serve the WireGuard userspace
 //! API, run until SIGINT/SIGTERM. Daemonizes by default, like wireguard-go.
 
+mod pow;
+
 use std::os::unix::process::CommandExt;
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::Arc;
