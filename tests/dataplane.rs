@@ -43,6 +43,28 @@ fn ping_and_tcp_transfer_over_two_mesh_nodes() {
     );
 }
 
+/// `--transports default` (gotatun's own TUN and UDP, the benchmark's
+/// reference) against ours: same wire format, both directions.
+#[test]
+fn our_transports_and_gotatuns_default_ones_interoperate() {
+    let p = Pair::new(
+        111,
+        Impl::MeshNode(bin()),
+        Impl::MeshNodeDefaultTransports(bin()),
+    );
+    assert_eq!(p.a.ping(p.b.overlay, 3, "0.2"), 3);
+    assert_eq!(p.b.ping(p.a.overlay, 3, "0.2"), 3);
+    let (sent, got) = tcp_transfer(&p.a.ns, &p.b.ns, p.b.overlay, 8 << 20);
+    assert_eq!(sent, got, "8 MiB arrive intact, ours -> default");
+    let (sent, got) = tcp_transfer(&p.b.ns, &p.a.ns, p.a.overlay, 8 << 20);
+    assert_eq!(sent, got, "8 MiB arrive intact, default -> ours");
+    assert!(
+        read(&p.b.daemon.log).contains("gotatun's default transports"),
+        "the B side really runs gotatun's transports: {}",
+        read(&p.b.daemon.log)
+    );
+}
+
 #[test]
 fn interface_mtu_defaults_to_1420_and_1500_still_carries_full_size_packets() {
     let p = pair(107);

@@ -198,6 +198,7 @@ fn run(
                     log_file,
                     metrics,
                     device::build_offload(ifname).await?,
+                    "offloaded TUN, UDP GSO/GRO, inline data path",
                 )
                 .await
             }
@@ -207,6 +208,7 @@ fn run(
                     log_file,
                     metrics,
                     device::build_default(ifname).await?,
+                    "gotatun's default transports",
                 )
                 .await
             }
@@ -220,6 +222,7 @@ async fn serve<T: gotatun::device::DeviceTransports>(
     log_file: Option<&std::path::Path>,
     metrics: Option<std::net::SocketAddr>,
     device: gotatun::device::Device<T>,
+    transports: &str,
 ) -> Result<()> {
     {
         let device = Arc::new(device);
@@ -232,7 +235,7 @@ async fn serve<T: gotatun::device::DeviceTransports>(
         let watcher = tokio::spawn(metrics::watch_drops(drops.clone(), Duration::from_secs(10)));
         let server = tokio::spawn(api::serve(listener, device.clone(), counters.clone()));
         info!(
-            "mesh-node up on {ifname}; userspace API at {}",
+            "mesh-node up on {ifname} ({transports}); userspace API at {}",
             api::socket_path(ifname).display()
         );
         if log_file.is_none() {

@@ -137,16 +137,23 @@ pub struct Daemon {
 impl Daemon {
     /// `mesh-node up IF --foreground`.
     pub fn mesh_node(ns: &Netns, bin: &Path, ifname: &str) -> Self {
+        Self::mesh_node_with(ns, bin, ifname, &[])
+    }
+
+    /// `mesh-node up IF --foreground EXTRA...`.
+    pub fn mesh_node_with(ns: &Netns, bin: &Path, ifname: &str, extra: &[&str]) -> Self {
         let log = std::env::temp_dir().join(format!("{ifname}.log"));
+        let mut args = vec![
+            bin.to_str().unwrap(),
+            "up",
+            ifname,
+            "--foreground",
+            "--log-file",
+            log.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
         let child = ns
-            .cmd(&[
-                bin.to_str().unwrap(),
-                "up",
-                ifname,
-                "--foreground",
-                "--log-file",
-                log.to_str().unwrap(),
-            ])
+            .cmd(&args)
             .stdin(Stdio::null())
             .spawn()
             .expect("spawn mesh-node");
@@ -222,7 +229,8 @@ impl Drop for Daemon {
     }
 }
 
-fn read(path: &Path) -> String {
+/// A file's text, or "" when it cannot be read (a log that is not there yet).
+pub fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
 
@@ -467,6 +475,8 @@ fn send_pattern(mut s: TcpStream, more: impl Fn(usize) -> bool) -> [u8; 32] {
 #[derive(Clone, Copy)]
 pub enum Impl<'a> {
     MeshNode(&'a Path),
+    /// mesh-node on gotatun's own transports (`--transports default`).
+    MeshNodeDefaultTransports(&'a Path),
     WireguardGo,
 }
 
@@ -487,6 +497,9 @@ impl Pair {
             let ifname = unique("wg");
             let daemon = match which {
                 Impl::MeshNode(bin) => Daemon::mesh_node(&ns, bin, &ifname),
+                Impl::MeshNodeDefaultTransports(bin) => {
+                    Daemon::mesh_node_with(&ns, bin, &ifname, &["--transports", "default"])
+                }
                 Impl::WireguardGo => Daemon::wireguard_go(&ns, &ifname),
             };
             let key = keys.private(&format!("{ifname}.key"));
