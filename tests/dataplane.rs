@@ -280,6 +280,10 @@ fn clean_shutdown_removes_socket_and_interface() {
     assert!(!Path::new(&format!("/var/run/wireguard/{ifa}.sock")).exists());
     let out = p.a.ns.run(&["ip", "link", "show", &ifa]);
     assert!(!out.status.success(), "interface {ifa} removed");
+    // The device itself was stopped, not just abandoned at exit.
+    let log = read(&p.a.daemon.log);
+    assert!(log.contains("shutting down"), "{log}");
+    assert!(!log.contains("still in use"), "{log}");
 }
 
 #[test]

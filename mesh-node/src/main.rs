@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use mesh_node::{api, counters::Counters, device, metrics};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -127,12 +127,13 @@ fn daemonize(ifname: &str) -> Result<()> {
 fn init_logging(log_file: Option<&std::path::Path>) -> Result<()> {
     // `Targets` reads RUST_LOG's common form (`info,gotatun=debug`) without
     // EnvFilter's regex engine, which costs resident memory on every node.
-    let filter = std::env::var("RUST_LOG")
-        .ok()
-        .and_then(|v| v.parse::<tracing_subscriber::filter::Targets>().ok())
-        .unwrap_or_else(|| {
-            tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO)
-        });
+    let info = tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO);
+    let requested = std::env::var("RUST_LOG").ok();
+    let (filter, refused) = match requested.as_deref().map(str::parse) {
+        Some(Ok(filter)) => (filter, None),
+        Some(Err(e)) => (info, Some(e)),
+        None => (info, None),
+    };
     let builder = tracing_subscriber::fmt().with_target(false);
     match log_file {
         Some(path) => {
@@ -153,6 +154,9 @@ fn init_logging(log_file: Option<&std::path::Path>) -> Result<()> {
             .finish()
             .with(filter)
             .init(),
+    }
+    if let (Some(e), Some(value)) = (refused, requested) {
+        warn!("RUST_LOG={value:?} is not a filter this daemon reads ({e}); logging at info");
     }
     Ok(())
 }
@@ -245,6 +249,10 @@ async fn serve<T: gotatun::device::DeviceTransports>(
         info!("{reason}: shutting down {ifname}");
         server.abort();
         watcher.abort();
+        // An aborted task lets go of its device handle only once it has
+        // been dropped, which awaiting it waits for.
+        let _ = server.await;
+        let _ = watcher.await;
         let _ = std::fs::remove_file(api::socket_path(ifname));
         match Arc::try_unwrap(device) {
             Ok(device) => device.stop().await,
