@@ -6,8 +6,9 @@
 //! WireGuard. On the way in, the packets decrypted from one UDP batch are
 //! held until the batch ends (never waiting for more) and [`gso::coalesce`]d,
 //! each TCP flow's consecutive segments into one write, so the receiving TCP
-//! stack also works per 64 KB. Packets were authenticated by WireGuard's AEAD, so, as in the
-//! kernel's WireGuard, the stack need not verify their checksums again.
+//! stack also works per 64 KB. Packets were authenticated by WireGuard's
+//! AEAD, so, as in the kernel's WireGuard, the stack need not verify their
+//! checksums again.
 
 use std::ffi::CString;
 use std::io;
@@ -189,7 +190,8 @@ impl IpSend for TunSend {
 
 impl TunSend {
     /// Coalesces and writes what is pending. Only a vanished interface is an
-    /// error; a full queue drops the packet, as a full NIC queue would.
+    /// error; after any other failed write (a full queue) the rest of the
+    /// batch is dropped, as a full NIC queue would drop it; TCP recovers.
     fn write_pending(&mut self) -> io::Result<()> {
         if self.pending.is_empty() {
             return Ok(());
