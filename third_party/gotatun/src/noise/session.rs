@@ -16,7 +16,7 @@ use crate::{
     noise::index_table::Index,
     packet::{Packet, WgData, WgDataHeader, WgKind},
 };
-use bytes::{Buf, BytesMut};
+use bytes::Buf;
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use zerocopy::FromBytes;
@@ -234,12 +234,19 @@ impl Session {
         }
         let sending_key_counter = self.sending_key_counter.fetch_add(1, Ordering::Relaxed);
 
-        let len = WgData::OVERHEAD + packet.len();
+        let plaintext_len = packet.len();
+        let len = WgData::OVERHEAD + plaintext_len;
 
-        // Prepare a buffer to hold our the WgData packet and our encapsulated payload.
-        // TODO: we can remove this allocation by pre-allocating some extra
-        // space at the beginning of `packet`s allocation, and using that.
-        let mut buf = Packet::from_bytes(BytesMut::zeroed(len));
+        // Encapsulate in the plaintext's own buffer (pqmesh patch): grow it
+        // by the overhead and move the plaintext behind the header. A buffer
+        // from the packet pool has the room, so nothing is allocated per
+        // packet; a smaller one grows once.
+        let mut buf = packet;
+        {
+            let bytes = buf.buf_mut();
+            bytes.resize(len, 0);
+            bytes.copy_within(..plaintext_len, WgDataHeader::LEN);
+        }
 
         let data = WgData::mut_from_bytes(buf.buf_mut())
             .expect("buffer size is at least WgData::OVERHEAD");
@@ -248,11 +255,10 @@ impl Session {
         data.header = WgDataHeader::new()
             .with_receiver_idx(self.sending_index)
             .with_counter(sending_key_counter);
-
-        // Copy inner packet into place.
-        debug_assert_eq!(packet.len(), data.encrypted_encapsulated_packet_mut().len());
-        data.encrypted_encapsulated_packet_mut()
-            .copy_from_slice(&packet);
+        debug_assert_eq!(
+            plaintext_len,
+            data.encrypted_encapsulated_packet_mut().len()
+        );
 
         let mut nonce = [0u8; 12];
         nonce[4..12].copy_from_slice(&sending_key_counter.to_le_bytes());
@@ -333,6 +339,7 @@ impl Session {
 mod tests {
     use super::*;
     use crate::noise::index_table::IndexTable;
+    use bytes::BytesMut;
 
     /// Build a `Session` with throwaway keys and a real receiving index.
     fn test_session() -> Session {
