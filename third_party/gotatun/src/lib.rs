@@ -28,6 +28,8 @@ pub mod tun;
 pub mod udp;
 
 mod task;
+#[cfg(feature = "device")]
+pub mod data_path_thread;
 
 #[cfg(not(feature = "mock_instant"))]
 pub(crate) mod sleepyinstant;

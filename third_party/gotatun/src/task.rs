@@ -21,10 +21,14 @@ pub struct Task {
 
     /// [`JoinHandle`] for the tokio task.
     ///
-    /// INVARIANT: This will be `Some` until either of:
+    /// INVARIANT: This (or, pqmesh patch, `thread`) will be `Some` until either of:
     /// - Self is dropped.
     /// - [`Self::stop`] is called.
     handle: Option<JoinHandle<()>>,
+
+    /// The task's own thread, instead of `handle` (pqmesh patch).
+    #[cfg(feature = "device")]
+    thread: Option<crate::data_path_thread::DataPathThread>,
 }
 
 pub trait TaskOutput: Sized + Send + 'static {
@@ -63,11 +67,40 @@ impl Task {
         Task {
             name,
             handle: Some(handle),
+            #[cfg(feature = "device")]
+            thread: None,
         }
+    }
+
+    /// Runs named `tasks` together on one thread of their own (pqmesh
+    /// patch): see [`crate::data_path_thread`].
+    #[cfg(feature = "device")]
+    pub fn spawn_thread<O: TaskOutput>(
+        name: &'static str,
+        tasks: Vec<(&'static str, Pin<Box<dyn Future<Output = O> + Send>>)>,
+        busy_poll: std::time::Duration,
+    ) -> std::io::Result<Self> {
+        let tasks = tasks
+            .into_iter()
+            .map(|(task_name, fut)| {
+                Box::pin(async move { TaskOutput::handle(fut.await, task_name) }) as _
+            })
+            .collect();
+        let thread = crate::data_path_thread::DataPathThread::spawn(name, tasks, busy_poll)?;
+        Ok(Task {
+            name,
+            handle: None,
+            thread: Some(thread),
+        })
     }
 
     #[cfg(feature = "device")]
     pub async fn stop(mut self) {
+        #[cfg(feature = "device")]
+        if let Some(thread) = self.thread.take() {
+            thread.stop().await;
+            tracing::trace!("stopped thread {}", self.name);
+        }
         if let Some(handle) = self.handle.take() {
             handle.abort();
             match handle.await {
@@ -89,10 +122,14 @@ impl Future for Task {
         mut self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Self::Output> {
+        #[cfg(feature = "device")]
+        if let Some(thread) = self.thread.as_mut() {
+            return thread.poll_exited(cx).map(Ok);
+        }
         self.handle
             .as_mut()
             .map(Pin::new)
-            .expect("Handle is Some until task is stopped or dropped")
+            .expect("handle or thread is Some until task is stopped or dropped")
             .poll(cx)
     }
 }

@@ -9,7 +9,7 @@
 //
 // SPDX-License-Identifier: MPL-2.0
 
-use std::{collections::HashSet, sync::Arc};
+use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use tokio::sync::{Mutex, RwLock, watch};
 use x25519_dalek::StaticSecret;
@@ -48,6 +48,8 @@ pub struct DeviceBuilder<Udp, TunTx, TunRx> {
     index_table: Option<IndexTable>,
     suspended: bool,
     inline: bool,
+    threads: bool,
+    busy_poll: Duration,
 
     #[cfg(target_os = "linux")]
     fwmark: Option<u32>,
@@ -84,6 +86,8 @@ impl DeviceBuilder<Nul, Nul, Nul> {
             index_table: None,
             suspended: false,
             inline: false,
+            threads: false,
+            busy_poll: Duration::ZERO,
             #[cfg(target_os = "linux")]
             fwmark: None,
         }
@@ -112,6 +116,8 @@ impl<X, Y> DeviceBuilder<Nul, X, Y> {
             index_table: self.index_table,
             suspended: self.suspended,
             inline: self.inline,
+            threads: self.threads,
+            busy_poll: self.busy_poll,
             #[cfg(target_os = "linux")]
             fwmark: self.fwmark,
         }
@@ -189,6 +195,8 @@ impl<X> DeviceBuilder<X, Nul, Nul> {
             index_table: self.index_table,
             suspended: self.suspended,
             inline: self.inline,
+            threads: self.threads,
+            busy_poll: self.busy_poll,
             #[cfg(target_os = "linux")]
             fwmark: self.fwmark,
         }
@@ -262,6 +270,26 @@ impl<X, Y, Z> DeviceBuilder<X, Y, Z> {
         self
     }
 
+    /// Run the inline data path's two tasks on a thread of their own, with a
+    /// `poll(2)` reactor (pqmesh patch): see [`crate::data_path_thread`].
+    /// Implies [`inline_pipeline`](Self::inline_pipeline). Only for
+    /// transports that wait with [`ready`] and are not registered with tokio.
+    ///
+    /// [`ready`]: crate::data_path_thread::ready
+    pub fn data_path_thread(mut self, threads: bool) -> Self {
+        self.threads = threads;
+        self.inline |= threads;
+        self
+    }
+
+    /// How long the data-path thread keeps polling after a burst of work
+    /// before it sleeps (pqmesh patch; zero, the default, never polls). See
+    /// [`crate::data_path_thread`] for the why and the CPU budget.
+    pub fn busy_poll(mut self, window: Duration) -> Self {
+        self.busy_poll = window;
+        self
+    }
+
     /// Specify the `SO_MARK` argument to the [`UdpTransportFactory`].
     ///
     /// You probably only want this when using [`with_default_udp`](Self::with_default_udp).
@@ -309,6 +337,8 @@ impl<Udp: UdpTransportFactory, TunTx: IpSend, TunRx: IpRecv> DeviceBuilder<Udp, 
             connection: None,
             suspended: self.suspended,
             inline: self.inline,
+            threads: self.threads,
+            busy_poll: self.busy_poll,
             fatal_error: watch::Sender::new(None),
         };
 

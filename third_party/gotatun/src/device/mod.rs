@@ -27,7 +27,7 @@ pub mod uapi;
 
 use crate::noise::index_table::IndexTable;
 use builder::Nul;
-use futures::TryFutureExt;
+use futures::{FutureExt, TryFutureExt};
 use std::collections::HashMap;
 use std::io::{self};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -164,6 +164,11 @@ pub(crate) struct DeviceState<T: DeviceTransports> {
     /// Whether the data path runs inline, without buffering tasks (pqmesh patch).
     inline: bool,
 
+    /// Whether the inline data path runs on a thread of its own, and how
+    /// long that thread busy-polls (pqmesh patch).
+    threads: bool,
+    busy_poll: Duration,
+
     /// The task that responds to API requests.
     api: Option<Task>,
 
@@ -175,13 +180,15 @@ pub(crate) struct DeviceState<T: DeviceTransports> {
 pub(crate) struct Connection<T: DeviceTransports> {
     udp: <T::UdpTransportFactory as UdpTransportFactory>::Send,
 
-    /// The task that reads IPv4 traffic from the UDP socket.
-    incoming: Task,
+    /// The task that reads IPv4 traffic from the UDP socket; `None` when
+    /// `outgoing` is the data-path thread that runs both (pqmesh patch).
+    incoming: Option<Task>,
 
     /// The task that handles keepalives/heartbeats/etc.
     timers: Task,
 
-    /// The task that reads traffic from the TUN device.
+    /// The task that reads traffic from the TUN device (or, pqmesh patch,
+    /// the data-path thread).
     outgoing: Task,
 }
 
@@ -282,7 +289,7 @@ impl<T: DeviceTransports> Connection<T> {
         debug_assert!(device.connection.is_none());
         device.connection = Some(Connection {
             udp: udp_tx,
-            incoming,
+            incoming: Some(incoming),
             timers,
             outgoing,
         });
@@ -322,30 +329,35 @@ impl<T: DeviceTransports> Connection<T> {
                 !has_error
             })
         };
-        let outgoing = Task::spawn(
-            "handle_outgoing",
-            DeviceState::handle_outgoing(
-                Arc::downgrade(device_arc),
-                LockedIp(tun_rx),
-                udp_tx.clone(),
-                pool.clone(),
-            )
-            .map_err(register_fatal_error.clone()),
-        );
+        let outgoing = DeviceState::handle_outgoing(
+            Arc::downgrade(device_arc),
+            LockedIp(tun_rx),
+            udp_tx.clone(),
+            pool.clone(),
+        )
+        .map_err(register_fatal_error.clone())
+        .boxed();
+        let incoming = DeviceState::handle_incoming(
+            Arc::downgrade(device_arc),
+            LockedIp(tun_tx),
+            udp_tx.clone(),
+            udp_rx,
+            pool,
+        )
+        .map_err(register_fatal_error)
+        .boxed();
+        let (outgoing, incoming) = if device.threads {
+            let tasks = vec![("handle_outgoing", outgoing), ("handle_incoming", incoming)];
+            let thread = Task::spawn_thread("data path", tasks, device.busy_poll)
+                .map_err(Error::IoError)?;
+            (thread, None)
+        } else {
+            let outgoing = Task::spawn("handle_outgoing", outgoing);
+            (outgoing, Some(Task::spawn("handle_incoming", incoming)))
+        };
         let timers = Task::spawn(
             "handle_timers",
             DeviceState::handle_timers(Arc::downgrade(device_arc), udp_tx.clone()),
-        );
-        let incoming = Task::spawn(
-            "handle_incoming",
-            DeviceState::handle_incoming(
-                Arc::downgrade(device_arc),
-                LockedIp(tun_tx),
-                udp_tx.clone(),
-                udp_rx,
-                pool,
-            )
-            .map_err(register_fatal_error),
         );
         device.connection = Some(Connection {
             udp: udp_tx,
@@ -1081,6 +1093,11 @@ impl<T: DeviceTransports> Connection<T> {
         } = self;
         drop(udp);
 
-        join!(incoming.stop(), timers.stop(), outgoing.stop(),);
+        let incoming = async {
+            if let Some(incoming) = incoming {
+                incoming.stop().await
+            }
+        };
+        join!(incoming, timers.stop(), outgoing.stop(),);
     }
 }
