@@ -1,15 +1,16 @@
 //! Builds the WireGuard device: gotatun's `Device` on a TUN interface with
 //! its UDP transport. Configuration arrives later through the UAPI.
 
+use std::time::Duration;
+
 use anyhow::{Context, Result};
 use gotatun::device::{Device, DeviceBuilder};
 use gotatun::tun::tun_async_device::TunDevice;
-use gotatun::udp::socket::UdpSocketFactory;
 
 use crate::transports;
 
 /// gotatun's own transports: plain TUN reads and writes, one packet each.
-pub type DefaultTransports = (UdpSocketFactory, TunDevice, TunDevice);
+pub type DefaultTransports = (gotatun::udp::socket::UdpSocketFactory, TunDevice, TunDevice);
 /// Ours: TUN with TSO/GRO and UDP with GSO.
 pub type OffloadTransports = (
     transports::udp::GsoUdpFactory,
@@ -36,17 +37,17 @@ pub async fn build_default(ifname: &str) -> Result<Device<DefaultTransports>> {
 /// (~208 KB) overflows and drops (capped by net.core.{r,w}mem_max).
 const UDP_BUFFER: usize = 4 << 20;
 
-/// The device on our offloaded TUN transport.
-pub async fn build_offload(ifname: &str) -> Result<Device<OffloadTransports>> {
+/// The device on our transports, its data path on a thread of its own that
+/// busy-polls for `busy_poll` after a burst (zero: never).
+pub async fn build_offload(ifname: &str, busy_poll: Duration) -> Result<Device<OffloadTransports>> {
     let (tx, rx) = transports::tun::open(ifname).with_context(|| tun_context(ifname))?;
-    let udp = UdpSocketFactory {
-        recv_buffer_size: Some(UDP_BUFFER),
-        send_buffer_size: Some(UDP_BUFFER),
-    };
     DeviceBuilder::new()
-        .with_udp(transports::udp::GsoUdpFactory(udp))
+        .with_udp(transports::udp::GsoUdpFactory {
+            buffer_size: UDP_BUFFER,
+        })
         .with_ip_pair(tx, rx)
-        .inline_pipeline(true)
+        .data_path_thread(true)
+        .busy_poll(busy_poll)
         .build()
         .await
         .with_context(|| format!("cannot start the WireGuard device on {ifname}"))

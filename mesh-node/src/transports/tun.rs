@@ -12,13 +12,12 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
 use gotatun::packet::{Ip, Packet, PacketBufPool};
 use gotatun::tun::{IpRecv, IpSend, MtuWatcher};
-use tokio::io::unix::AsyncFd;
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
@@ -87,9 +86,7 @@ pub fn open(name: &str) -> io::Result<(TunSend, TunRecv)> {
     if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETOFFLOAD, offloads) } < 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: `fd` is a valid descriptor that nothing else closes or
-    // replaces while the AsyncFd owns it.
-    let fd = Arc::new(unsafe { AsyncFd::register(fd)? });
+    let fd = Arc::new(fd);
     let mtu = mtu_watcher(name);
     Ok((
         TunSend {
@@ -169,7 +166,7 @@ fn read_mtu(name: &str) -> Option<u16> {
 /// (our patch); the packets wait here until then, or until a full batch, and
 /// go out with each TCP flow's consecutive segments coalesced into one write.
 pub struct TunSend {
-    fd: Arc<AsyncFd<OwnedFd>>,
+    fd: Arc<OwnedFd>,
     pending: Vec<Packet<[u8]>>,
     scratch: Vec<u8>,
 }
@@ -224,7 +221,7 @@ impl TunSend {
 
 /// One non-blocking write of header + packet. A full TUN queue drops the
 /// packet, as a full NIC queue would; TCP recovers.
-fn write_now(fd: &AsyncFd<OwnedFd>, hdr: &VirtioNetHdr, pkt: &[u8]) -> io::Result<()> {
+fn write_now(fd: &OwnedFd, hdr: &VirtioNetHdr, pkt: &[u8]) -> io::Result<()> {
     let hdr = hdr.encode();
     let iov = [
         libc::iovec {
@@ -237,7 +234,7 @@ fn write_now(fd: &AsyncFd<OwnedFd>, hdr: &VirtioNetHdr, pkt: &[u8]) -> io::Resul
         },
     ];
     // SAFETY: both iovecs point into buffers alive for this call.
-    let n = unsafe { libc::writev(fd.get_ref().as_raw_fd(), iov.as_ptr(), 2) };
+    let n = unsafe { libc::writev(fd.as_raw_fd(), iov.as_ptr(), 2) };
     if n < 0 {
         Err(io::Error::last_os_error())
     } else {
@@ -247,7 +244,7 @@ fn write_now(fd: &AsyncFd<OwnedFd>, hdr: &VirtioNetHdr, pkt: &[u8]) -> io::Resul
 
 /// Reads from the interface and yields plain IP packets.
 pub struct TunRecv {
-    fd: Arc<AsyncFd<OwnedFd>>,
+    fd: Arc<OwnedFd>,
     mtu: MtuWatcher,
     read_buf: Vec<u8>,
     scratch: Vec<u8>,
@@ -256,20 +253,20 @@ pub struct TunRecv {
 
 impl TunRecv {
     async fn read(&mut self) -> io::Result<usize> {
+        let buf = &mut self.read_buf;
         loop {
-            let mut guard = self.fd.readable().await?;
-            let buf = &mut self.read_buf;
             // SAFETY: reading into a buffer we own, bounded by its length.
-            match guard.try_io(|fd| {
-                let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-                if n < 0 {
-                    Err(io::Error::last_os_error())
-                } else {
-                    Ok(n as usize)
+            let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n >= 0 {
+                return Ok(n as usize);
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::WouldBlock => {
+                    super::wait_ready(self.fd.as_fd(), libc::POLLIN).await?
                 }
-            }) {
-                Ok(result) => return result,
-                Err(_would_block) => continue,
+                io::ErrorKind::Interrupted => {}
+                _ => return Err(e),
             }
         }
     }

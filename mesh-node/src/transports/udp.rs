@@ -5,25 +5,24 @@
 //! equal-sized datagrams to one destination goes down as one buffer and the
 //! kernel (or the NIC) cuts it as late as possible; across a veth or a real
 //! NIC with UDP GRO, the receiver's stack sees one packet too. Receiving is in
-//! `udp_recv.rs`. If the kernel refuses GSO, sending
-//! falls back to gotatun's `sendmmsg` for good. A segment larger than the
+//! `udp_recv.rs`, the socket in `udp_socket.rs`. If the kernel refuses GSO,
+//! each datagram is sent on its own from then on. A segment larger than the
 //! egress MTU cannot be sent with GSO at all (EMSGSIZE: GSO never fragments),
-//! so such runs go through `sendmmsg`, where the kernel fragments them, and
+//! so such runs go one datagram at a time, which the kernel fragments, and
 //! the size is remembered.
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use gotatun::packet::Packet;
-use gotatun::udp::socket::{UdpSocket, UdpSocketFactory};
 use gotatun::udp::{UdpSend, UdpTransportFactory, UdpTransportFactoryParams};
-use tokio::io::Interest;
 use tracing::{debug, warn};
 
 use super::udp_recv::GroRecv;
+use super::udp_socket::UdpSocket;
 
 const SOL_UDP: libc::c_int = 17;
 const UDP_SEGMENT: libc::c_int = 103;
@@ -32,29 +31,32 @@ const MAX_SEGMENTS: usize = 64;
 /// One send is at most one IP datagram's worth of UDP payload.
 const MAX_GSO_BYTES: usize = 65000;
 
-/// gotatun's UDP socket factory, with our GSO sender and GRO receiver on top.
-pub struct GsoUdpFactory(pub UdpSocketFactory);
+/// Binds our UDP socket: GSO on send, GRO on receive.
+pub struct GsoUdpFactory {
+    /// `SO_RCVBUF` and `SO_SNDBUF` (capped by net.core.{r,w}mem_max).
+    pub buffer_size: usize,
+}
 
 impl UdpTransportFactory for GsoUdpFactory {
     type Send = GsoSend;
     type Recv = GroRecv;
 
     async fn bind(&mut self, params: &UdpTransportFactoryParams) -> io::Result<(GsoSend, GroRecv)> {
-        let (send, recv) = self.0.bind(params).await?;
+        let socket = Arc::new(UdpSocket::bind(params, self.buffer_size)?);
         Ok((
             GsoSend {
-                inner: send,
+                socket: Arc::clone(&socket),
                 gso: Arc::new(AtomicBool::new(true)),
                 too_big: Arc::new(AtomicUsize::new(usize::MAX)),
             },
-            GroRecv::new(recv),
+            GroRecv::new(socket),
         ))
     }
 }
 
 #[derive(Clone)]
 pub struct GsoSend {
-    inner: UdpSocket,
+    socket: Arc<UdpSocket>,
     /// Cleared when the kernel refuses UDP_SEGMENT.
     gso: Arc<AtomicBool>,
     /// Smallest segment size that failed with EMSGSIZE (larger than the MTU).
@@ -65,8 +67,6 @@ pub struct GsoSend {
 #[derive(Default)]
 pub struct GsoBuf {
     data: Vec<u8>,
-    run: Vec<(Packet, SocketAddr)>,
-    fallback: <UdpSocket as UdpSend>::SendManyBuf,
 }
 
 /// Length of the run of packets from the start of `packets` that can go in
@@ -92,45 +92,69 @@ pub fn run_length(packets: impl IntoIterator<Item = (usize, SocketAddr)>) -> usi
 }
 
 impl GsoSend {
-    /// One `sendmsg` of `data` to `dst`, cut by the kernel into `seg`-byte datagrams.
+    /// One `sendmsg` of `data` to `dst`, cut by the kernel into `seg`-byte
+    /// datagrams; waits while the send buffer is full.
     async fn send_segments(&self, data: &[u8], seg: u16, dst: SocketAddr) -> io::Result<()> {
-        let socket = self.inner.socket();
-        let addr = socket2::SockAddr::from(dst);
-        socket
-            .async_io(Interest::WRITABLE, || {
-                let mut iov = libc::iovec {
-                    iov_base: data.as_ptr() as *mut libc::c_void,
-                    iov_len: data.len(),
-                };
-                // SAFETY: CMSG_SPACE is a pure size computation.
-                let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<u16>() as u32) } as usize;
-                let mut control = [0u8; 32];
-                // SAFETY: all-zero is a valid msghdr; every pointer set below
-                // points into a local that outlives the sendmsg call.
-                let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-                msg.msg_name = addr.as_ptr() as *mut libc::c_void;
-                msg.msg_namelen = addr.len();
-                msg.msg_iov = &mut iov;
-                msg.msg_iovlen = 1;
-                msg.msg_control = control.as_mut_ptr().cast();
-                msg.msg_controllen = space as _;
-                // SAFETY: the control buffer holds one cmsg of a u16.
-                unsafe {
-                    let cmsg = libc::CMSG_FIRSTHDR(&msg);
-                    (*cmsg).cmsg_level = SOL_UDP;
-                    (*cmsg).cmsg_type = UDP_SEGMENT;
-                    (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<u16>() as u32) as _;
-                    std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<u16>(), seg);
+        let addr = self.socket.sockaddr(dst);
+        loop {
+            match send_segments_now(self.socket.as_fd().as_raw_fd(), data, seg, &addr) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    super::wait_ready(self.socket.as_fd(), libc::POLLOUT).await?
                 }
-                // SAFETY: msg is fully initialised above.
-                let n = unsafe { libc::sendmsg(socket.as_raw_fd(), &msg, libc::MSG_DONTWAIT) };
-                if n < 0 {
-                    Err(io::Error::last_os_error())
-                } else {
-                    Ok(())
-                }
-            })
-            .await
+                other => return other,
+            }
+        }
+    }
+
+    /// Sends a run of packets one datagram each.
+    async fn send_each(
+        &self,
+        packets: impl Iterator<Item = (Packet, SocketAddr)>,
+    ) -> io::Result<()> {
+        for (packet, to) in packets {
+            self.socket.send_to(&packet, to).await?;
+        }
+        Ok(())
+    }
+}
+
+/// One non-blocking `sendmsg` with a `UDP_SEGMENT` control message.
+fn send_segments_now(
+    fd: libc::c_int,
+    data: &[u8],
+    seg: u16,
+    addr: &socket2::SockAddr,
+) -> io::Result<()> {
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // SAFETY: CMSG_SPACE is a pure size computation.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<u16>() as u32) } as usize;
+    let mut control = [0u8; 32];
+    // SAFETY: all-zero is a valid msghdr; every pointer set below
+    // points into a local that outlives the sendmsg call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = addr.as_ptr() as *mut libc::c_void;
+    msg.msg_namelen = addr.len();
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    // SAFETY: the control buffer holds one cmsg of a u16.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = SOL_UDP;
+        (*cmsg).cmsg_type = UDP_SEGMENT;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<u16>() as u32) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<u16>(), seg);
+    }
+    // SAFETY: msg is fully initialised above.
+    let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
     }
 }
 
@@ -138,7 +162,7 @@ impl UdpSend for GsoSend {
     type SendManyBuf = GsoBuf;
 
     async fn send_to(&self, packet: Packet, destination: SocketAddr) -> io::Result<()> {
-        self.inner.send_to(packet, destination).await
+        self.socket.send_to(&packet, destination).await
     }
 
     async fn send_many_to(
@@ -147,7 +171,7 @@ impl UdpSend for GsoSend {
         packets: &mut Vec<(Packet, SocketAddr)>,
     ) -> io::Result<()> {
         if !self.gso.load(Ordering::Relaxed) {
-            return self.inner.send_many_to(&mut buf.fallback, packets).await;
+            return self.send_each(packets.drain(..)).await;
         }
         while !packets.is_empty() {
             let n = run_length(packets.iter().map(|(p, a)| (p.len(), *a)));
@@ -175,33 +199,34 @@ impl UdpSend for GsoSend {
                             Some(libc::EINVAL | libc::EIO | libc::ENOPROTOOPT)
                         ) =>
                     {
-                        warn!("udp: kernel refuses UDP GSO ({e}); using sendmmsg from now on");
+                        warn!(
+                            "udp: kernel refuses UDP GSO ({e}); one datagram per send from now on"
+                        );
                         self.gso.store(false, Ordering::Relaxed);
-                        return self.inner.send_many_to(&mut buf.fallback, packets).await;
+                        return self.send_each(packets.drain(..)).await;
                     }
-                    Err(e) => return Err(e),
+                    Err(e) => {
+                        packets.clear();
+                        return Err(e);
+                    }
                 }
             }
-            // One packet, or segments GSO cannot carry: plain sendmmsg.
-            buf.run.clear();
-            buf.run.extend(packets.drain(..n));
-            self.inner
-                .send_many_to(&mut buf.fallback, &mut buf.run)
-                .await?;
+            // One packet, or segments GSO cannot carry: the kernel fragments.
+            self.send_each(packets.drain(..n)).await?;
         }
         Ok(())
     }
 
     fn max_number_of_packets_to_send(&self) -> usize {
-        self.inner.max_number_of_packets_to_send()
+        MAX_SEGMENTS
     }
 
     fn local_addr(&self) -> io::Result<Option<SocketAddr>> {
-        self.inner.local_addr().map(Some)
+        self.socket.local_addr().map(Some)
     }
 
     fn set_fwmark(&self, mark: u32) -> io::Result<()> {
-        self.inner.set_fwmark(mark)
+        self.socket.set_fwmark(mark)
     }
 }
 
