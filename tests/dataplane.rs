@@ -43,6 +43,23 @@ fn ping_and_tcp_transfer_over_two_mesh_nodes() {
     );
 }
 
+/// The data-path thread when busy polling is off (or its CPU budget is
+/// spent): every wait sleeps in poll(2). Both directions, both kinds of node.
+#[test]
+fn a_data_path_that_never_busy_polls_carries_ping_and_tcp() {
+    let p = Pair::new(
+        112,
+        Impl::MeshNodeSleepingDataPath(bin()),
+        Impl::MeshNode(bin()),
+    );
+    assert_eq!(p.a.ping(p.b.overlay, 5, "0.05"), 5);
+    assert_eq!(p.b.ping(p.a.overlay, 5, "0.05"), 5);
+    let (sent, got) = tcp_transfer(&p.a.ns, &p.b.ns, p.b.overlay, 16 << 20);
+    assert_eq!(sent, got, "16 MiB arrive intact from the sleeping side");
+    let (sent, got) = tcp_transfer(&p.b.ns, &p.a.ns, p.a.overlay, 16 << 20);
+    assert_eq!(sent, got, "16 MiB arrive intact to the sleeping side");
+}
+
 /// `--transports default` (gotatun's own TUN and UDP, the benchmark's
 /// reference) against ours: same wire format, both directions.
 #[test]

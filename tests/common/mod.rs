@@ -477,6 +477,8 @@ pub enum Impl<'a> {
     MeshNode(&'a Path),
     /// mesh-node on gotatun's own transports (`--transports default`).
     MeshNodeDefaultTransports(&'a Path),
+    /// mesh-node whose data-path thread never busy-polls (`--busy-poll-us 0`).
+    MeshNodeSleepingDataPath(&'a Path),
     WireguardGo,
 }
 
@@ -499,6 +501,9 @@ impl Pair {
                 Impl::MeshNode(bin) => Daemon::mesh_node(&ns, bin, &ifname),
                 Impl::MeshNodeDefaultTransports(bin) => {
                     Daemon::mesh_node_with(&ns, bin, &ifname, &["--transports", "default"])
+                }
+                Impl::MeshNodeSleepingDataPath(bin) => {
+                    Daemon::mesh_node_with(&ns, bin, &ifname, &["--busy-poll-us", "0"])
                 }
                 Impl::WireguardGo => Daemon::wireguard_go(&ns, &ifname),
             };
