@@ -303,6 +303,99 @@ fn clean_shutdown_removes_socket_and_interface() {
     assert!(!log.contains("still in use"), "{log}");
 }
 
+/// Without `--foreground` it daemonizes like wireguard-go: the command
+/// returns once the API answers, the daemon lives on in a session of its
+/// own, and SIGTERM still removes socket and interface.
+#[test]
+fn daemonizes_by_default_and_returns_once_the_api_answers() {
+    /// SIGKILLs the daemon if the test fails before stopping it.
+    struct KillOnDrop(i32);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            // SAFETY: kill(2) on a pid; a stale pid only gets ESRCH.
+            unsafe { libc::kill(self.0, libc::SIGKILL) };
+        }
+    }
+    let ns = Netns::new();
+    let ifname = unique("wg");
+    let log = std::env::temp_dir().join(format!("{ifname}.log"));
+    let mut up = ns
+        .cmd(&[
+            bin().to_str().unwrap(),
+            "up",
+            &ifname,
+            "--log-file",
+            log.to_str().unwrap(),
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = up.try_wait().unwrap() {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "`up` returns");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert!(status.success(), "{}", read(&log));
+    let pid = daemon_pid(&ifname).expect("the daemon runs on after `up` returns");
+    let _guard = KillOnDrop(pid);
+    // The daemon let go of the caller's stderr: reading it ends.
+    let mut stderr = up.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        let _ = tx.send(text);
+    });
+    let stderr_text = rx.recv_timeout(std::time::Duration::from_secs(10));
+    assert!(
+        stderr_text.is_ok(),
+        "the daemon still holds the caller's stderr"
+    );
+    // The parent waited for the API: it answers at once.
+    ns.ok(&["wg", "show", &ifname]);
+    // SAFETY: getsid(2) only reads.
+    assert_eq!(unsafe { libc::getsid(pid) }, pid, "a session of its own");
+
+    // SAFETY: kill(2) on the daemon's pid.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while alive(pid) {
+        assert!(std::time::Instant::now() < deadline, "exits on SIGTERM");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(!Path::new(&format!("/var/run/wireguard/{ifname}.sock")).exists());
+    assert!(!ns.run(&["ip", "link", "show", &ifname]).status.success());
+}
+
+/// Whether `pid` still runs (a zombie that nobody reaped has exited).
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| Some(stat.rsplit_once(") ")?.1.starts_with('Z')))
+        .is_some_and(|zombie| !zombie)
+}
+
+/// The pid of the process whose command line is `... up IFNAME ...`.
+fn daemon_pid(ifname: &str) -> Option<i32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+            let is_up = args
+                .windows(2)
+                .any(|w| w[0] == b"up" && w[1] == ifname.as_bytes());
+            is_up.then_some(pid)
+        })
+}
+
 #[test]
 fn endpoint_follows_authenticated_packets_when_a_peer_roams() {
     let p = pair(108);

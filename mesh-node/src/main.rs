@@ -220,7 +220,6 @@ fn run(
             TransportKind::Offload => {
                 serve(
                     ifname,
-                    log_file,
                     metrics,
                     device::build_offload(ifname, busy_poll).await?,
                     &format!(
@@ -233,7 +232,6 @@ fn run(
             TransportKind::Default => {
                 serve(
                     ifname,
-                    log_file,
                     metrics,
                     device::build_default(ifname).await?,
                     "gotatun's default transports",
@@ -247,7 +245,6 @@ fn run(
 /// Serves the UAPI for `device` until SIGINT/SIGTERM, then shuts down cleanly.
 async fn serve<T: gotatun::device::DeviceTransports>(
     ifname: &str,
-    log_file: Option<&std::path::Path>,
     metrics: Option<std::net::SocketAddr>,
     device: gotatun::device::Device<T>,
     transports: &str,
@@ -266,9 +263,9 @@ async fn serve<T: gotatun::device::DeviceTransports>(
             "mesh-node up on {ifname} ({transports}); userspace API at {}",
             api::socket_path(ifname).display()
         );
-        if log_file.is_none() {
-            detach_stderr();
-        }
+        // Also with a log file: a daemon that kept the caller's stderr open
+        // would hang anyone who reads it to its end (`$(mesh-node up ...)`).
+        detach_stderr();
         let reason = wait_for_signal().await;
         info!("{reason}: shutting down {ifname}");
         server.abort();
