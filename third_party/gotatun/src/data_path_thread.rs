@@ -143,7 +143,8 @@ pub(crate) struct DataPathThread {
 
 impl DataPathThread {
     /// Runs `tasks` on a new thread named `name`, inside the current tokio
-    /// runtime's context (so they may still spawn or use timers).
+    /// runtime's context (so they may still spawn or use timers). Fails
+    /// outside a runtime, or when the thread or its eventfd cannot be made.
     pub(crate) fn spawn(
         name: &'static str,
         tasks: Vec<DataPathTask>,
@@ -162,7 +163,7 @@ impl DataPathThread {
             eventfd: unsafe { OwnedFd::from_raw_fd(fd) },
         });
         let (exited_tx, exited) = tokio::sync::oneshot::channel::<()>();
-        let runtime = tokio::runtime::Handle::current();
+        let runtime = tokio::runtime::Handle::try_current().map_err(io::Error::other)?;
         let thread_shared = Arc::clone(&shared);
         std::thread::Builder::new()
             .name(name.to_string())
@@ -445,6 +446,12 @@ mod tests {
         let (rx, _tx) = pipe();
         let e = read_byte(&rx).await.unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+    }
+
+    #[test]
+    fn spawning_outside_a_tokio_runtime_is_an_error_not_a_panic() {
+        let task: DataPathTask = Box::pin(async {});
+        assert!(DataPathThread::spawn("test", vec![task], Duration::ZERO).is_err());
     }
 
     #[test]
