@@ -303,6 +303,52 @@ fn clean_shutdown_removes_socket_and_interface() {
     assert!(!log.contains("still in use"), "{log}");
 }
 
+/// `persistent-keepalive` set with `wg`: an idle tunnel still sends a
+/// keepalive every interval (what keeps a NAT mapping open). gotatun's
+/// timer task sends these from the runtime, off the data-path thread.
+#[test]
+fn persistent_keepalive_keeps_an_idle_tunnel_talking() {
+    let p = pair(113);
+    assert_eq!(p.a.ping(p.b.overlay, 2, "0.2"), 2, "session up");
+    let ifa = p.a.daemon.ifname.clone();
+    let interval = "1";
+    p.a.wg(&[
+        "set",
+        &ifa,
+        "peer",
+        &p.b.pubkey,
+        "persistent-keepalive",
+        interval,
+    ]);
+    assert!(
+        p.a.wg(&["show", &ifa, "persistent-keepalive"])
+            .contains("\t1"),
+        "wg show reports the interval"
+    );
+    let before = udp_datagrams_in(&p.b.ns);
+    std::thread::sleep(std::time::Duration::from_millis(4500));
+    let arrived = udp_datagrams_in(&p.b.ns) - before;
+    // Without persistent keepalive, at most one passive keepalive.
+    assert!(arrived >= 3, "{arrived} datagrams reached B in 4.5 idle s");
+}
+
+/// The namespace's UDP `InDatagrams` counter (/proc/net/snmp).
+fn udp_datagrams_in(ns: &Netns) -> u64 {
+    let snmp = ns.ok(&["cat", "/proc/net/snmp"]);
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp: "));
+    let (names, values) = (udp.next().unwrap(), udp.next().unwrap());
+    let column = names
+        .split_whitespace()
+        .position(|n| n == "InDatagrams")
+        .unwrap();
+    values
+        .split_whitespace()
+        .nth(column)
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
 /// Without `--foreground` it daemonizes like wireguard-go: the command
 /// returns once the API answers, the daemon lives on in a session of its
 /// own, and SIGTERM still removes socket and interface.
