@@ -503,6 +503,30 @@ fn daemon_pid(ifname: &str) -> Option<i32> {
         })
 }
 
+/// A new listen port rebinds the socket and restarts the data-path thread;
+/// a TCP stream running meanwhile arrives intact, and the peer follows the
+/// new port from the authenticated packets that come from it.
+#[test]
+fn listen_port_changes_under_traffic_lose_nothing() {
+    let p = pair(115);
+    assert_eq!(p.a.ping(p.b.overlay, 2, "0.2"), 2, "session up");
+    let ifa = p.a.daemon.ifname.clone();
+    let (sent, got) = stream_during(&p, || {
+        for port in ["51900", "51901", "51902"] {
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            p.a.wg(&["set", &ifa, "listen-port", port]);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    });
+    assert_eq!(sent, got, "the stream arrives intact");
+    assert_eq!(p.a.wg(&["show", &ifa, "listen-port"]).trim(), "51902");
+    let endpoints = p.b.wg(&["show", &p.b.daemon.ifname, "endpoints"]);
+    assert!(
+        endpoints.contains(&format!("{}:51902", p.a.underlay)),
+        "{endpoints}"
+    );
+}
+
 #[test]
 fn endpoint_follows_authenticated_packets_when_a_peer_roams() {
     let p = pair(108);
