@@ -52,12 +52,7 @@ fn a_data_path_that_never_busy_polls_carries_ping_and_tcp() {
         Impl::MeshNodeSleepingDataPath(bin()),
         Impl::MeshNode(bin()),
     );
-    assert_eq!(p.a.ping(p.b.overlay, 5, "0.05"), 5);
-    assert_eq!(p.b.ping(p.a.overlay, 5, "0.05"), 5);
-    let (sent, got) = tcp_transfer(&p.a.ns, &p.b.ns, p.b.overlay, 16 << 20);
-    assert_eq!(sent, got, "16 MiB arrive intact from the sleeping side");
-    let (sent, got) = tcp_transfer(&p.b.ns, &p.a.ns, p.a.overlay, 16 << 20);
-    assert_eq!(sent, got, "16 MiB arrive intact to the sleeping side");
+    ping_and_transfer_both_ways(&p, 16 << 20);
 }
 
 /// `--transports default` (gotatun's own TUN and UDP, the benchmark's
@@ -69,17 +64,23 @@ fn our_transports_and_gotatuns_default_ones_interoperate() {
         Impl::MeshNode(bin()),
         Impl::MeshNodeDefaultTransports(bin()),
     );
-    assert_eq!(p.a.ping(p.b.overlay, 3, "0.2"), 3);
-    assert_eq!(p.b.ping(p.a.overlay, 3, "0.2"), 3);
-    let (sent, got) = tcp_transfer(&p.a.ns, &p.b.ns, p.b.overlay, 8 << 20);
-    assert_eq!(sent, got, "8 MiB arrive intact, ours -> default");
-    let (sent, got) = tcp_transfer(&p.b.ns, &p.a.ns, p.a.overlay, 8 << 20);
-    assert_eq!(sent, got, "8 MiB arrive intact, default -> ours");
+    ping_and_transfer_both_ways(&p, 8 << 20);
     assert!(
         read(&p.b.daemon.log).contains("gotatun's default transports"),
         "the B side really runs gotatun's transports: {}",
         read(&p.b.daemon.log)
     );
+}
+
+/// Pings, then a TCP transfer of `bytes` whose checksum must match, A to B
+/// and B to A.
+fn ping_and_transfer_both_ways(p: &Pair, bytes: usize) {
+    assert_eq!(p.a.ping(p.b.overlay, 3, "0.05"), 3, "ping A -> B");
+    assert_eq!(p.b.ping(p.a.overlay, 3, "0.05"), 3, "ping B -> A");
+    let (sent, got) = tcp_transfer(&p.a.ns, &p.b.ns, p.b.overlay, bytes);
+    assert_eq!(sent, got, "{bytes} bytes arrive intact A -> B");
+    let (sent, got) = tcp_transfer(&p.b.ns, &p.a.ns, p.a.overlay, bytes);
+    assert_eq!(sent, got, "{bytes} bytes arrive intact B -> A");
 }
 
 #[test]
