@@ -7,4 +7,6 @@ pub mod daemon;
 pub mod dataplane;
 pub mod files;
 pub mod quic;
+pub mod ratelimit;
+pub mod text;
 pub mod time;
