@@ -195,7 +195,7 @@ pub async fn connect(endpoint: &quinn::Endpoint, peer: SocketAddr) -> Result<qui
 mod tests {
     use super::*;
     use mesh_proto::cert::{CaCert, NodeCertRequest};
-    use mesh_proto::exchange::{DEFAULT_TIMEOUT, LocalIdentity};
+    use mesh_proto::exchange::{DEFAULT_TIMEOUT, LocalIdentity, PeerEpochs};
     use mesh_proto::identity::{CaSigningKey, NoisePrivateKey, WgPrivateKey};
     use mesh_proto::roster::{Member, Roster};
     use mesh_proto::trust::{DEFAULT_MAX_CLOCK_SKEW, Trust};
@@ -234,6 +234,7 @@ mod tests {
             },
             timeout: DEFAULT_TIMEOUT,
             last_epoch: 0,
+            peer_epochs: PeerEpochs::default(),
             expected_peer: None,
         }
     }
@@ -260,7 +261,9 @@ mod tests {
                 keyd_endpoint: None,
             })
             .collect();
-        let roster = Arc::new(Roster::build(&ca, &key, 1, unix_now(), members, vec![]).unwrap());
+        let roster = Arc::new(
+            Roster::build(&ca, &key, 1, unix_now(), unix_now() + 3600, members, vec![]).unwrap(),
+        );
         let ea = endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
         let eb = endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
         let b_addr = eb.local_addr().unwrap();
@@ -299,8 +302,18 @@ mod tests {
             wg_endpoint: None,
             keyd_endpoint: None,
         };
-        let roster =
-            Arc::new(Roster::build(&ca, &key, 1, unix_now(), vec![member], vec![]).unwrap());
+        let roster = Arc::new(
+            Roster::build(
+                &ca,
+                &key,
+                1,
+                unix_now(),
+                unix_now() + 3600,
+                vec![member],
+                vec![],
+            )
+            .unwrap(),
+        );
         let eb = endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
         let b_addr = eb.local_addr().unwrap();
         let pb = params(&ca, &roster, &b);

@@ -19,7 +19,8 @@ use std::time::Instant;
 use criterion::{Criterion, criterion_group, criterion_main};
 use mesh_proto::cert::{CaCert, NodeCertRequest};
 use mesh_proto::exchange::{
-    DEFAULT_TIMEOUT, Event, Exchange, ExchangeParams, LocalIdentity, NOISE_PARAMS, prologue,
+    DEFAULT_TIMEOUT, Event, Exchange, ExchangeParams, LocalIdentity, NOISE_PARAMS, PeerEpochs,
+    prologue,
 };
 use mesh_proto::identity::{CaSigningKey, NoisePrivateKey, WgPrivateKey};
 use mesh_proto::kem;
@@ -100,7 +101,7 @@ fn pair() -> Pair {
             keyd_endpoint: None,
         })
         .collect();
-    let roster = Arc::new(Roster::build(&ca, &key, 1, NOW, members, vec![]).unwrap());
+    let roster = Arc::new(Roster::build(&ca, &key, 1, NOW, NOW + 86_400, members, vec![]).unwrap());
     let ca = Arc::new(ca);
     let params = |me: &Arc<LocalIdentity>, peer: Option<&Arc<LocalIdentity>>| ExchangeParams {
         identity: me.clone(),
@@ -112,6 +113,7 @@ fn pair() -> Pair {
         },
         timeout: DEFAULT_TIMEOUT,
         last_epoch: 0,
+        peer_epochs: PeerEpochs::default(),
         expected_peer: peer.map(|p| p.node_id()),
     };
     Pair {

@@ -91,6 +91,19 @@ pub enum RosterError {
     SerialReuse { serial: u64 },
     #[error("cannot sign roster: {0}")]
     Signing(CertError),
+    #[error("roster expiry {not_after} is not after its issue time {issued_at}")]
+    Validity {
+        issued_at: UnixTime,
+        not_after: UnixTime,
+    },
+    #[error(
+        "roster serial {serial} expired at {not_after} (now {now}): the CA must publish a newer one"
+    )]
+    Expired {
+        serial: u64,
+        not_after: UnixTime,
+        now: UnixTime,
+    },
 }
 
 /// Zero-trust refusals of a peer. One variant per check.
@@ -122,6 +135,14 @@ pub enum TrustError {
     SelfConnection,
     #[error("peer {name} ({node_id}) is not the peer this exchange was opened for")]
     UnexpectedPeer { name: String, node_id: String },
+    /// Not the peer's fault: this node's roster is stale, so no peer can be
+    /// checked against current revocations.
+    #[error("this node's roster (serial {serial}) expired at {not_after} (now {now})")]
+    RosterExpired {
+        serial: u64,
+        not_after: UnixTime,
+        now: UnixTime,
+    },
 }
 
 impl TrustError {
@@ -141,6 +162,7 @@ impl TrustError {
             TrustError::NotInRoster { .. } => "not_in_roster",
             TrustError::SelfConnection => "self_connection",
             TrustError::UnexpectedPeer { .. } => "unexpected_peer",
+            TrustError::RosterExpired { .. } => "roster_expired",
         }
     }
 }
@@ -164,6 +186,10 @@ pub enum ExchangeError {
     Closed,
     #[error("local setup: {0}")]
     Setup(String),
+    /// The responder's check that keys never repeat for a pair: the offered
+    /// epoch must be above every epoch it used with this peer.
+    #[error("peer offered epoch {offered}, not above {last}")]
+    StaleEpoch { offered: u64, last: u64 },
 }
 
 impl ExchangeError {
@@ -177,6 +203,7 @@ impl ExchangeError {
             ExchangeError::Timeout => "timeout",
             ExchangeError::Closed => "closed",
             ExchangeError::Setup(_) => "setup",
+            ExchangeError::StaleEpoch { .. } => "stale_epoch",
         }
     }
 }

@@ -7,6 +7,15 @@
 //!  msg3  -> s, se                       (payload: initiator cert, chosen epoch)
 //!  conf  <- transport message           (payload: epoch)   key confirmation
 //! ```
+//! Epochs: the responder learns who the initiator is only at msg3, so in msg2
+//! it sends the highest epoch it has used with *any* peer; the initiator picks
+//! `max(its last with this peer, that) + 1`, which is therefore above every
+//! epoch the responder used with this pair too. At msg3 the responder checks
+//! it: the offered epoch must be above the value it sent and above its own
+//! last epoch with this peer ([`ExchangeParams::peer_epochs`]), else
+//! [`ExchangeError::StaleEpoch`]. A (pair, epoch) thus never repeats on the
+//! responder, whatever the initiator remembers.
+//!
 //! `Noise_XXhfs_25519+Kyber1024_ChaChaPoly_BLAKE2s` (the KEM is ML-KEM-1024,
 //! see [`crate::kem`]). Both certificates travel encrypted under keys that
 //! already mix the ML-KEM secret, so identities stay hidden from a future
@@ -17,7 +26,7 @@
 //! [`Exchange::poll_transmit`] and [`Exchange::poll_event`]; arm a timer for
 //! [`Exchange::poll_timeout`]. It never blocks, reads a clock or does I/O.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -57,15 +66,36 @@ impl LocalIdentity {
     }
 }
 
+/// Each peer's last epoch with this node, as the responder needs it at msg3.
+/// Cheap to clone: the daemon shares one map between exchanges.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PeerEpochs(Arc<BTreeMap<NodeId, u64>>);
+
+impl PeerEpochs {
+    pub fn new(map: BTreeMap<NodeId, u64>) -> Self {
+        Self(Arc::new(map))
+    }
+
+    /// The last epoch used with `id`; 0 when there was none.
+    pub fn get(&self, id: &NodeId) -> u64 {
+        self.0.get(id).copied().unwrap_or(0)
+    }
+}
+
 /// Everything one exchange needs to know.
 #[derive(Clone, Debug)]
 pub struct ExchangeParams {
     pub identity: Arc<LocalIdentity>,
     pub trust: Trust,
     pub timeout: Duration,
-    /// Highest epoch this side has used with the peer (0 if none). The new
-    /// epoch is above both sides' last, so epochs only go up.
+    /// Initiator: highest epoch this node has used with the peer it dials (0
+    /// if none). Responder: highest epoch this node has used with *any* peer,
+    /// sent in msg2 before the peer is known. The new epoch is above both
+    /// sides' values, so epochs only go up.
     pub last_epoch: u64,
+    /// Responder: each peer's last epoch; msg3 must offer more than the
+    /// initiator's entry here. The initiator ignores it.
+    pub peer_epochs: PeerEpochs,
     /// The initiator knows whom it dialled: any other (valid) peer answering
     /// is refused. `None` on the responder.
     pub expected_peer: Option<NodeId>,
@@ -99,9 +129,9 @@ struct ResponderHello {
 }
 
 #[derive(Serialize, Deserialize)]
-struct InitiatorHello {
-    cert: Vec<u8>,
-    epoch: u64,
+pub(crate) struct InitiatorHello {
+    pub(crate) cert: Vec<u8>,
+    pub(crate) epoch: u64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -140,7 +170,10 @@ impl std::fmt::Debug for Exchange {
     }
 }
 
-fn build(params: &ExchangeParams, role: Role) -> Result<snow::HandshakeState, ExchangeError> {
+pub(crate) fn build(
+    params: &ExchangeParams,
+    role: Role,
+) -> Result<snow::HandshakeState, ExchangeError> {
     let noise_params = NOISE_PARAMS
         .parse()
         .map_err(|e: snow::Error| ExchangeError::Setup(e.to_string()))?;
@@ -156,7 +189,7 @@ fn build(params: &ExchangeParams, role: Role) -> Result<snow::HandshakeState, Ex
 
 /// Serializing a small struct of integers and byte vectors into memory
 /// cannot fail; an empty payload would fail the peer's decode, never ours.
-fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+pub(crate) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     postcard::to_stdvec(value).unwrap_or_default()
 }
 
@@ -164,14 +197,17 @@ fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ExchangeError> {
     postcard_exact(bytes).map_err(ExchangeError::Payload)
 }
 
-fn write(hs: &mut snow::HandshakeState, payload: &[u8]) -> Result<Vec<u8>, ExchangeError> {
+pub(crate) fn write(
+    hs: &mut snow::HandshakeState,
+    payload: &[u8],
+) -> Result<Vec<u8>, ExchangeError> {
     let mut buf = vec![0u8; MAX_MESSAGE_LEN];
     let n = hs.write_message(payload, &mut buf)?;
     buf.truncate(n);
     Ok(buf)
 }
 
-fn read(hs: &mut snow::HandshakeState, msg: &[u8]) -> Result<Vec<u8>, ExchangeError> {
+pub(crate) fn read(hs: &mut snow::HandshakeState, msg: &[u8]) -> Result<Vec<u8>, ExchangeError> {
     if msg.len() > MAX_MESSAGE_LEN {
         return Err(ExchangeError::Noise(
             "message longer than 65535 bytes".into(),
@@ -381,10 +417,18 @@ impl Exchange {
         let payload = read(&mut hs, msg)?;
         let ident: InitiatorHello = decode(&payload)?;
         let peer = self.verify(&ident.cert, &hs)?;
-        if ident.epoch <= self.params.last_epoch {
-            return Err(ExchangeError::UnexpectedMessage(
-                "epoch that does not advance",
-            ));
+        // An honest initiator offers more than the value sent in msg2, which
+        // the daemon keeps at or above every pair's epoch; checking the pair's
+        // own last epoch too keeps keys unique even if those disagree.
+        let last = self
+            .params
+            .last_epoch
+            .max(self.params.peer_epochs.get(&peer.node_id()));
+        if ident.epoch <= last {
+            return Err(ExchangeError::StaleEpoch {
+                offered: ident.epoch,
+                last,
+            });
         }
         let psk = self.psk(&mut hs, ident.epoch, &peer);
         let mut transport = hs.into_transport_mode()?;

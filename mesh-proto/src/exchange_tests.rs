@@ -61,6 +61,7 @@ fn params(w: &World, me: &Node, peer: Option<&Node>, revoked: Vec<Fingerprint>) 
         &w.key,
         1,
         T0,
+        T0 + DAY,
         vec![member(&w.a), member(&w.b)],
         revoked,
     )
@@ -75,6 +76,7 @@ fn params(w: &World, me: &Node, peer: Option<&Node>, revoked: Vec<Fingerprint>) 
         },
         timeout: DEFAULT_TIMEOUT,
         last_epoch: 0,
+        peer_epochs: PeerEpochs::default(),
         expected_peer: peer.map(|p| p.identity.node_id()),
     }
 }
@@ -280,6 +282,7 @@ fn expired_peer_is_refused() {
         &w.key,
         1,
         T0,
+        T0 + DAY,
         vec![member(&w.b), member(&old)],
         vec![],
     )

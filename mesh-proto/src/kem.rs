@@ -9,28 +9,37 @@
 //!
 //! libcrux is formally verified and picks its AVX2 code path at run time.
 //! Why libcrux over RustCrypto's ml-kem: `docs/dependencies.md`.
+//!
+//! The resolver also supplies X25519 ([`X25519`]): snow 0.10's own holds the
+//! Noise static and ephemeral private keys in plain arrays that are never
+//! wiped; ours keeps them in x25519-dalek's `StaticSecret`, wiped on drop.
 
 use libcrux_ml_kem::mlkem1024::{self, MlKem1024Ciphertext, MlKem1024PublicKey};
 use libcrux_ml_kem::{ENCAPS_SEED_SIZE, KEY_GENERATION_SEED_SIZE, SHARED_SECRET_SIZE};
 use snow::params::{CipherChoice, DHChoice, HashChoice, KemChoice};
 use snow::resolvers::{BoxedCryptoResolver, CryptoResolver, DefaultResolver, FallbackResolver};
 use snow::types::{Cipher, Dh, Hash, Kem, Random};
+use x25519_dalek::{PublicKey, StaticSecret};
 use zeroize::Zeroizing;
 
 pub const PUBLIC_KEY_LEN: usize = 1568;
 pub const CIPHERTEXT_LEN: usize = 1568;
 
-/// Resolves the KEM to ML-KEM-1024; everything else to nothing (chain it in
-/// front of snow's default resolver with [`resolver`]).
+/// Resolves the KEM to ML-KEM-1024 and X25519 to [`X25519`]; everything
+/// else to nothing (chain it in front of snow's default resolver with
+/// [`resolver`]).
 #[derive(Default)]
-pub struct MlKemResolver;
+pub struct PqmeshResolver;
 
-impl CryptoResolver for MlKemResolver {
+impl CryptoResolver for PqmeshResolver {
     fn resolve_rng(&self) -> Option<Box<dyn Random>> {
         None
     }
-    fn resolve_dh(&self, _: &DHChoice) -> Option<Box<dyn Dh>> {
-        None
+    fn resolve_dh(&self, choice: &DHChoice) -> Option<Box<dyn Dh>> {
+        match choice {
+            DHChoice::Curve25519 => Some(Box::<X25519>::default()),
+            _ => None,
+        }
     }
     fn resolve_hash(&self, _: &HashChoice) -> Option<Box<dyn Hash>> {
         None
@@ -45,13 +54,80 @@ impl CryptoResolver for MlKemResolver {
     }
 }
 
-/// The resolver pqmesh uses: ML-KEM-1024 from libcrux, and snow's defaults
-/// (X25519, ChaChaPoly, BLAKE2s, OS randomness) for the rest.
+/// The resolver pqmesh uses: ML-KEM-1024 from libcrux, X25519 that wipes its
+/// private key, and snow's defaults (ChaChaPoly, BLAKE2s, OS randomness) for
+/// the rest.
 pub fn resolver() -> BoxedCryptoResolver {
     Box::new(FallbackResolver::new(
-        Box::new(MlKemResolver),
+        Box::new(PqmeshResolver),
         Box::new(DefaultResolver),
     ))
+}
+
+/// X25519 for snow, computing exactly what snow's own `Dh25519` computes
+/// (raw private bytes, clamped at use), but holding the private key in a
+/// `StaticSecret`, which zeroizes itself on drop.
+pub struct X25519 {
+    secret: StaticSecret,
+    public: [u8; 32],
+}
+
+impl Default for X25519 {
+    fn default() -> Self {
+        Self {
+            secret: StaticSecret::from([0u8; 32]),
+            public: [0u8; 32],
+        }
+    }
+}
+
+impl Dh for X25519 {
+    fn name(&self) -> &'static str {
+        "25519"
+    }
+
+    fn pub_len(&self) -> usize {
+        32
+    }
+
+    fn priv_len(&self) -> usize {
+        32
+    }
+
+    fn set(&mut self, privkey: &[u8]) {
+        // snow's builder hands over exactly 32 bytes; copy what there is, as
+        // snow's own implementation does, without panicking on less.
+        let mut bytes = Zeroizing::new([0u8; 32]);
+        let n = privkey.len().min(32);
+        bytes[..n].copy_from_slice(&privkey[..n]);
+        self.secret = StaticSecret::from(*bytes);
+        self.public = PublicKey::from(&self.secret).to_bytes();
+    }
+
+    fn generate(&mut self, rng: &mut dyn Random) -> Result<(), snow::Error> {
+        let mut bytes = Zeroizing::new([0u8; 32]);
+        rng.try_fill_bytes(bytes.as_mut())?;
+        self.set(bytes.as_ref());
+        Ok(())
+    }
+
+    fn pubkey(&self) -> &[u8] {
+        &self.public
+    }
+
+    fn privkey(&self) -> &[u8] {
+        self.secret.as_bytes()
+    }
+
+    fn dh(&self, pubkey: &[u8], out: &mut [u8]) -> Result<(), snow::Error> {
+        let (Some(theirs), Some(out)) = (pubkey.first_chunk::<32>(), out.first_chunk_mut::<32>())
+        else {
+            return Err(snow::Error::Dh);
+        };
+        let shared = self.secret.diffie_hellman(&PublicKey::from(*theirs));
+        out.copy_from_slice(shared.as_bytes());
+        Ok(())
+    }
 }
 
 /// An ML-KEM-1024 key pair kept *unpacked* (with the expanded matrix A), so
@@ -239,6 +315,55 @@ mod tests {
         let (ct, ss) = mlkem1024::encapsulate(&pk, [5; 32]);
         assert_eq!(portable.decapsulate(&ct), ss);
         assert_eq!(native.decapsulate(&ct), ss);
+    }
+
+    fn unhex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    /// RFC 7748 section 6.1, through snow's `Dh` trait as the handshake uses it.
+    #[test]
+    fn x25519_matches_rfc7748() {
+        let resolve = || PqmeshResolver.resolve_dh(&DHChoice::Curve25519).unwrap();
+        let (mut alice, mut bob) = (resolve(), resolve());
+        alice.set(&unhex(
+            "77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a",
+        ));
+        bob.set(&unhex(
+            "5dab087e624a8a4b79e17f8b83800ee66f3bb1292618b6fd1c2f8b27ff88e0eb",
+        ));
+        assert_eq!(
+            alice.pubkey(),
+            unhex("8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a")
+        );
+        assert_eq!(
+            bob.pubkey(),
+            unhex("de9edb7d7b7dc1b4d35b61c2ece435373f8343c85b78674dadfc7e146f882b4f")
+        );
+        let shared = unhex("4a5d9d5ba4ce2de1728e3bf480350f25e07e21c947d19e3376f09b3c1e161742");
+        let mut out = [0u8; 32];
+        alice.dh(bob.pubkey(), &mut out).unwrap();
+        assert_eq!(out.as_slice(), shared);
+        bob.dh(alice.pubkey(), &mut out).unwrap();
+        assert_eq!(out.as_slice(), shared);
+        assert_eq!(alice.privkey()[0], 0x77, "raw bytes kept, as snow's own");
+        assert!(alice.dh(&[9; 31], &mut out).is_err());
+        assert!(alice.dh(bob.pubkey(), &mut [0u8; 31]).is_err());
+        assert_eq!(alice.name(), "25519");
+        assert_eq!((alice.pub_len(), alice.priv_len()), (32, 32));
+    }
+
+    #[test]
+    fn x25519_generates_from_the_rng() {
+        let mut a = X25519::default();
+        a.generate(&mut OsRandom).unwrap();
+        assert_ne!(a.privkey(), [0u8; 32]);
+        let mut again = X25519::default();
+        again.set(a.privkey());
+        assert_eq!(again.pubkey(), a.pubkey());
     }
 
     #[test]

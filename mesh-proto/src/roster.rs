@@ -5,6 +5,11 @@
 //! certificate signed by the same CA for the same network, with no node id,
 //! name, key or overlay address listed twice. [`Roster::check_update`] refuses
 //! a roster older than the one in use (rollback protection).
+//!
+//! A roster also expires (`not_after`, chosen by the CA): a node cut off from
+//! updates would otherwise trust peers revoked since forever. Past its expiry
+//! (plus the clock skew tolerated for certificates) [`Roster::check_fresh`]
+//! refuses it and [`crate::trust::Trust::verify_peer`] accepts no peer.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -16,7 +21,9 @@ use crate::identity::{CaSigningKey, NodeId};
 use crate::signed::{Fingerprint, Signed};
 use crate::{CodecError, RosterError, UnixTime, armor};
 
-pub const ROSTER_VERSION: u8 = 1;
+/// 2: the body carries `not_after`. Version 1 rosters never expired and are
+/// refused with [`CodecError::Version`].
+pub const ROSTER_VERSION: u8 = 2;
 pub const ROSTER_LABEL: &str = "PQMESH ROSTER";
 const ROSTER_DOMAIN: &[u8] = b"pqmesh roster v1\0";
 
@@ -33,6 +40,7 @@ pub struct RosterBody {
     network_id: String,
     serial: u64,
     issued_at: UnixTime,
+    not_after: UnixTime,
     issuer: Fingerprint,
     members: Vec<MemberEntry>,
     revoked: Vec<Fingerprint>,
@@ -56,12 +64,15 @@ pub struct Roster {
 }
 
 impl Roster {
-    /// Builds and signs a roster. Members must be certificates of this CA.
+    /// Builds and signs a roster, valid until `not_after` (which must be
+    /// after `issued_at`). Members must be certificates of this CA.
+    #[allow(clippy::too_many_arguments)]
     pub fn build(
         ca: &CaCert,
         key: &CaSigningKey,
         serial: u64,
         issued_at: UnixTime,
+        not_after: UnixTime,
         members: Vec<Member>,
         revoked: Vec<Fingerprint>,
     ) -> Result<Self, RosterError> {
@@ -71,6 +82,7 @@ impl Roster {
             network_id: ca.body().network_id.clone(),
             serial,
             issued_at,
+            not_after,
             issuer: ca.fingerprint(),
             members: members
                 .iter()
@@ -88,15 +100,8 @@ impl Roster {
 
     /// Decodes and fully verifies a roster against the configured CA.
     pub fn from_bytes(bytes: &[u8], ca: &CaCert) -> Result<Self, RosterError> {
-        let signed = Signed::<RosterBody>::decode(ROSTER_DOMAIN, bytes)?;
+        let signed = decode(bytes)?;
         let body = &signed.body;
-        if body.version != ROSTER_VERSION {
-            return Err(CodecError::Version {
-                found: body.version,
-                supported: ROSTER_VERSION,
-            }
-            .into());
-        }
         if body.issuer != ca.fingerprint() {
             return Err(RosterError::WrongIssuer {
                 expected: ca.fingerprint().to_hex(),
@@ -110,6 +115,12 @@ impl Roster {
             return Err(RosterError::WrongNetwork {
                 expected: ca.body().network_id.clone(),
                 found: body.network_id.clone(),
+            });
+        }
+        if body.not_after <= body.issued_at {
+            return Err(RosterError::Validity {
+                issued_at: body.issued_at,
+                not_after: body.not_after,
             });
         }
         let members = decode_members(&body.members)?;
@@ -145,7 +156,7 @@ impl Roster {
     /// Decodes without checking any signature: only for showing a roster to a
     /// person (`keyd inspect` without `--ca`). Never trust what this returns.
     pub fn decode_unverified(bytes: &[u8]) -> Result<Self, RosterError> {
-        let signed = Signed::<RosterBody>::decode(ROSTER_DOMAIN, bytes)?;
+        let signed = decode(bytes)?;
         let members = decode_members(&signed.body.members)?;
         let revoked = signed.body.revoked.iter().copied().collect();
         Ok(Self {
@@ -169,6 +180,25 @@ impl Roster {
 
     pub fn issued_at(&self) -> UnixTime {
         self.signed.body.issued_at
+    }
+
+    /// The end of the validity the CA chose for this roster.
+    pub fn not_after(&self) -> UnixTime {
+        self.signed.body.not_after
+    }
+
+    /// Refuses a roster past its expiry by more than `max_clock_skew`
+    /// seconds, the same tolerance certificates get.
+    pub fn check_fresh(&self, now: UnixTime, max_clock_skew: u64) -> Result<(), RosterError> {
+        let not_after = self.not_after();
+        if now > not_after.saturating_add(max_clock_skew) {
+            return Err(RosterError::Expired {
+                serial: self.serial(),
+                not_after,
+                now,
+            });
+        }
+        Ok(())
     }
 
     pub fn network_id(&self) -> &str {
@@ -221,6 +251,20 @@ impl Roster {
     }
 }
 
+/// Decodes the envelope, checking the body's version before its layout: an
+/// older roster gets the version error, not a confusing decode error.
+fn decode(bytes: &[u8]) -> Result<Signed<RosterBody>, RosterError> {
+    let version = Signed::<RosterBody>::body_version(bytes)?;
+    if version != ROSTER_VERSION {
+        return Err(CodecError::Version {
+            found: version,
+            supported: ROSTER_VERSION,
+        }
+        .into());
+    }
+    Ok(Signed::<RosterBody>::decode(ROSTER_DOMAIN, bytes)?)
+}
+
 fn decode_members(entries: &[MemberEntry]) -> Result<Vec<Member>, RosterError> {
     entries
         .iter()
@@ -270,7 +314,7 @@ fn check_unique(members: &[Member]) -> Result<(), RosterError> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::cert::tests::{T0, request, test_ca};
+    use crate::cert::tests::{DAY, T0, request, test_ca};
     use crate::identity::{NoisePrivateKey, WgPrivateKey};
     use proptest::prelude::*;
 
@@ -290,7 +334,7 @@ pub(crate) mod tests {
     fn build_round_trip_and_lookup() {
         let (key, ca) = test_ca("net-a");
         let members = vec![member(&ca, &key, "a", 1), member(&ca, &key, "b", 2)];
-        let r = Roster::build(&ca, &key, 7, T0, members.clone(), vec![]).unwrap();
+        let r = Roster::build(&ca, &key, 7, T0, T0 + DAY, members.clone(), vec![]).unwrap();
         let again = Roster::from_text(&r.to_text(), &ca).unwrap();
         assert_eq!(again.serial(), 7);
         assert_eq!(again.members(), members.as_slice());
@@ -302,7 +346,16 @@ pub(crate) mod tests {
     fn refuses_another_ca_and_tampering() {
         let (key, ca) = test_ca("net-a");
         let (_, other) = test_ca("net-a");
-        let r = Roster::build(&ca, &key, 1, T0, vec![member(&ca, &key, "a", 1)], vec![]).unwrap();
+        let r = Roster::build(
+            &ca,
+            &key,
+            1,
+            T0,
+            T0 + DAY,
+            vec![member(&ca, &key, "a", 1)],
+            vec![],
+        )
+        .unwrap();
         assert!(matches!(
             Roster::from_bytes(&r.to_bytes(), &other),
             Err(RosterError::WrongIssuer { .. })
@@ -324,6 +377,7 @@ pub(crate) mod tests {
             network_id: "net-a".into(),
             serial: 1,
             issued_at: T0,
+            not_after: T0 + DAY,
             issuer: ca.fingerprint(),
             members: vec![MemberEntry {
                 cert: stranger.cert.to_bytes(),
@@ -345,12 +399,12 @@ pub(crate) mod tests {
         let a = member(&ca, &key, "a", 1);
         let b = member(&ca, &key, "a", 2);
         assert!(matches!(
-            Roster::build(&ca, &key, 1, T0, vec![a.clone(), b], vec![]),
+            Roster::build(&ca, &key, 1, T0, T0 + DAY, vec![a.clone(), b], vec![]),
             Err(RosterError::Duplicate { what: "name", .. })
         ));
         let c = member(&ca, &key, "c", 1);
         assert!(matches!(
-            Roster::build(&ca, &key, 1, T0, vec![a, c], vec![]),
+            Roster::build(&ca, &key, 1, T0, T0 + DAY, vec![a, c], vec![]),
             Err(RosterError::Duplicate {
                 what: "overlay address",
                 ..
@@ -362,10 +416,10 @@ pub(crate) mod tests {
     fn rollback_and_serial_reuse_are_refused() {
         let (key, ca) = test_ca("net-a");
         let m = vec![member(&ca, &key, "a", 1)];
-        let r5 = Roster::build(&ca, &key, 5, T0, m.clone(), vec![]).unwrap();
-        let r4 = Roster::build(&ca, &key, 4, T0, m.clone(), vec![]).unwrap();
-        let r6 = Roster::build(&ca, &key, 6, T0, m.clone(), vec![]).unwrap();
-        let r5b = Roster::build(&ca, &key, 5, T0 + 1, m, vec![]).unwrap();
+        let r5 = Roster::build(&ca, &key, 5, T0, T0 + DAY, m.clone(), vec![]).unwrap();
+        let r4 = Roster::build(&ca, &key, 4, T0, T0 + DAY, m.clone(), vec![]).unwrap();
+        let r6 = Roster::build(&ca, &key, 6, T0, T0 + DAY, m.clone(), vec![]).unwrap();
+        let r5b = Roster::build(&ca, &key, 5, T0 + 1, T0 + 1 + DAY, m, vec![]).unwrap();
         assert_eq!(Roster::check_update(None, &r4), Ok(true));
         assert_eq!(
             Roster::check_update(Some(&r5), &r4),
@@ -387,7 +441,7 @@ pub(crate) mod tests {
         let (key, ca) = test_ca("net-a");
         let a = member(&ca, &key, "a", 1);
         let fp = a.cert.fingerprint();
-        let r = Roster::build(&ca, &key, 2, T0, vec![], vec![fp]).unwrap();
+        let r = Roster::build(&ca, &key, 2, T0, T0 + DAY, vec![], vec![fp]).unwrap();
         assert!(r.is_revoked(&fp));
         assert!(!r.is_revoked(&Fingerprint([0; 32])));
     }

@@ -97,6 +97,17 @@ impl<T: Serialize + DeserializeOwned> Signed<T> {
         })
     }
 
+    /// The first byte of the body: every signed body here starts with its
+    /// `version: u8` (postcard writes a `u8` as one byte). Lets a caller refuse
+    /// an old layout by version before decoding the body as the new one.
+    pub fn body_version(bytes: &[u8]) -> Result<u8, CodecError> {
+        let envelope: Envelope = postcard_exact(bytes)?;
+        envelope.body.first().copied().ok_or(CodecError::Length {
+            expected: 1,
+            found: 0,
+        })
+    }
+
     pub fn verify(&self, public: &[u8; 32]) -> bool {
         verify_signature(
             public,

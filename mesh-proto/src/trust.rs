@@ -6,6 +6,8 @@
 //! is inside its validity window (with bounded clock skew), is not revoked,
 //! matches the Noise static key the peer proved it holds, is the exact
 //! certificate listed in the current roster, and is not this node itself.
+//! The roster itself must be fresh: past its expiry (plus skew) every peer is
+//! refused, since revocations published since then cannot be known.
 
 use std::sync::Arc;
 
@@ -86,6 +88,13 @@ impl Trust {
         if !self.ca.is_valid_at(now, skew) {
             return Err(TrustError::CaExpired { now });
         }
+        self.roster
+            .check_fresh(now, skew)
+            .map_err(|_| TrustError::RosterExpired {
+                serial: self.roster.serial(),
+                not_after: self.roster.not_after(),
+                now,
+            })?;
         if now.saturating_add(skew) < body.not_before {
             return Err(TrustError::NotYetValid {
                 not_before: body.not_before,
@@ -146,7 +155,16 @@ mod tests {
     }
 
     fn trust(w: &World, revoked: Vec<crate::signed::Fingerprint>) -> Trust {
-        let roster = Roster::build(&w.ca, &w.key, 1, T0, w.members.clone(), revoked).unwrap();
+        let roster = Roster::build(
+            &w.ca,
+            &w.key,
+            1,
+            T0,
+            T0 + 365 * DAY,
+            w.members.clone(),
+            revoked,
+        )
+        .unwrap();
         Trust {
             ca: Arc::new(w.ca.clone()),
             roster: Arc::new(roster),
@@ -247,7 +265,7 @@ mod tests {
             wg_endpoint: None,
             keyd_endpoint: None,
         });
-        let roster = Roster::build(&w.ca, &w.key, 2, T0, members, vec![]).unwrap();
+        let roster = Roster::build(&w.ca, &w.key, 2, T0, T0 + 365 * DAY, members, vec![]).unwrap();
         let t = Trust {
             roster: Arc::new(roster),
             ..t
@@ -266,7 +284,7 @@ mod tests {
         let ca_a = CaCert::create(&key, "ca", "net-a", T0 - DAY, T0 + 90 * DAY).unwrap();
         let ca_b = CaCert::create(&key, "ca", "net-b", T0 - DAY, T0 + 90 * DAY).unwrap();
         let m = member(&ca_b, &key, "b1", 1);
-        let roster = Roster::build(&ca_a, &key, 1, T0, vec![], vec![]).unwrap();
+        let roster = Roster::build(&ca_a, &key, 1, T0, T0 + 365 * DAY, vec![], vec![]).unwrap();
         let t = Trust {
             ca: Arc::new(ca_a),
             roster: Arc::new(roster),
