@@ -186,11 +186,11 @@ pub fn write_document(path: &Path, contents: &str) -> Result<()> {
 
 /// Writes a document atomically and durably: a reader sees the old file or
 /// the new one, never half of either, and once this returns the new one
-/// survives a crash (the file and then its directory are fsynced). `mode`
-/// (before the umask) is for a new file: 0600 for state that others need not
-/// read. The temporary file gets an unpredictable name and is created
-/// exclusively without following links, so nothing planted in the directory
-/// is written through or removed.
+/// survives a crash (the file and then its directory are fsynced). The
+/// document gets `mode` less the umask, whatever the file it replaces had:
+/// 0600 for state that others need not read. The temporary file gets an
+/// unpredictable name and is created exclusively without following links, so
+/// nothing planted in the directory is written through or removed.
 pub fn write_document_mode(path: &Path, contents: &str, mode: u32) -> Result<()> {
     let dir = path
         .parent()
