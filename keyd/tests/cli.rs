@@ -328,3 +328,80 @@ fn bad_inputs_get_specific_errors() {
     .err();
     assert!(err.contains("host names are not accepted"), "{err}");
 }
+
+/// Seconds between a roster's issue time and its expiry, as `inspect` shows them.
+fn roster_lifetime(v: &serde_json::Value) -> u64 {
+    let t = |k: &str| humantime::parse_rfc3339(v[k].as_str().unwrap()).unwrap();
+    t("not_after")
+        .duration_since(t("issued_at"))
+        .unwrap()
+        .as_secs()
+}
+
+#[test]
+fn rosters_expire_when_the_ca_says() {
+    let net = Net::new("demo");
+    let c1 = net.node("n1", "10.99.0.1/24");
+    let ca_dir = net.ca();
+    let ca_cert = ca_dir.join("ca.crt");
+    let roster = net.root.join("roster");
+    let build = |extra: &[&str]| {
+        let mut args = vec![
+            "roster",
+            "build",
+            "--ca-dir",
+            p(&ca_dir),
+            "--member",
+            p(&c1),
+            "--serial",
+            "1",
+            "--out",
+            p(&roster),
+        ];
+        args.extend_from_slice(extra);
+        keyd(&args)
+    };
+    let inspect = || json(&keyd(&["inspect", p(&roster), "--ca-cert", p(&ca_cert), "--json"]).ok());
+
+    // Default: a week.
+    let out = build(&[]).ok();
+    assert!(out.contains("valid until"), "{out}");
+    let v = inspect();
+    assert_eq!(roster_lifetime(&v), 7 * 86_400);
+    assert_eq!(v["status"], "valid");
+
+    // Chosen by the CA.
+    build(&["--valid", "2d"]).ok();
+    assert_eq!(roster_lifetime(&inspect()), 2 * 86_400);
+
+    // A roster that would never be valid, or a duration that is not one.
+    let err = build(&["--valid", "0s"]).err();
+    assert!(
+        err.contains("--valid") && err.contains("not after"),
+        "{err}"
+    );
+    let err = build(&["--valid", "soon"]).err();
+    assert!(err.contains("--valid"), "{err}");
+
+    // A revocation publishes a new roster with its own expiry.
+    keyd(&[
+        "roster",
+        "revoke",
+        "--ca-dir",
+        p(&ca_dir),
+        "--roster",
+        p(&roster),
+        "--cert",
+        p(&c1),
+        "--valid",
+        "1h",
+    ])
+    .ok();
+    let v = inspect();
+    assert_eq!(v["serial"], 2);
+    assert_eq!(roster_lifetime(&v), 3600);
+
+    // The human-readable form shows the expiry too.
+    let text = keyd(&["inspect", p(&roster)]).ok();
+    assert!(text.contains("not_after"), "{text}");
+}

@@ -78,6 +78,8 @@ fn roster_json(r: &Roster, checked: bool, now: u64) -> Value {
         "network_id": r.network_id(),
         "serial": r.serial(),
         "issued_at": time::rfc3339(r.issued_at()),
+        "not_after": time::rfc3339(r.not_after()),
+        "status": if now > r.not_after() { "EXPIRED" } else { "valid" },
         "issuer": r.issuer().to_hex(),
         "fingerprint": r.fingerprint().to_hex(),
         "signature": if checked { "ok" } else { "not checked (pass --ca-cert)" },

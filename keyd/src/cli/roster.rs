@@ -1,5 +1,8 @@
 //! `keyd roster build` and `keyd roster revoke`: the CA publishes who is in
 //! the network. Every new roster gets a higher serial; nodes refuse older ones.
+//! Every roster also expires (`--valid`, default 7 days): a node that stops
+//! getting new rosters stops trusting its peers instead of trusting revoked
+//! ones forever, so the CA must publish a fresh roster before then.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -7,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
+use mesh_proto::RosterError;
 use mesh_proto::cert::{CaCert, NodeCert};
 use mesh_proto::roster::{Member, Roster};
 use mesh_proto::signed::Fingerprint;
@@ -35,10 +39,17 @@ pub struct BuildArgs {
     /// The roster this one replaces: its revocations carry over.
     #[arg(long)]
     previous: Option<PathBuf>,
+    /// How long nodes accept this roster (humantime: 7d, 12h, ...).
+    #[arg(long, default_value = DEFAULT_VALID)]
+    valid: String,
     /// Where to write the roster.
     #[arg(long)]
     out: PathBuf,
 }
+
+/// A week: long enough to ride out an outage of the CA, short enough that a
+/// node cut off from updates does not trust a revoked peer for long.
+const DEFAULT_VALID: &str = "7d";
 
 #[derive(Args, Debug)]
 pub struct RevokeArgs {
@@ -54,9 +65,20 @@ pub struct RevokeArgs {
     /// Fingerprint to revoke, 64 hex digits (repeatable).
     #[arg(long = "fingerprint")]
     fingerprints: Vec<String>,
+    /// How long nodes accept the new roster (humantime: 7d, 12h, ...).
+    #[arg(long, default_value = DEFAULT_VALID)]
+    valid: String,
     /// Where to write the new roster (default: replace --roster).
     #[arg(long)]
     out: Option<PathBuf>,
+}
+
+/// Issue time now, expiry `--valid` later. The roster refuses an expiry that
+/// is not after its issue time (`--valid 0s`).
+fn validity(valid: &str) -> Result<(u64, u64)> {
+    let valid = time::parse_duration("--valid", valid)?;
+    let now = time::unix_now();
+    Ok((now, now.saturating_add(valid.as_secs())))
 }
 
 /// Parses `CERT_FILE[,wg=IP:PORT][,keyd=IP:PORT]`.
@@ -86,6 +108,15 @@ fn parse_member(spec: &str) -> Result<Member> {
     Ok(member)
 }
 
+/// Names the option behind a refused validity; other errors speak for
+/// themselves.
+fn valid_context(e: RosterError) -> anyhow::Error {
+    match e {
+        RosterError::Validity { .. } => anyhow::Error::new(e).context("--valid"),
+        other => other.into(),
+    }
+}
+
 fn load_roster(path: &Path, ca: &CaCert) -> Result<Roster> {
     Roster::from_text(&files::read_text(path)?, ca).with_context(|| format!("{}", path.display()))
 }
@@ -93,11 +124,12 @@ fn load_roster(path: &Path, ca: &CaCert) -> Result<Roster> {
 fn write(out: &Path, roster: &Roster) -> Result<()> {
     files::write_document(out, &roster.to_text())?;
     println!(
-        "wrote {} (serial {}, {} members, {} revoked)",
+        "wrote {} (serial {}, {} members, {} revoked, valid until {})",
         out.display(),
         roster.serial(),
         roster.members().len(),
-        roster.revoked().count()
+        roster.revoked().count(),
+        time::rfc3339(roster.not_after())
     );
     Ok(())
 }
@@ -132,7 +164,9 @@ fn build(a: BuildArgs) -> Result<()> {
             bail!("member `{}` has a revoked certificate", m.cert.body().name);
         }
     }
-    let roster = Roster::build(&ca, &key, serial, time::unix_now(), members, revoked)?;
+    let (issued_at, not_after) = validity(&a.valid)?;
+    let roster = Roster::build(&ca, &key, serial, issued_at, not_after, members, revoked)
+        .map_err(valid_context)?;
     if let Some(p) = &previous {
         Roster::check_update(Some(p), &roster)?;
     }
@@ -166,13 +200,16 @@ fn revoke(a: RevokeArgs) -> Result<()> {
             revoked.push(fp);
         }
     }
+    let (issued_at, not_after) = validity(&a.valid)?;
     let roster = Roster::build(
         &ca,
         &key,
         current.serial() + 1,
-        time::unix_now(),
+        issued_at,
+        not_after,
         members,
         revoked,
-    )?;
+    )
+    .map_err(valid_context)?;
     write(a.out.as_deref().unwrap_or(&a.roster), &roster)
 }
