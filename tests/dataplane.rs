@@ -596,3 +596,52 @@ fn ipv6_inside_the_tunnel_with_segmentation_and_coalescing() {
     let (sent, got) = tcp6_transfer(&p.b.ns, &p.a.ns, a6, 16 << 20);
     assert_eq!(sent, got, "16 MiB over IPv6 B -> A");
 }
+
+/// A mesh-node with metrics, not yet configured: a fresh interface.
+fn unconfigured_side(ns: Netns, keys: &WgKeys, underlay: std::net::Ipv4Addr, host: u8) -> Side {
+    let ifname = unique("wg");
+    let daemon = Daemon::mesh_node_with(&ns, bin(), &ifname, &["--metrics-listen", METRICS_ADDR]);
+    let key = keys.private(&format!("{ifname}.key"));
+    Side {
+        pubkey: WgKeys::public(&key),
+        ns,
+        daemon,
+        key,
+        underlay,
+        overlay: std::net::Ipv4Addr::new(10, 77, 0, host),
+    }
+}
+
+/// `wg set IF peer KEY allowed-ips ...` on a fresh interface, before any
+/// private key (and a listen port before the key too): the kernel and
+/// wireguard-go accept both, and so must we. Once the key is set the peer
+/// is an ordinary peer: the tunnel carries pings both ways.
+#[test]
+fn a_peer_set_before_the_private_key_is_accepted_and_works_once_the_key_is_set() {
+    let (na, nb) = (Netns::new(), Netns::new());
+    let (ua, ub) = link(&na, &nb, 116);
+    let keys = WgKeys::new();
+    let (a, b) = (
+        unconfigured_side(na, &keys, ua, 1),
+        unconfigured_side(nb, &keys, ub, 2),
+    );
+    let ifa = a.daemon.ifname.clone();
+    let allowed = format!("{}/32", b.overlay);
+    a.wg(&["set", &ifa, "peer", &b.pubkey, "allowed-ips", &allowed]);
+    a.wg(&["set", &ifa, "listen-port", "51820"]);
+    assert_eq!(
+        a.wg(&["show", &ifa, "allowed-ips"]).trim(),
+        format!("{}\t{allowed}", b.pubkey),
+        "the keyless interface lists the peer"
+    );
+    assert_eq!(a.metric("mesh_node_uapi_failed_total"), 0);
+
+    let psk = keys.psk("psk0");
+    a.configure(&b, &psk);
+    b.configure(&a, &psk);
+    assert_eq!(a.ping(b.overlay, 3, "0.2"), 3, "A -> B once A has its key");
+    assert_eq!(b.ping(a.overlay, 3, "0.2"), 3, "B -> A");
+    assert_eq!(a.metric("mesh_node_uapi_failed_total"), 0);
+    let log = a.daemon.log();
+    assert!(!log.contains("panicked"), "{log}");
+}

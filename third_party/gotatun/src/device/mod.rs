@@ -101,6 +101,10 @@ pub enum Error {
     /// The device has no active connection, e.g. because it is suspended
     #[error("The device has no active connection")]
     NotConnected,
+
+    /// The device has no private key yet (pqmesh patch 5)
+    #[error("The device has no private key")]
+    NoPrivateKey,
 }
 
 /// A reference-counted handle to a WireGuard device.
@@ -203,6 +207,14 @@ impl<T: DeviceTransports> Connection<T> {
         // `DeviceState`; [`Device::resume`] brings the connection up afterwards
         // with the latest config.
         if device.suspended {
+            return Ok(());
+        }
+
+        // pqmesh patch 5: peers (and a port) may be configured before the
+        // private key, as in wireguard-go and the kernel. Without a key there
+        // is nothing to answer or send with, so the connection comes up when
+        // the key is set (`set_key` asks for a reconfiguration).
+        if device.key_pair.is_none() {
             return Ok(());
         }
 
@@ -600,18 +612,24 @@ impl<T: DeviceTransports> DeviceState<T> {
     }
 
     fn create_peer(&mut self, peer_builder: Peer) -> PeerState {
-        let device_key_pair = self
-            .key_pair
-            .as_ref()
-            .expect("Private key must be set first");
-        let rate_limiter = self
-            .rate_limiter
-            .as_ref()
-            .expect("Setting private key creates rate limiter")
-            .clone();
+        // pqmesh patch 5: a peer added before the private key gets its
+        // handshake state on a throwaway key, which `set_key` replaces (as it
+        // replaces the old key on a key change). Nothing is sent with it: no
+        // connection exists until the device has a key (`Connection::set_up`).
+        let (private_key, rate_limiter) = match (&self.key_pair, &self.rate_limiter) {
+            (Some((private_key, _)), Some(rate_limiter)) => {
+                (private_key.clone(), Arc::clone(rate_limiter))
+            }
+            _ => {
+                let throwaway = x25519::StaticSecret::random_from_rng(rand_core::OsRng);
+                let public_key = x25519::PublicKey::from(&throwaway);
+                let rate_limiter = Arc::new(RateLimiter::new(&public_key, HANDSHAKE_RATE_LIMIT));
+                (throwaway, rate_limiter)
+            }
+        };
 
         let mut tunn = Tunn::new(
-            device_key_pair.0.clone(),
+            private_key,
             peer_builder.public_key,
             peer_builder.preshared_key,
             peer_builder.keepalive,
@@ -808,8 +826,13 @@ impl<T: DeviceTransports> DeviceState<T> {
             };
             let device = device.read().await;
 
-            let (private_key, public_key) = device.key_pair.clone().expect("Key not set");
-            let rate_limiter = device.rate_limiter.clone().unwrap();
+            // pqmesh patch 5: unreachable (no connection without a key), but
+            // an error rather than a panic if that ever changes.
+            let (Some((private_key, public_key)), Some(rate_limiter)) =
+                (device.key_pair.clone(), device.rate_limiter.clone())
+            else {
+                return Err(Error::NoPrivateKey);
+            };
             let tun_mtu = device.tun_rx_mtu.clone();
             let counters = Arc::clone(&device.counters);
             (private_key, public_key, rate_limiter, tun_mtu, counters)

@@ -675,3 +675,44 @@ async fn test_device_pair(eavesdrop: impl AsyncFnOnce(MockEavesdropper) + Send) 
         eavesdrop
     };
 }
+
+/// pqmesh patch 5: a peer added before the private key (wireguard-go and
+/// the kernel allow it) does not panic; the keyless device sends nothing, and
+/// once the key is set the peer is an ordinary peer.
+#[tokio::test]
+#[test_log::test]
+async fn peer_added_before_the_private_key_works_once_the_key_is_set() {
+    let (alice, mut bob, eve, alice_key) = mock::device_pair_alice_key_later().await;
+    let mut wg = std::pin::pin!(eve.wg());
+
+    // A reconfiguration without a key brings no connection up.
+    alice
+        .device
+        .set_listen_port(51820)
+        .await
+        .expect("a port before the key is accepted");
+    let peers = alice.device.peers().await;
+    assert_eq!(peers.len(), 1, "the peer is listed before the key");
+    alice.app_tx.send(mock::packet(b"before the key")).await;
+    assert!(
+        timeout(Duration::from_millis(300), wg.next())
+            .await
+            .is_err(),
+        "a device without a key sends nothing"
+    );
+
+    alice
+        .device
+        .set_private_key(alice_key)
+        .await
+        .expect("setting the key brings the connection up");
+    alice.app_tx.send(mock::packet(b"after the key")).await;
+    for expected in [&b"before the key"[..], b"after the key"] {
+        let received = timeout(Duration::from_secs(2), bob.app_rx.recv())
+            .await
+            .expect("the tunnel works once the key is set");
+        assert_eq!(received.as_bytes(), mock::packet(expected).as_bytes());
+    }
+
+    drop((alice, bob));
+}

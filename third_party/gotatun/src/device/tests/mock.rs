@@ -48,6 +48,20 @@ pub const BOB_INDEX_SEED: u64 = 2;
 pub const TUN_MTU: u16 = 1360;
 
 pub async fn device_pair() -> (MockDevice, MockDevice, MockEavesdropper) {
+    let (alice, bob, eve, _) = device_pair_inner(true).await;
+    (alice, bob, eve)
+}
+
+/// As [`device_pair`], but alice is built with her peer and without her
+/// private key, which is returned for the test to set (pqmesh patch 5).
+pub async fn device_pair_alice_key_later()
+-> (MockDevice, MockDevice, MockEavesdropper, StaticSecret) {
+    device_pair_inner(false).await
+}
+
+async fn device_pair_inner(
+    alice_key_at_build: bool,
+) -> (MockDevice, MockDevice, MockEavesdropper, StaticSecret) {
     let (mock_tun_a, mock_app_tx_a, mock_app_rx_a) = mock_tun();
     let (mock_tun_b, mock_app_tx_b, mock_app_rx_b) = mock_tun();
 
@@ -138,8 +152,11 @@ pub async fn device_pair() -> (MockDevice, MockDevice, MockEavesdropper) {
         .with_endpoint((endpoint_b, port).into())
         .with_allowed_ip(Ipv4Network::new(Ipv4Addr::UNSPECIFIED, 0).unwrap().into());
 
-    let device_a = DeviceBuilder::new()
-        .with_private_key(privkey_a)
+    let mut builder_a = DeviceBuilder::new();
+    if alice_key_at_build {
+        builder_a = builder_a.with_private_key(privkey_a.clone());
+    }
+    let device_a = builder_a
         .with_ip(mock_tun_a.clone())
         .with_udp(udp_alice)
         .with_listen_port(port) // TODO: is this necessary?
@@ -176,7 +193,7 @@ pub async fn device_pair() -> (MockDevice, MockDevice, MockEavesdropper) {
         source_ipv4_override: bob_source_ip,
     };
 
-    (alice, bob, eve)
+    (alice, bob, eve, privkey_a)
 }
 
 pub fn mock_tun() -> (MockTun, MockAppTx, MockAppRx) {
