@@ -1,104 +1,119 @@
-//! `keyd run`: turns the signed roster into keys in the local data plane.
+//! `keyd run`: the driver of [`crate::policy::MeshPolicy`].
 //!
-//! * Every pair runs one exchange at a time: the member with the lower node
-//!   id initiates, the other only answers (no glare, no double exchange).
-//! * Initiator, one task per peer: connect (QUIC, reused), exchange, install
-//!   peer + PSK, sleep one rotation interval with ±10 % jitter. On failure,
-//!   retry with backoff; once the key is older than interval + hard lifetime,
-//!   remove the peer from the data plane (fail closed).
-//! * Responder: accepts exchanges, each checked against the current roster.
-//! * The roster file is watched; a newer serial takes effect at once (new
-//!   members dialled, removed or revoked members cut), an older one is
-//!   refused (rollback), and the highest serial seen persists in state_dir.
-//! * Starting never removes peers: tunnels established before a restart keep
-//!   running until their keys are replaced or reach the hard lifetime.
+//! One task owns the policy. Everything else — exchanges as initiator (one
+//! task per dial), exchanges as responder (one task per connection), the
+//! roster file watcher — only sends inputs to it over a channel. The owner
+//! performs the policy's actions in the order they come (data-plane calls
+//! one at a time, so a check and the install it allows are never separated
+//! by a roster change), logs its events, persists its state and writes
+//! `status.json` once a second.
 
-use std::collections::{BTreeMap, HashSet};
-use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, bail};
 use mesh_proto::cert::{CaCert, NodeCert};
-use mesh_proto::exchange::{DEFAULT_TIMEOUT, Established, ExchangeParams, LocalIdentity};
-use mesh_proto::identity::{NodeId, NoisePrivateKey, WgPrivateKey, WgPublicKey};
+use mesh_proto::exchange::{
+    DEFAULT_TIMEOUT, Established, ExchangeParams, LocalIdentity, PeerEpochs,
+};
+use mesh_proto::identity::{NodeId, NoisePrivateKey, WgPrivateKey};
 use mesh_proto::roster::{Member, Roster};
 use mesh_proto::trust::Trust;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{Mutex, watch};
-use tracing::{info, warn};
+use tokio::sync::{mpsc, watch};
+use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::dataplane::{DataPlane, PeerConfig};
-use crate::{files, quic};
+use crate::policy::{
+    Action, Counters, DataPlaneView, LocalState, MeshPolicy, Now, PeerStatus, PolicyConfig,
+    PolicyEvent, Role,
+};
+use crate::ratelimit::{LogLimiter, Verdict};
+use crate::state::{self, PersistedState};
+use crate::{files, quic, text, time};
 
-/// One peer as `keyd status` shows it.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct PeerStatus {
-    pub name: String,
-    pub node_id: String,
-    /// `connecting`, `up`, `retrying`, `expired` (cut off), `removed`.
-    pub state: String,
-    pub role: String,
-    pub epoch: u64,
-    /// Unix seconds of the last successful exchange.
-    pub last_exchange: Option<u64>,
-    pub key_age_secs: Option<u64>,
-    pub last_error: Option<String>,
-    pub exchanges_ok: u64,
-    pub exchanges_failed: u64,
-}
+/// How long before its expiry `keyd status` warns about the roster.
+pub const ROSTER_EXPIRY_WARNING: Duration = Duration::from_secs(24 * 3600);
 
 /// What `keyd status` reads (written atomically to state_dir/status.json).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Status {
     pub node: String,
     pub node_id: String,
     pub interface: String,
+    /// This node's own standing: member, revoked, roster_expired, ...
+    pub local_state: LocalState,
     pub roster_serial: u64,
+    /// Unix seconds after which the roster is refused (plus clock skew).
+    pub roster_not_after: u64,
     pub updated_at: u64,
+    /// Whether the last read of the data plane succeeded; `peers[].in_dataplane`
+    /// is what that read found, not what keyd last wrote.
+    pub dataplane_reachable: bool,
+    /// Peers in the data plane that the roster does not list (removed at
+    /// the next reconcile).
+    pub unlisted_in_dataplane: usize,
     pub peers: BTreeMap<String, PeerStatus>,
-    /// Refusals by reason label (unknown_ca, expired, revoked, ...).
+    /// Refused exchanges by reason label (unknown_ca, expired, revoked, ...).
     pub refusals: BTreeMap<String, u64>,
     pub roster_rollbacks_refused: u64,
-    pub peers_cut_at_hard_lifetime: u64,
+    pub rosters_refused: u64,
+    #[serde(flatten)]
+    pub counters: Counters,
 }
 
-struct PeerTrack {
-    status: PeerStatus,
-    installed_at: Option<Instant>,
-    wg_key: Option<WgPublicKey>,
+/// Inputs from the tasks to the policy's owner.
+enum Input {
+    Established {
+        est: Box<Established>,
+        role: Role,
+    },
+    /// An exchange this node dialled failed.
+    DialFailed {
+        peer: NodeId,
+        label: &'static str,
+        error: String,
+    },
+    /// An exchange a peer started was refused or failed.
+    Refused {
+        remote: SocketAddr,
+        label: &'static str,
+        error: String,
+    },
+    Roster(Arc<Roster>),
+    RosterRefused {
+        rollback: bool,
+        error: String,
+    },
+}
+
+/// What responders and dialers read to build their exchange parameters.
+struct Snapshot {
+    roster: Arc<Roster>,
+    max_epoch: u64,
+    peer_epochs: PeerEpochs,
 }
 
 struct Shared {
     config: Config,
     identity: Arc<LocalIdentity>,
     ca: Arc<CaCert>,
-    roster: watch::Sender<Arc<Roster>>,
-    dataplane: DataPlane,
     endpoint: quinn::Endpoint,
-    peers: Mutex<BTreeMap<NodeId, PeerTrack>>,
-    refusals: Mutex<BTreeMap<String, u64>>,
-    rollbacks: AtomicU64,
-    cut_at_hard_lifetime: AtomicU64,
+    snapshot: watch::Sender<Arc<Snapshot>>,
+    inputs: mpsc::Sender<Input>,
+    /// QUIC connections this node dialled, reused across rotations.
+    connections: Mutex<HashMap<NodeId, quinn::Connection>>,
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
-/// ±10 % around `d`, so a large mesh does not rotate in lockstep.
-fn jittered(d: Duration) -> Duration {
-    let r =
-        mesh_proto::identity::random_bytes::<2>().map_or(u16::MAX / 2, |b| u16::from_le_bytes(*b));
-    d.mul_f64(0.9 + 0.2 * (f64::from(r) / f64::from(u16::MAX)))
-}
-
-fn serial_path(c: &Config) -> PathBuf {
-    c.state_dir.join("roster.serial")
+fn now() -> Now {
+    Now {
+        mono: Instant::now(),
+        unix: time::unix_now(),
+    }
 }
 
 fn load_roster(c: &Config, ca: &CaCert) -> Result<Roster> {
@@ -106,28 +121,8 @@ fn load_roster(c: &Config, ca: &CaCert) -> Result<Roster> {
         .with_context(|| format!("roster {}", c.roster.display()))
 }
 
-/// Refuses a roster older than the highest serial this node has used.
-fn check_persisted_serial(c: &Config, roster: &Roster) -> Result<()> {
-    if let Ok(text) = std::fs::read_to_string(serial_path(c))
-        && let Ok(highest) = text.trim().parse::<u64>()
-        && roster.serial() < highest
-    {
-        bail!(
-            "roster serial {} is older than serial {highest} already used here (rollback refused)",
-            roster.serial()
-        );
-    }
-    Ok(())
-}
-
-fn persist_serial(c: &Config, serial: u64) {
-    if let Err(e) = files::write_document(&serial_path(c), &format!("{serial}\n")) {
-        warn!("cannot persist roster serial: {e:#}");
-    }
-}
-
-/// Loads everything, configures the data plane, and runs until stopped.
-pub async fn run(config: Config) -> Result<()> {
+/// Loads everything, checks it, and runs until stopped.
+pub async fn run(config: Config, reset_state: bool) -> Result<()> {
     let ca = Arc::new(crate::cli::load_ca_cert(&config.ca_cert)?);
     let cert = NodeCert::from_text(&files::read_text(&config.cert)?)
         .with_context(|| format!("`cert` {}", config.cert.display()))?;
@@ -147,309 +142,432 @@ pub async fn run(config: Config) -> Result<()> {
     {
         bail!("the keys in `wg_key`/`noise_key` are not the ones `cert` certifies");
     }
+    let roster = load_roster(&config, &ca)?;
+    let skew = config.max_clock_skew.as_secs();
+    roster
+        .check_fresh(time::unix_now(), skew)
+        .with_context(|| format!("roster {}", config.roster.display()))?;
+    let persisted = state::load(&config.state_dir, reset_state)?;
+    match &persisted {
+        Some(s) => s.check_roster(&roster)?,
+        None if reset_state => warn!(
+            "--reset-state: starting from roster serial {} with no memory of earlier rosters or epochs",
+            roster.serial()
+        ),
+        None => info!("first start: no state in {}", config.state_dir.display()),
+    }
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("`state_dir` {}", config.state_dir.display()))?;
-    let roster = load_roster(&config, &ca)?;
-    check_persisted_serial(&config, &roster)?;
-    persist_serial(&config, roster.serial());
+    let records = persisted.map(|s| s.records()).unwrap_or_default();
+    state::save(&config.state_dir, &PersistedState::new(&roster, &records))?;
 
-    let dataplane = DataPlane::for_interface(&config.interface);
-    dataplane.configure_interface(&wg_key, config.wg_listen_port)?;
+    let seed = mesh_proto::identity::random_bytes::<8>()
+        .map(|b| u64::from_le_bytes(*b))
+        .context("no randomness for jitter")?;
+    let policy = MeshPolicy::new(
+        PolicyConfig {
+            rotation_interval: config.rotation_interval,
+            hard_lifetime: config.hard_lifetime,
+            max_clock_skew: skew,
+            listen_port: config.wg_listen_port,
+            persistent_keepalive: config.persistent_keepalive,
+        },
+        cert.clone(),
+        Arc::new(roster),
+        records,
+        seed,
+        now(),
+    );
     let endpoint = quic::endpoint(config.quic_listen)?;
     let identity = Arc::new(LocalIdentity { cert, noise_key });
     info!(
         "keyd up: node {} ({}), interface {}, QUIC {}, roster serial {}",
-        identity.cert.body().name,
+        text::sanitize(&identity.cert.body().name, text::NAME_MAX),
         identity.node_id(),
         config.interface,
         config.quic_listen,
-        roster.serial()
+        policy.roster().serial()
     );
-    let (roster_tx, _) = watch::channel(Arc::new(roster));
+    let (inputs, rx) = mpsc::channel(1024);
+    let (snapshot, _) = watch::channel(snapshot_of(&policy));
     let shared = Arc::new(Shared {
         config,
         identity,
         ca,
-        roster: roster_tx,
-        dataplane,
         endpoint,
-        peers: Mutex::new(BTreeMap::new()),
-        refusals: Mutex::new(BTreeMap::new()),
-        rollbacks: AtomicU64::new(0),
-        cut_at_hard_lifetime: AtomicU64::new(0),
+        snapshot,
+        inputs,
+        connections: Mutex::new(HashMap::new()),
     });
     tokio::spawn(accept_loop(shared.clone()));
     tokio::spawn(watch_roster(shared.clone()));
-    tokio::spawn(write_status_loop(shared.clone()));
-    tokio::spawn(expire_loop(shared.clone()));
-    supervise(shared).await;
+    Driver {
+        s: shared.clone(),
+        policy,
+        dataplane: DataPlane::for_interface(&shared.config.interface),
+        wg_key: Arc::new(wg_key),
+        refusals: BTreeMap::new(),
+        rollbacks: 0,
+        rosters_refused: 0,
+        limiter: LogLimiter::default(),
+        next_status: Instant::now(),
+    }
+    .run(rx)
+    .await;
     Ok(())
 }
 
-fn params(
-    s: &Shared,
-    roster: Arc<Roster>,
-    expected: Option<NodeId>,
-    last_epoch: u64,
-) -> ExchangeParams {
+fn snapshot_of(policy: &MeshPolicy) -> Arc<Snapshot> {
+    let (max_epoch, per_peer) = policy.epochs();
+    Arc::new(Snapshot {
+        roster: policy.roster().clone(),
+        max_epoch,
+        peer_epochs: PeerEpochs::new(per_peer),
+    })
+}
+
+/// The owner of the policy.
+struct Driver {
+    s: Arc<Shared>,
+    policy: MeshPolicy,
+    dataplane: DataPlane,
+    wg_key: Arc<WgPrivateKey>,
+    refusals: BTreeMap<String, u64>,
+    rollbacks: u64,
+    rosters_refused: u64,
+    limiter: LogLimiter,
+    next_status: Instant,
+}
+
+impl Driver {
+    async fn run(mut self, mut rx: mpsc::Receiver<Input>) {
+        loop {
+            self.perform().await;
+            self.log_events();
+            self.s.snapshot.send_replace(snapshot_of(&self.policy));
+            if Instant::now() >= self.next_status {
+                self.write_status();
+                self.next_status = Instant::now() + Duration::from_secs(1);
+            }
+            let wake = self.policy.poll_timeout(now()).min(self.next_status);
+            tokio::select! {
+                input = rx.recv() => match input {
+                    Some(input) => self.feed(input),
+                    None => return,
+                },
+                _ = tokio::time::sleep_until(wake.into()) => self.policy.handle_timeout(now()),
+            }
+        }
+    }
+
+    fn feed(&mut self, input: Input) {
+        let now = now();
+        match input {
+            Input::Established { est, role } => {
+                let Established {
+                    peer, epoch, psk, ..
+                } = *est;
+                self.policy
+                    .exchange_established(peer.cert(), epoch, psk, role, now);
+            }
+            Input::DialFailed { peer, label, error } => {
+                *self.refusals.entry(label.to_string()).or_default() += 1;
+                self.log_limited(label, || {
+                    format!("exchange with {peer} failed ({label}): {error}")
+                });
+                self.policy
+                    .exchange_failed(Some(peer), &format!("{label}: {error}"), now);
+            }
+            Input::Refused {
+                remote,
+                label,
+                error,
+            } => {
+                *self.refusals.entry(label.to_string()).or_default() += 1;
+                self.log_limited(label, || {
+                    format!("refused an exchange from {remote} ({label}): {error}")
+                });
+            }
+            Input::Roster(roster) => {
+                info!(
+                    "roster serial {} -> {}",
+                    self.policy.roster().serial(),
+                    roster.serial()
+                );
+                self.policy.set_roster(roster, now);
+            }
+            Input::RosterRefused { rollback, error } => {
+                if rollback {
+                    self.rollbacks += 1;
+                }
+                self.rosters_refused += 1;
+                self.log_limited("roster_refused", || format!("new roster refused: {error}"));
+            }
+        }
+    }
+
+    fn log_limited(&mut self, key: &'static str, line: impl FnOnce() -> String) {
+        if let Verdict::Log { suppressed } = self.limiter.check(key, Instant::now()) {
+            if suppressed > 0 {
+                warn!("{} ({suppressed} similar suppressed)", line());
+            } else {
+                warn!("{}", line());
+            }
+        }
+    }
+
+    /// Performs every pending action in order. After a data-plane call that
+    /// could not reach the data plane, the rest of this batch's data-plane
+    /// calls are reported failed without trying (the next read retries), so
+    /// a hung data plane costs one timeout, not one per peer.
+    async fn perform(&mut self) {
+        let mut unreachable = false;
+        let mut persist = false;
+        while let Some(action) = self.policy.poll_action() {
+            let result = match &action {
+                Action::Dial(member) => {
+                    self.dial((**member).clone());
+                    continue;
+                }
+                Action::Persist => {
+                    persist = true;
+                    continue;
+                }
+                _ if unreachable => Err(CallError {
+                    message: "data plane unreachable".into(),
+                    unreachable: true,
+                }),
+                Action::ReadDataPlane => {
+                    let dp = self.dataplane.clone();
+                    let key = self.wg_key.clone();
+                    let read = tokio::task::spawn_blocking(move || {
+                        let mut info = dp.get()?;
+                        let own = info
+                            .private_key
+                            .take()
+                            .is_some_and(|k| k.0 == *key.0.as_bytes());
+                        anyhow::Ok(DataPlaneView::from_device(info, own))
+                    })
+                    .await;
+                    match read {
+                        Ok(Ok(view)) => self.policy.observed(view, now()),
+                        Ok(Err(e)) => {
+                            self.log_limited("dataplane_read", || {
+                                format!("cannot read the data plane: {e:#}")
+                            });
+                            self.policy.observe_failed(now());
+                            unreachable = true;
+                        }
+                        Err(e) => {
+                            error!("data-plane read task failed: {e}");
+                            self.policy.observe_failed(now());
+                        }
+                    }
+                    continue;
+                }
+                Action::ConfigureInterface => {
+                    let key = self.wg_key.clone();
+                    let port = self.s.config.wg_listen_port;
+                    self.blocking(move |dp| dp.configure_interface(&key, port))
+                        .await
+                }
+                Action::Install(i) => {
+                    let peer = PeerConfig {
+                        public_key: i.public_key,
+                        preshared_key: i.preshared_key.clone(),
+                        endpoint: i.endpoint,
+                        allowed_ips: i.allowed_ips.clone(),
+                        persistent_keepalive: i.persistent_keepalive,
+                    };
+                    self.blocking(move |dp| dp.upsert_peer(&peer)).await
+                }
+                Action::Remove(key) => {
+                    let key = *key;
+                    self.blocking(move |dp| dp.remove_peer(&key)).await
+                }
+            };
+            let result = result.map_err(|e| {
+                unreachable |= e.unreachable;
+                self.log_limited("dataplane_call", || {
+                    format!("data-plane call failed: {}", e.message)
+                });
+                e.message
+            });
+            self.policy.action_done(&action, result, now());
+        }
+        if persist {
+            let state = PersistedState::new(self.policy.roster(), &self.policy.persisted());
+            if let Err(e) = state::save(&self.s.config.state_dir, &state) {
+                error!("cannot persist state: {e:#}");
+            }
+        }
+    }
+
+    async fn blocking(
+        &self,
+        call: impl FnOnce(&DataPlane) -> Result<()> + Send + 'static,
+    ) -> Result<(), CallError> {
+        let dp = self.dataplane.clone();
+        match tokio::task::spawn_blocking(move || call(&dp)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(CallError {
+                message: format!("{e:#}"),
+                // An I/O error (connect, read, write, timeout) means the data
+                // plane is not there; an errno answer means it refused.
+                unreachable: e.chain().any(|c| c.is::<std::io::Error>()),
+            }),
+            Err(e) => Err(CallError {
+                message: format!("data-plane task failed: {e}"),
+                unreachable: false,
+            }),
+        }
+    }
+
+    fn log_events(&mut self) {
+        while let Some(event) = self.policy.poll_event() {
+            match event {
+                PolicyEvent::Installed { name, epoch, role } => {
+                    info!("key epoch {epoch} installed for {name} ({role:?})")
+                }
+                PolicyEvent::NotInstalled { name, why } => {
+                    warn!("key agreed with {name} not installed: {why}")
+                }
+                PolicyEvent::Cut { name, reason } => {
+                    warn!("peer {name} cut off: {}", reason.describe())
+                }
+                PolicyEvent::Removed { public_key } => {
+                    warn!(
+                        "peer {public_key} removed from the data plane: not a valid member with a fresh key"
+                    )
+                }
+                PolicyEvent::InterfaceRestored => {
+                    warn!(
+                        "the data plane had lost its private key (restarted?): interface and peers restored"
+                    )
+                }
+                PolicyEvent::LocalStateChanged { state } => match state {
+                    LocalState::Member => info!("this node is a valid member"),
+                    other => error!(
+                        "this node is not a valid member ({other:?}): every peer is dropped until a roster or certificate makes it one again"
+                    ),
+                },
+            }
+        }
+    }
+
+    fn dial(&self, member: Member) {
+        let s = self.s.clone();
+        tokio::spawn(async move {
+            let id = member.cert.body().node_id;
+            let input = match initiate(&s, &member).await {
+                Ok(est) => Input::Established {
+                    est: Box::new(est),
+                    role: Role::Initiator,
+                },
+                Err(e) => {
+                    if let Ok(mut c) = s.connections.lock() {
+                        c.remove(&id);
+                    }
+                    Input::DialFailed {
+                        peer: id,
+                        label: label_of(&e),
+                        error: text::sanitize(&format!("{e:#}"), text::ERROR_MAX),
+                    }
+                }
+            };
+            let _ = s.inputs.send(input).await;
+        });
+    }
+
+    fn write_status(&self) {
+        let now = now();
+        let roster = self.policy.roster();
+        let status = Status {
+            node: text::sanitize(&self.s.identity.cert.body().name, text::NAME_MAX),
+            node_id: self.s.identity.node_id().to_string(),
+            interface: self.s.config.interface.clone(),
+            local_state: self.policy.local_state(),
+            roster_serial: roster.serial(),
+            roster_not_after: roster.not_after(),
+            updated_at: now.unix,
+            dataplane_reachable: self.policy.dataplane_reachable(),
+            unlisted_in_dataplane: self.policy.unlisted_in_dataplane(),
+            peers: self
+                .policy
+                .peer_status(now)
+                .into_iter()
+                .map(|p| (p.name.clone(), p))
+                .collect(),
+            refusals: self.refusals.clone(),
+            roster_rollbacks_refused: self.rollbacks,
+            rosters_refused: self.rosters_refused,
+            counters: self.policy.counters().clone(),
+        };
+        if let Ok(json) = serde_json::to_string_pretty(&status)
+            && let Err(e) = files::write_document(&status_path(&self.s.config), &json)
+        {
+            warn!("cannot write status: {e:#}");
+        }
+    }
+}
+
+/// A failed data-plane call.
+struct CallError {
+    message: String,
+    unreachable: bool,
+}
+
+fn label_of(e: &anyhow::Error) -> &'static str {
+    e.downcast_ref::<mesh_proto::ExchangeError>()
+        .map_or("transport", |x| x.label())
+}
+
+fn params(s: &Shared, snap: &Snapshot, expected: Option<NodeId>) -> ExchangeParams {
     ExchangeParams {
         identity: s.identity.clone(),
         trust: Trust {
             ca: s.ca.clone(),
-            roster,
+            roster: snap.roster.clone(),
             max_clock_skew: s.config.max_clock_skew.as_secs(),
             local: s.identity.node_id(),
         },
         timeout: DEFAULT_TIMEOUT,
-        last_epoch,
+        last_epoch: match expected {
+            Some(id) => snap.peer_epochs.get(&id),
+            None => snap.max_epoch,
+        },
+        peer_epochs: snap.peer_epochs.clone(),
         expected_peer: expected,
     }
 }
 
-/// Starts an initiator task for every member this node must dial, as the
-/// roster changes; cuts members that leave it.
-async fn supervise(s: Arc<Shared>) {
-    let mut rx = s.roster.subscribe();
-    let mut running: HashSet<NodeId> = HashSet::new();
-    loop {
-        let roster = rx.borrow_and_update().clone();
-        let me = s.identity.node_id();
-        let current: HashSet<NodeId> = roster
-            .members()
-            .iter()
-            .filter(|m| !roster.is_revoked(&m.cert.fingerprint()))
-            .map(|m| m.cert.body().node_id)
-            .filter(|id| *id != me)
-            .collect();
-        let to_dial: Vec<NodeId> = current
-            .iter()
-            .filter(|id| me < **id && !running.contains(*id))
-            .copied()
-            .collect();
-        for id in to_dial {
-            running.insert(id);
-            tokio::spawn(initiator(s.clone(), id));
-        }
-        prune(&s, &roster, &current).await;
-        running.retain(|id| current.contains(id));
-        if rx.changed().await.is_err() {
-            return;
-        }
-    }
-}
-
-/// Members gone or revoked are cut from the data plane now, whichever side
-/// we are; so is any peer in the data plane that is not a member (also after
-/// a restart, when nothing is tracked yet).
-async fn prune(s: &Shared, roster: &Roster, current: &HashSet<NodeId>) {
-    let allowed: HashSet<WgPublicKey> = roster
-        .members()
-        .iter()
-        .filter(|m| current.contains(&m.cert.body().node_id))
-        .map(|m| m.cert.body().wg_public)
-        .collect();
-    match s.dataplane.get() {
-        Ok(info) => {
-            for p in info.peers {
-                let key = WgPublicKey(p.public_key.0);
-                if !allowed.contains(&key) {
-                    match s.dataplane.remove_peer(&key) {
-                        Ok(()) => warn!(
-                            "peer {key} cut off: not an unrevoked member of roster {}",
-                            roster.serial()
-                        ),
-                        Err(e) => warn!("cannot remove peer {key}: {e:#}"),
-                    }
-                }
-            }
-        }
-        Err(e) => warn!("cannot read the data plane's peers: {e:#}"),
-    }
-    for (id, track) in s.peers.lock().await.iter_mut() {
-        if !current.contains(id) {
-            track.status.state = "removed".into();
-            track.installed_at = None;
-        }
-    }
-}
-
-/// Removes a peer from the data plane (fail closed) and marks it.
-async fn cut(s: &Shared, id: NodeId, state: &str, why: &str) {
-    let mut peers = s.peers.lock().await;
-    let Some(track) = peers.get_mut(&id) else {
-        return;
-    };
-    if let Some(key) = track.wg_key
-        && let Err(e) = s.dataplane.remove_peer(&key)
-    {
-        warn!(
-            "cannot remove peer {} from the data plane: {e:#}",
-            track.status.name
-        );
-    }
-    warn!("peer {} cut off: {why}", track.status.name);
-    track.status.state = state.into();
-    track.installed_at = None;
-}
-
-/// Puts the agreed key into the data plane and records it.
-async fn install(s: &Shared, est: &Established, member: &Member, role: &str) -> Result<()> {
-    let body = est.peer.cert().body();
-    // The roster may have changed while the exchange ran: install only for a
-    // peer that is still an unrevoked member of the current one.
-    let current = s.roster.borrow().clone();
-    let fingerprint = est.peer.cert().fingerprint();
-    let listed = current
-        .member(&body.node_id)
-        .is_some_and(|m| m.cert.fingerprint() == fingerprint);
-    if !listed || current.is_revoked(&fingerprint) {
-        bail!(
-            "{} left roster serial {} during the exchange; key not installed",
-            body.name,
-            current.serial()
-        );
-    }
-    s.dataplane.upsert_peer(&PeerConfig {
-        public_key: body.wg_public,
-        preshared_key: est.psk.clone(),
-        endpoint: member.wg_endpoint,
-        allowed_ips: body.addresses.iter().map(|a| a.host()).collect(),
-        persistent_keepalive: s.config.persistent_keepalive,
+/// One exchange as initiator, over a reused or new QUIC connection.
+async fn initiate(s: &Shared, member: &Member) -> Result<Established> {
+    let id = member.cert.body().node_id;
+    let addr = member.keyd_endpoint.with_context(|| {
+        format!(
+            "roster has no keyd endpoint for {}",
+            text::sanitize(&member.cert.body().name, text::NAME_MAX)
+        )
     })?;
-    let mut peers = s.peers.lock().await;
-    let track = peers
-        .entry(est.peer.node_id())
-        .or_insert_with(|| PeerTrack {
-            status: PeerStatus::default(),
-            installed_at: None,
-            wg_key: None,
-        });
-    track.wg_key = Some(body.wg_public);
-    track.status.name = body.name.clone();
-    track.status.node_id = body.node_id.to_string();
-    track.status.state = "up".into();
-    track.status.role = role.into();
-    track.status.epoch = est.epoch;
-    track.status.last_exchange = Some(unix_now());
-    track.status.last_error = None;
-    track.status.exchanges_ok += 1;
-    track.installed_at = Some(Instant::now());
-    info!(
-        "key epoch {} installed for {} ({role})",
-        est.epoch, body.name
-    );
-    Ok(())
-}
-
-async fn record_failure(s: &Shared, id: NodeId, name: &str, error: &anyhow::Error) {
-    let label = error
-        .downcast_ref::<mesh_proto::ExchangeError>()
-        .map_or("transport", |e| e.label())
-        .to_string();
-    *s.refusals.lock().await.entry(label.clone()).or_default() += 1;
-    let mut peers = s.peers.lock().await;
-    let track = peers.entry(id).or_insert_with(|| PeerTrack {
-        status: PeerStatus {
-            name: name.into(),
-            node_id: id.to_string(),
-            state: "connecting".into(),
-            ..Default::default()
-        },
-        installed_at: None,
-        wg_key: None,
-    });
-    if track.status.state == "up" {
-        track.status.state = "retrying".into();
-    }
-    track.status.last_error = Some(format!("{label}: {error:#}"));
-    track.status.exchanges_failed += 1;
-    warn!("exchange with {name} failed ({label}): {error:#}");
-}
-
-/// Dials one peer and rotates its key until it leaves the roster.
-async fn initiator(s: Arc<Shared>, id: NodeId) {
-    let mut conn: Option<quinn::Connection> = None;
-    let mut backoff = Duration::from_secs(1);
-    let mut rx = s.roster.subscribe();
-    loop {
-        let roster = rx.borrow_and_update().clone();
-        let Some(member) = roster
-            .member(&id)
-            .cloned()
-            .filter(|m| !roster.is_revoked(&m.cert.fingerprint()))
-        else {
-            return;
-        };
-        let name = member.cert.body().name.clone();
-        let result = async {
-            let addr = member
-                .keyd_endpoint
-                .with_context(|| format!("roster has no keyd endpoint for {name}"))?;
-            let c = match conn.as_ref().filter(|c| c.close_reason().is_none()) {
-                Some(c) => c.clone(),
-                None => {
-                    let c = quic::connect(&s.endpoint, addr).await?;
-                    conn = Some(c.clone());
-                    c
-                }
-            };
-            let last = s.peers.lock().await.get(&id).map_or(0, |t| t.status.epoch);
-            quic::initiate(&c, params(&s, roster.clone(), Some(id), last)).await
-        }
-        .await;
-        let wait = match result {
-            Ok(est) => match install(&s, &est, &member, "initiator").await {
-                Ok(()) => {
-                    backoff = Duration::from_secs(1);
-                    jittered(s.config.rotation_interval)
-                }
-                Err(e) => {
-                    record_failure(&s, id, &name, &e).await;
-                    backoff
-                }
-            },
-            Err(e) => {
-                conn = None;
-                record_failure(&s, id, &name, &e).await;
-                let w = backoff;
-                backoff = (backoff * 2)
-                    .min(s.config.rotation_interval / 2)
-                    .max(Duration::from_secs(1));
-                w
+    let cached = s
+        .connections
+        .lock()
+        .ok()
+        .and_then(|c| c.get(&id).cloned())
+        .filter(|c| c.close_reason().is_none());
+    let conn = match cached {
+        Some(c) => c,
+        None => {
+            let c = quic::connect(&s.endpoint, addr).await?;
+            if let Ok(mut m) = s.connections.lock() {
+                m.insert(id, c.clone());
             }
-        };
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            changed = rx.changed() => if changed.is_err() { return },
+            c
         }
-    }
-}
-
-/// Fail closed, whatever the role: every second, a key older than rotation
-/// interval + hard lifetime is removed from the data plane.
-async fn expire_loop(s: Arc<Shared>) {
-    let limit = s.config.rotation_interval + s.config.hard_lifetime;
-    loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let stale: Vec<NodeId> = s
-            .peers
-            .lock()
-            .await
-            .iter()
-            .filter(|(_, t)| t.installed_at.is_some_and(|at| at.elapsed() > limit))
-            .map(|(id, _)| *id)
-            .collect();
-        for id in stale {
-            s.cut_at_hard_lifetime.fetch_add(1, Ordering::Relaxed);
-            cut(
-                &s,
-                id,
-                "expired",
-                "no fresh key could be agreed within the hard lifetime",
-            )
-            .await;
-        }
-    }
+    };
+    let snap = s.snapshot.borrow().clone();
+    quic::initiate(&conn, params(s, &snap, Some(id))).await
 }
 
 /// Answers exchanges from peers that dial us.
@@ -457,41 +575,50 @@ async fn accept_loop(s: Arc<Shared>) {
     while let Some(incoming) = s.endpoint.accept().await {
         let s = s.clone();
         tokio::spawn(async move {
+            let remote = incoming.remote_address();
             let conn = match incoming.await {
                 Ok(c) => c,
                 Err(e) => {
-                    warn!("incoming QUIC connection failed: {e}");
+                    let _ = s
+                        .inputs
+                        .send(Input::Refused {
+                            remote,
+                            label: "transport",
+                            error: text::sanitize(&e.to_string(), text::ERROR_MAX),
+                        })
+                        .await;
                     return;
                 }
             };
             loop {
-                match quic::respond(&conn, || params(&s, s.roster.borrow().clone(), None, 0)).await
-                {
+                let result = quic::respond(&conn, || {
+                    let snap = s.snapshot.borrow().clone();
+                    params(&s, &snap, None)
+                })
+                .await;
+                match result {
                     Ok(est) => {
-                        let id = est.peer.node_id();
-                        let roster = s.roster.borrow().clone();
-                        if let Some(member) = roster.member(&id)
-                            && let Err(e) = install(&s, &est, member, "responder").await
-                        {
-                            record_failure(&s, id, est.peer.name(), &e).await;
+                        let input = Input::Established {
+                            est: Box::new(est),
+                            role: Role::Responder,
+                        };
+                        if s.inputs.send(input).await.is_err() {
+                            return;
                         }
                     }
                     Err(e) => {
                         if conn.close_reason().is_some() {
                             return;
                         }
-                        let label = e
-                            .downcast_ref::<mesh_proto::ExchangeError>()
-                            .map_or("transport", |x| x.label());
-                        *s.refusals
-                            .lock()
-                            .await
-                            .entry(label.to_string())
-                            .or_default() += 1;
-                        warn!(
-                            "refused an exchange from {} ({label}): {e:#}",
-                            conn.remote_address()
-                        );
+                        let label = label_of(&e);
+                        let _ = s
+                            .inputs
+                            .send(Input::Refused {
+                                remote,
+                                label,
+                                error: text::sanitize(&format!("{e:#}"), text::ERROR_MAX),
+                            })
+                            .await;
                         if label != "transport" {
                             conn.close(1u32.into(), b"refused");
                             return;
@@ -503,7 +630,8 @@ async fn accept_loop(s: Arc<Shared>) {
     }
 }
 
-/// Reloads the roster when its file changes.
+/// Reloads the roster when its file changes; only a verified, newer roster
+/// reaches the policy.
 async fn watch_roster(s: Arc<Shared>) {
     let mut last = file_stamp(&s.config.roster);
     loop {
@@ -513,64 +641,40 @@ async fn watch_roster(s: Arc<Shared>) {
             continue;
         }
         last = stamp;
-        let offered = match load_roster(&s.config, &s.ca) {
-            Ok(r) => r,
-            Err(e) => {
-                warn!("new roster refused: {e:#}");
-                continue;
-            }
+        let current = s.snapshot.borrow().roster.clone();
+        let input = match load_roster(&s.config, &s.ca) {
+            Err(e) => Input::RosterRefused {
+                rollback: false,
+                error: format!("{e:#}"),
+            },
+            Ok(offered) => match Roster::check_update(Some(&current), &offered) {
+                Ok(true) => {
+                    match offered.check_fresh(time::unix_now(), s.config.max_clock_skew.as_secs()) {
+                        Ok(()) => Input::Roster(Arc::new(offered)),
+                        Err(e) => Input::RosterRefused {
+                            rollback: false,
+                            error: e.to_string(),
+                        },
+                    }
+                }
+                Ok(false) => continue,
+                Err(e) => Input::RosterRefused {
+                    rollback: true,
+                    error: e.to_string(),
+                },
+            },
         };
-        let current = s.roster.borrow().clone();
-        match Roster::check_update(Some(&current), &offered) {
-            Ok(true) => {
-                info!("roster serial {} -> {}", current.serial(), offered.serial());
-                persist_serial(&s.config, offered.serial());
-                s.roster.send_replace(Arc::new(offered));
-            }
-            Ok(false) => {}
-            Err(e) => {
-                s.rollbacks.fetch_add(1, Ordering::Relaxed);
-                warn!("new roster refused: {e}");
-            }
+        if s.inputs.send(input).await.is_err() {
+            return;
         }
     }
 }
 
-fn file_stamp(path: &std::path::Path) -> Option<(SystemTime, u64)> {
+fn file_stamp(path: &Path) -> Option<(SystemTime, u64)> {
     let m = std::fs::metadata(path).ok()?;
     Some((m.modified().ok()?, m.len()))
 }
 
 pub fn status_path(c: &Config) -> PathBuf {
     c.state_dir.join("status.json")
-}
-
-async fn write_status_loop(s: Arc<Shared>) {
-    loop {
-        let mut peers = BTreeMap::new();
-        for track in s.peers.lock().await.values() {
-            let mut st = track.status.clone();
-            st.key_age_secs = track.installed_at.map(|t| t.elapsed().as_secs());
-            peers.insert(st.name.clone(), st);
-        }
-        let roster_serial = s.roster.borrow().serial();
-        let refusals = s.refusals.lock().await.clone();
-        let status = Status {
-            node: s.identity.cert.body().name.clone(),
-            node_id: s.identity.node_id().to_string(),
-            interface: s.config.interface.clone(),
-            roster_serial,
-            updated_at: unix_now(),
-            peers,
-            refusals,
-            roster_rollbacks_refused: s.rollbacks.load(Ordering::Relaxed),
-            peers_cut_at_hard_lifetime: s.cut_at_hard_lifetime.load(Ordering::Relaxed),
-        };
-        if let Ok(json) = serde_json::to_string_pretty(&status)
-            && let Err(e) = files::write_document(&status_path(&s.config), &json)
-        {
-            warn!("cannot write status: {e:#}");
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
 }

@@ -17,6 +17,7 @@ use mesh_proto::identity::{WgPrivateKey, WgPublicKey};
 use mesh_proto::prefix::IpPrefix;
 use mesh_proto::schedule::Psk;
 use mesh_proto::uapi::{self, DeviceInfo, Key, PeerSet, SetRequest};
+use zeroize::Zeroizing;
 
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// A `get` answer larger than this is refused (thousands of peers fit).
@@ -47,7 +48,10 @@ impl DataPlane {
         Self { socket }
     }
 
-    fn exchange(&self, request: &str) -> Result<String> {
+    /// One request and its answer. The answer to `get` holds the interface's
+    /// private key and every preshared key, so it lives in a buffer that is
+    /// wiped when dropped.
+    fn exchange(&self, request: &str) -> Result<Zeroizing<String>> {
         let mut stream = UnixStream::connect(&self.socket).with_context(|| {
             format!(
                 "cannot reach the WireGuard data plane at {}",
@@ -61,7 +65,9 @@ impl DataPlane {
             .with_context(|| format!("writing to {}", self.socket.display()))?;
         // The answer ends with `errno=N` and an empty line.
         let mut reader = BufReader::new(stream);
-        let mut response = String::new();
+        // Sized so that a typical answer never reallocates (a reallocation
+        // would free an unwiped copy).
+        let mut response = Zeroizing::new(String::with_capacity(64 << 10));
         loop {
             let before = response.len();
             let n = reader
@@ -98,7 +104,8 @@ impl DataPlane {
 
     /// Applies a `set=1` request.
     pub fn set(&self, request: &SetRequest) -> Result<()> {
-        let text = self.exchange(&uapi::format_set_request(request))?;
+        let request = Zeroizing::new(uapi::format_set_request(request));
+        let text = self.exchange(&request)?;
         match uapi::parse_get_response(&text).context("malformed set answer")? {
             Ok(_) => Ok(()),
             Err(errno) => bail!(

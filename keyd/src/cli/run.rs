@@ -7,6 +7,7 @@ use clap::Args;
 
 use crate::config::Config;
 use crate::daemon::{self, Status};
+use crate::policy::LocalState;
 use crate::{files, time};
 
 #[derive(Args, Debug)]
@@ -14,6 +15,11 @@ pub struct RunArgs {
     /// The configuration file (docs/keyd-config.md).
     #[arg(long)]
     config: PathBuf,
+    /// Start even though the persisted state (roster serial, key epochs) is
+    /// missing or corrupt, forgetting it: the current roster file is then
+    /// accepted whatever its serial.
+    #[arg(long)]
+    reset_state: bool,
 }
 
 #[derive(Args, Debug)]
@@ -42,7 +48,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
         tokio::select! {
-            r = daemon::run(config) => r,
+            r = daemon::run(config, a.reset_state) => r,
             _ = tokio::signal::ctrl_c() => Ok(()),
         }
     })
@@ -57,35 +63,75 @@ pub fn status(a: StatusArgs) -> Result<()> {
         return Ok(());
     }
     let s: Status = serde_json::from_str(&text).with_context(|| format!("{}", path.display()))?;
-    let age = time::unix_now().saturating_sub(s.updated_at);
+    let now = time::unix_now();
+    let age = now.saturating_sub(s.updated_at);
     println!(
         "node {} ({}) on {}, roster serial {}, status {age}s old",
         s.node, s.node_id, s.interface, s.roster_serial
     );
+    if s.local_state != LocalState::Member {
+        println!(
+            "WARNING: this node is not a valid member ({:?}): it holds no peers",
+            s.local_state
+        );
+    }
+    let left = s.roster_not_after.saturating_sub(now);
+    if left < daemon::ROSTER_EXPIRY_WARNING.as_secs() {
+        println!(
+            "WARNING: the roster expires at {} ({left}s from now); after that every peer is dropped",
+            time::rfc3339(s.roster_not_after)
+        );
+    }
+    if !s.dataplane_reachable {
+        println!("WARNING: the data plane could not be read; the table shows keyd's view");
+    }
     println!(
-        "{:<16} {:<10} {:<10} {:>6} {:>9} {:>8}  last error",
-        "peer", "state", "role", "epoch", "key age", "ok/fail"
+        "{:<16} {:<22} {:<10} {:>6} {:>9} {:>8} {:>8}  last error",
+        "peer", "state", "role", "epoch", "key age", "in wg", "ok/fail"
     );
     for p in s.peers.values() {
         let key_age = p.key_age_secs.map_or("-".into(), |a| format!("{a}s"));
+        let in_wg = match p.in_dataplane {
+            Some(true) => "yes",
+            Some(false) => "no",
+            None => "?",
+        };
         println!(
-            "{:<16} {:<10} {:<10} {:>6} {:>9} {:>8}  {}",
+            "{:<16} {:<22} {:<10} {:>6} {:>9} {:>8} {:>8}  {}",
             p.name,
-            p.state,
-            p.role,
+            p.state.label(),
+            format!("{:?}", p.role).to_lowercase(),
             p.epoch,
             key_age,
+            in_wg,
             format!("{}/{}", p.exchanges_ok, p.exchanges_failed),
             p.last_error.as_deref().unwrap_or("-")
+        );
+    }
+    if s.unlisted_in_dataplane > 0 {
+        println!(
+            "{} peer(s) in the data plane that the roster does not list (being removed)",
+            s.unlisted_in_dataplane
         );
     }
     if !s.refusals.is_empty() {
         let list: Vec<String> = s.refusals.iter().map(|(k, v)| format!("{k}={v}")).collect();
         println!("refusals: {}", list.join(", "));
     }
+    let c = &s.counters;
     println!(
-        "roster rollbacks refused: {}, peers cut at hard lifetime: {}",
-        s.roster_rollbacks_refused, s.peers_cut_at_hard_lifetime
+        "cut: {} at hard lifetime, {} at certificate expiry, {} revoked or unlisted; \
+         rosters refused: {} ({} rollbacks); data plane: {} restarts healed, {} failed reads, \
+         {} failed installs, {} failed removals",
+        c.peers_cut_at_hard_lifetime,
+        c.peers_cut_at_certificate_expiry,
+        c.peers_cut_revoked_or_unlisted,
+        s.rosters_refused,
+        s.roster_rollbacks_refused,
+        c.dataplane_restarts_healed,
+        c.dataplane_reads_failed,
+        c.installs_failed,
+        c.removals_failed
     );
     Ok(())
 }
