@@ -386,6 +386,109 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn labels_are_one_to_63_safe_characters() {
+        let max = "a".repeat(MAX_NAME_LEN);
+        for ok in ["a", "node-1.eu_west", max.as_str()] {
+            assert_eq!(check_label("name", ok), Ok(()), "{ok}");
+        }
+        let long = "a".repeat(MAX_NAME_LEN + 1);
+        for bad in ["", long.as_str(), "a b", "a\nb", "a/b", "é"] {
+            assert!(
+                matches!(
+                    check_label("name", bad),
+                    Err(CertError::Field { field: "name", .. })
+                ),
+                "{bad:?}"
+            );
+        }
+        // And issuing applies it to names, networks and groups.
+        let (key, ca) = test_ca("net-a");
+        let wg = WgPrivateKey::generate().unwrap();
+        let noise = NoisePrivateKey::generate().unwrap();
+        let mut r = request(&long, &wg, &noise);
+        assert!(ca.issue(&key, r.clone()).is_err(), "over-long name");
+        r.name = String::new();
+        assert!(ca.issue(&key, r.clone()).is_err(), "empty name");
+        r.name = "ok".into();
+        r.groups = vec![String::new()];
+        assert!(matches!(
+            ca.issue(&key, r),
+            Err(CertError::Field {
+                field: "groups",
+                ..
+            })
+        ));
+        assert!(CaCert::create(&key, "ca", "", T0, T0 + DAY).is_err());
+        assert!(CaCert::create(&key, &long, "net", T0, T0 + DAY).is_err());
+    }
+
+    #[test]
+    fn other_certificate_versions_are_refused() {
+        let (key, ca, cert) = issued();
+        let mut body = cert.body().clone();
+        body.version = CERT_VERSION + 1;
+        let future = sign_raw(body, &key);
+        assert_eq!(
+            NodeCert::from_bytes(&future.to_bytes()),
+            Err(CertError::Codec(CodecError::Version {
+                found: CERT_VERSION + 1,
+                supported: CERT_VERSION
+            }))
+        );
+        let mut body = ca.body().clone();
+        body.version = 0;
+        let bytes = Signed::sign(CA_DOMAIN, body, &key).unwrap().to_bytes();
+        assert_eq!(
+            CaCert::from_bytes(&bytes),
+            Err(CertError::Codec(CodecError::Version {
+                found: 0,
+                supported: CERT_VERSION
+            }))
+        );
+    }
+
+    #[test]
+    fn a_self_signed_ca_with_bad_fields_is_refused() {
+        // Validly self-signed, so only the field checks can refuse these.
+        let (key, ca) = test_ca("net-a");
+        let sign = |b: CaCertBody| Signed::sign(CA_DOMAIN, b, &key).unwrap().to_bytes();
+        let mut b = ca.body().clone();
+        b.name = "bad name".into();
+        assert!(matches!(
+            CaCert::from_bytes(&sign(b)),
+            Err(CertError::Field { field: "name", .. })
+        ));
+        let mut b = ca.body().clone();
+        b.network_id = String::new();
+        assert!(matches!(
+            CaCert::from_bytes(&sign(b)),
+            Err(CertError::Field {
+                field: "network_id",
+                ..
+            })
+        ));
+        let mut b = ca.body().clone();
+        b.not_after = b.not_before;
+        assert!(matches!(
+            CaCert::from_bytes(&sign(b)),
+            Err(CertError::Field {
+                field: "not_after",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn ca_validity_tolerates_exactly_the_skew() {
+        let (_, ca) = test_ca("net-a");
+        let (nb, na) = (ca.body().not_before, ca.body().not_after);
+        assert!(ca.is_valid_at(nb, 0) && ca.is_valid_at(na, 0));
+        assert!(!ca.is_valid_at(nb - 1, 0) && !ca.is_valid_at(na + 1, 0));
+        assert!(ca.is_valid_at(nb - 300, 300) && ca.is_valid_at(na + 300, 300));
+        assert!(!ca.is_valid_at(nb - 301, 300) && !ca.is_valid_at(na + 301, 300));
+    }
+
+    #[test]
     fn tampered_ca_cert_is_refused() {
         let (_, ca) = test_ca("net-a");
         let mut bytes = ca.to_bytes();

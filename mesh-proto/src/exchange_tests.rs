@@ -177,17 +177,150 @@ fn fresh_ephemerals_give_fresh_keys() {
     assert_ne!(keys[0], keys[2]);
 }
 
+/// Runs one honest exchange a -> b with the given epochs; both sides' results.
+fn exchange_with(
+    w: &World,
+    initiator_last: u64,
+    responder_last: u64,
+    responder_peers: PeerEpochs,
+) -> (Vec<Event>, Vec<Event>) {
+    let mut pi = params(w, &w.a, Some(&w.b), vec![]);
+    let mut pr = params(w, &w.b, None, vec![]);
+    pi.last_epoch = initiator_last;
+    pr.last_epoch = responder_last;
+    pr.peer_epochs = responder_peers;
+    let (mut i, mut r, now) = pair(w, pi, pr);
+    run(&mut i, &mut r, now, |_, _| {})
+}
+
+fn epochs(entries: &[(&Node, u64)]) -> PeerEpochs {
+    PeerEpochs::new(
+        entries
+            .iter()
+            .map(|(n, e)| (n.identity.node_id(), *e))
+            .collect(),
+    )
+}
+
 #[test]
 fn epoch_advances_past_both_sides() {
     let w = world();
+    // Whichever side is ahead, both land on the same epoch and the same key:
+    // the responder derives from the agreed epoch, not from its own.
+    for (initiator_last, responder_last, agreed) in [(3, 7, 8), (9, 2, 10), (0, 0, 1)] {
+        let (ei, er) = exchange_with(&w, initiator_last, responder_last, PeerEpochs::default());
+        let (ei, er) = (established(ei), established(er));
+        assert_eq!((ei.epoch, er.epoch), (agreed, agreed));
+        assert_eq!(ei.psk, er.psk, "{initiator_last} {responder_last}");
+    }
+}
+
+#[test]
+fn responder_refuses_an_epoch_not_above_the_pairs_last() {
+    let w = world();
+    // The node-wide value in msg2 (3) lags this pair's last epoch (10), as
+    // after a daemon bug or a lost write: the initiator offers 4, and the
+    // responder still refuses to use epoch 4 with a again.
+    let (ei, er) = exchange_with(&w, 0, 3, epochs(&[(&w.a, 10)]));
+    assert!(no_established(&ei) && no_established(&er));
+    assert_eq!(
+        failed(&er),
+        Some(&ExchangeError::StaleEpoch {
+            offered: 4,
+            last: 10
+        })
+    );
+    assert_eq!(failed(&er).map(ExchangeError::label), Some("stale_epoch"));
+    // Boundary: equal is refused, one above is accepted.
+    let (_, er) = exchange_with(&w, 0, 3, epochs(&[(&w.a, 4)]));
+    assert_eq!(
+        failed(&er),
+        Some(&ExchangeError::StaleEpoch {
+            offered: 4,
+            last: 4
+        })
+    );
+    let (ei, er) = exchange_with(&w, 0, 3, epochs(&[(&w.a, 3)]));
+    assert_eq!((established(ei).epoch, established(er).epoch), (4, 4));
+}
+
+#[test]
+fn only_the_initiators_entry_counts_and_only_on_the_responder() {
+    let w = world();
+    // Another peer's high epoch does not hold back this pair.
+    let (ei, er) = exchange_with(&w, 0, 0, epochs(&[(&w.b, 50)]));
+    assert_eq!((established(ei).epoch, established(er).epoch), (1, 1));
+    // The initiator ignores its own peer_epochs.
     let mut pi = params(&w, &w.a, Some(&w.b), vec![]);
+    pi.peer_epochs = epochs(&[(&w.b, 50)]);
+    let (mut i, mut r, now) = pair(&w, pi, params(&w, &w.b, None, vec![]));
+    let (ei, _) = run(&mut i, &mut r, now, |_, _| {});
+    assert_eq!(established(ei).epoch, 1);
+    assert_eq!(PeerEpochs::default().get(&w.a.identity.node_id()), 0);
+}
+
+/// A peer that runs the handshake honestly but offers `epoch` in msg3,
+/// whatever msg2 said: what a faulty or hostile initiator can send.
+fn offer_epoch(w: &World, responder: &mut Exchange, epoch: u64, now: Instant) -> Vec<Event> {
+    let p = params(w, &w.a, Some(&w.b), vec![]);
+    let mut hs = build(&p, Role::Initiator).unwrap();
+    responder.receive(&write(&mut hs, &[]).unwrap(), now);
+    read(&mut hs, &responder.poll_transmit().unwrap()).unwrap();
+    let hello = InitiatorHello {
+        cert: w.a.identity.cert.to_bytes(),
+        epoch,
+    };
+    responder.receive(&write(&mut hs, &encode(&hello)).unwrap(), now);
+    std::iter::from_fn(|| responder.poll_event()).collect()
+}
+
+#[test]
+fn responder_refuses_an_epoch_not_above_what_it_sent() {
+    let w = world();
+    let now = Instant::now();
+    let responder = |last: u64| {
+        let mut pr = params(&w, &w.b, None, vec![]);
+        pr.last_epoch = last;
+        Exchange::respond(pr, now, T0).unwrap()
+    };
+    for offered in [0, 4, 5] {
+        let events = offer_epoch(&w, &mut responder(5), offered, now);
+        assert!(no_established(&events));
+        assert_eq!(
+            failed(&events),
+            Some(&ExchangeError::StaleEpoch { offered, last: 5 })
+        );
+    }
+    let events = offer_epoch(&w, &mut responder(5), 6, now);
+    assert_eq!(established(events).epoch, 6);
+}
+
+#[test]
+fn an_expired_roster_refuses_every_peer() {
+    let w = world();
+    let roster = Roster::build(
+        &w.ca,
+        &w.key,
+        2,
+        T0 - 2 * DAY,
+        T0 - DAY,
+        vec![member(&w.a), member(&w.b)],
+        vec![],
+    )
+    .unwrap();
     let mut pr = params(&w, &w.b, None, vec![]);
-    pi.last_epoch = 3;
-    pr.last_epoch = 7;
-    let (mut i, mut r, now) = pair(&w, pi, pr);
-    let (ei, er) = run(&mut i, &mut r, now, |_, _| {});
-    assert_eq!(established(ei).epoch, 8);
-    assert_eq!(established(er).epoch, 8);
+    pr.trust.roster = Arc::new(roster);
+    let (_, er) = expect_refusal(&w, params(&w, &w.a, Some(&w.b), vec![]), pr);
+    assert!(
+        matches!(
+            er,
+            Some(ExchangeError::Trust(TrustError::RosterExpired {
+                serial: 2,
+                ..
+            }))
+        ),
+        "{er:?}"
+    );
 }
 
 #[test]

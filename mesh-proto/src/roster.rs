@@ -444,6 +444,116 @@ pub(crate) mod tests {
         let r = Roster::build(&ca, &key, 2, T0, T0 + DAY, vec![], vec![fp]).unwrap();
         assert!(r.is_revoked(&fp));
         assert!(!r.is_revoked(&Fingerprint([0; 32])));
+        // The list itself, which `keyd roster build --previous` carries over:
+        // a roster that dropped it would un-revoke at the next build.
+        let again = Roster::from_text(&r.to_text(), &ca).unwrap();
+        assert_eq!(again.revoked().copied().collect::<Vec<_>>(), vec![fp]);
+        assert!(again.is_revoked(&fp));
+        let unverified = Roster::decode_unverified(&r.to_bytes()).unwrap();
+        assert_eq!(unverified.revoked().copied().collect::<Vec<_>>(), vec![fp]);
+    }
+
+    #[test]
+    fn expiry_is_signed_and_checked_with_skew() {
+        let (key, ca) = test_ca("net-a");
+        let r = Roster::build(&ca, &key, 3, T0, T0 + DAY, vec![], vec![]).unwrap();
+        let again = Roster::from_bytes(&r.to_bytes(), &ca).unwrap();
+        assert_eq!((again.issued_at(), again.not_after()), (T0, T0 + DAY));
+        assert_eq!(again.check_fresh(T0, 0), Ok(()));
+        assert_eq!(again.check_fresh(T0 + DAY, 0), Ok(()));
+        assert_eq!(
+            again.check_fresh(T0 + DAY + 1, 0),
+            Err(RosterError::Expired {
+                serial: 3,
+                not_after: T0 + DAY,
+                now: T0 + DAY + 1
+            })
+        );
+        // The skew tolerated for certificates is tolerated here too.
+        assert_eq!(again.check_fresh(T0 + DAY + 300, 300), Ok(()));
+        assert!(matches!(
+            again.check_fresh(T0 + DAY + 301, 300),
+            Err(RosterError::Expired { .. })
+        ));
+        assert_eq!(again.check_fresh(u64::MAX, u64::MAX), Ok(()), "no overflow");
+    }
+
+    #[test]
+    fn expiry_must_follow_issue() {
+        let (key, ca) = test_ca("net-a");
+        for not_after in [T0, T0 - 1] {
+            assert_eq!(
+                Roster::build(&ca, &key, 1, T0, not_after, vec![], vec![]).unwrap_err(),
+                RosterError::Validity {
+                    issued_at: T0,
+                    not_after
+                }
+            );
+        }
+        assert!(Roster::build(&ca, &key, 1, T0, T0 + 1, vec![], vec![]).is_ok());
+    }
+
+    /// The body as version 1 laid it out: no `not_after`.
+    #[derive(Serialize, Deserialize)]
+    struct RosterBodyV1 {
+        version: u8,
+        network_id: String,
+        serial: u64,
+        issued_at: UnixTime,
+        issuer: Fingerprint,
+        members: Vec<MemberEntry>,
+        revoked: Vec<Fingerprint>,
+    }
+
+    #[test]
+    fn other_versions_are_refused_by_version() {
+        let (key, ca) = test_ca("net-a");
+        let v1 = RosterBodyV1 {
+            version: 1,
+            network_id: "net-a".into(),
+            serial: 1,
+            issued_at: T0,
+            issuer: ca.fingerprint(),
+            members: vec![],
+            revoked: vec![],
+        };
+        let v1 = Signed::sign(ROSTER_DOMAIN, v1, &key).unwrap().to_bytes();
+        let expect = RosterError::Codec(CodecError::Version {
+            found: 1,
+            supported: 2,
+        });
+        assert_eq!(Roster::from_bytes(&v1, &ca).unwrap_err(), expect);
+        assert_eq!(Roster::decode_unverified(&v1).unwrap_err(), expect);
+        // A future version in today's layout: refused, not misread.
+        let mut body = Roster::build(&ca, &key, 1, T0, T0 + DAY, vec![], vec![])
+            .unwrap()
+            .signed
+            .body;
+        body.version = 3;
+        let v3 = Signed::sign(ROSTER_DOMAIN, body, &key).unwrap().to_bytes();
+        assert_eq!(
+            Roster::from_bytes(&v3, &ca).unwrap_err(),
+            RosterError::Codec(CodecError::Version {
+                found: 3,
+                supported: 2
+            })
+        );
+    }
+
+    #[test]
+    fn a_signed_roster_with_a_backwards_window_is_refused() {
+        // A misbehaving CA signs it anyway: nodes still refuse it.
+        let (key, ca) = test_ca("net-a");
+        let mut body = Roster::build(&ca, &key, 1, T0, T0 + DAY, vec![], vec![])
+            .unwrap()
+            .signed
+            .body;
+        body.not_after = T0;
+        let bytes = Signed::sign(ROSTER_DOMAIN, body, &key).unwrap().to_bytes();
+        assert!(matches!(
+            Roster::from_bytes(&bytes, &ca),
+            Err(RosterError::Validity { .. })
+        ));
     }
 
     proptest! {

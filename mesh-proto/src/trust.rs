@@ -247,6 +247,67 @@ mod tests {
     }
 
     #[test]
+    fn an_expired_roster_accepts_nobody() {
+        let w = world();
+        let roster =
+            Roster::build(&w.ca, &w.key, 4, T0, T0 + DAY, w.members.clone(), vec![]).unwrap();
+        let t = Trust {
+            roster: Arc::new(roster),
+            ..trust(&w, vec![])
+        };
+        let edge = T0 + DAY + DEFAULT_MAX_CLOCK_SKEW;
+        assert!(present(&t, &w.members[1], edge).is_ok());
+        let refused = present(&t, &w.members[1], edge + 1).unwrap_err();
+        assert_eq!(
+            refused,
+            TrustError::RosterExpired {
+                serial: 4,
+                not_after: T0 + DAY,
+                now: edge + 1
+            }
+        );
+        assert_eq!(refused.label(), "roster_expired");
+    }
+
+    #[test]
+    fn labels_are_distinct() {
+        use crate::ExchangeError;
+        let labels = [
+            TrustError::RosterExpired {
+                serial: 0,
+                not_after: 0,
+                now: 0,
+            }
+            .label(),
+            TrustError::Expired {
+                not_after: 0,
+                now: 0,
+            }
+            .label(),
+            TrustError::Revoked {
+                fingerprint: String::new(),
+            }
+            .label(),
+            ExchangeError::StaleEpoch {
+                offered: 1,
+                last: 1,
+            }
+            .label(),
+            ExchangeError::UnexpectedMessage("x").label(),
+        ];
+        assert_eq!(
+            labels,
+            [
+                "roster_expired",
+                "expired",
+                "revoked",
+                "stale_epoch",
+                "unexpected_message"
+            ]
+        );
+    }
+
+    #[test]
     fn refuses_reissued_cert_that_is_not_the_listed_one() {
         let w = world();
         let t = trust(&w, vec![]);
