@@ -635,13 +635,31 @@ fn a_peer_set_before_the_private_key_is_accepted_and_works_once_the_key_is_set()
         "the keyless interface lists the peer"
     );
     assert_eq!(a.metric("mesh_node_uapi_failed_total"), 0);
+    // What this data plane cannot do is refused, logged and counted: an
+    // empty key file (all zeros: "remove the key" in the kernel).
+    let out = a.ns.run(&["wg", "set", &ifa, "private-key", "/dev/null"]);
+    assert!(!out.status.success(), "a zero private key is refused");
+    assert_eq!(a.metric("mesh_node_uapi_failed_total"), 1);
+    assert!(a.daemon.log().contains("not supported"));
 
     let psk = keys.psk("psk0");
     a.configure(&b, &psk);
     b.configure(&a, &psk);
     assert_eq!(a.ping(b.overlay, 3, "0.2"), 3, "A -> B once A has its key");
     assert_eq!(b.ping(a.overlay, 3, "0.2"), 3, "B -> A");
-    assert_eq!(a.metric("mesh_node_uapi_failed_total"), 0);
+    assert_eq!(a.metric("mesh_node_uapi_failed_total"), 1);
     let log = a.daemon.log();
     assert!(!log.contains("panicked"), "{log}");
+}
+
+/// The userspace API hands out private keys: its socket is 0600.
+#[test]
+fn the_api_socket_is_readable_by_root_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let ns = Netns::new();
+    let ifname = unique("wg");
+    let _daemon = Daemon::mesh_node(&ns, bin(), &ifname);
+    let sock = format!("/var/run/wireguard/{ifname}.sock");
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode();
+    assert_eq!(mode & 0o7777, 0o600, "{sock}: {mode:o}");
 }

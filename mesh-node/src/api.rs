@@ -22,7 +22,7 @@ use mesh_proto::prefix::IpPrefix;
 use mesh_proto::uapi::{self, DeviceInfo, Key, PeerInfo, PeerSet, Request, SetRequest};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::counters::Counters;
 use gotatun::device::{Device, DeviceTransports};
@@ -37,7 +37,6 @@ pub fn socket_path(ifname: &str) -> PathBuf {
 
 /// Binds the UAPI socket (0600: it hands out and takes private keys).
 pub fn bind(ifname: &str) -> Result<UnixListener> {
-    use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(SOCKET_DIR).with_context(|| format!("cannot create {SOCKET_DIR}"))?;
     let path = socket_path(ifname);
     if path.exists() {
@@ -51,11 +50,41 @@ pub fn bind(ifname: &str) -> Result<UnixListener> {
         std::fs::remove_file(&path)
             .with_context(|| format!("cannot remove stale {}", path.display()))?;
     }
-    let listener =
-        UnixListener::bind(&path).with_context(|| format!("cannot bind {}", path.display()))?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("cannot chmod {}", path.display()))?;
-    Ok(listener)
+    bind_private(&path)
+}
+
+/// Binds a listener at `path` that is never reachable with a mode wider than
+/// 0600. `bind` creates the socket with the umask's mode, so it is bound
+/// inside a fresh 0700 directory beside `path` (where no other user can
+/// reach it), set to 0600 there, and renamed into place, which moves the
+/// same socket. Unlike setting the umask around `bind`, this changes
+/// nothing for the other threads of the process.
+fn bind_private(path: &Path) -> Result<UnixListener> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let name = path
+        .file_name()
+        .with_context(|| format!("{} has no file name", path.display()))?;
+    let mut private = path.as_os_str().to_owned();
+    private.push(format!(".{}.d", std::process::id()));
+    let private = PathBuf::from(private);
+    // Left over by a crashed run with the same pid; only root writes here.
+    let _ = std::fs::remove_dir_all(&private);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&private)
+        .with_context(|| format!("cannot create {}", private.display()))?;
+    let bound = private.join(name);
+    let result = (|| {
+        let listener = UnixListener::bind(&bound)
+            .with_context(|| format!("cannot bind {}", bound.display()))?;
+        std::fs::set_permissions(&bound, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("cannot chmod {}", bound.display()))?;
+        std::fs::rename(&bound, path)
+            .with_context(|| format!("cannot move the socket to {}", path.display()))?;
+        Ok(listener)
+    })();
+    let _ = std::fs::remove_dir_all(&private);
+    result
 }
 
 /// Accepts connections until the task is dropped.
@@ -68,7 +97,7 @@ pub async fn serve<T: DeviceTransports>(
         match listener.accept().await {
             Ok((stream, _)) => {
                 let (device, counters) = (device.clone(), counters.clone());
-                tokio::spawn(async move { handle_connection(stream, &device, &counters).await });
+                tokio::spawn(async move { handle_connection(stream, device, counters).await });
             }
             Err(e) => warn!("uapi: accept failed: {e}"),
         }
@@ -78,8 +107,8 @@ pub async fn serve<T: DeviceTransports>(
 /// One client connection: any number of requests, each ended by an empty line.
 async fn handle_connection<T: DeviceTransports>(
     stream: UnixStream,
-    device: &Device<T>,
-    counters: &Counters,
+    device: Arc<Device<T>>,
+    counters: Arc<Counters>,
 ) {
     let (r, mut w) = stream.into_split();
     let mut reader = BufReader::new(r);
@@ -111,22 +140,69 @@ async fn handle_connection<T: DeviceTransports>(
             continue;
         }
         Counters::inc(&counters.uapi_requests);
-        let response = respond(&request, device, counters).await;
-        request.clear();
+        let text = std::mem::take(&mut request);
+        let work = respond(text, device.clone(), counters.clone());
+        let response = guarded(work, &counters).await;
         if w.write_all(response.as_bytes()).await.is_err() {
             return;
         }
     }
 }
 
-async fn respond<T: DeviceTransports>(
-    text: &str,
-    device: &Device<T>,
+/// Runs one request in a task of its own, so that a panic while serving it
+/// (a bug here or in gotatun, whatever the input) is answered with EIO,
+/// logged and counted like any failed request, and the daemon serves on.
+/// Without this the connection closes unanswered: `wg` says "Protocol error".
+async fn guarded(
+    work: impl Future<Output = String> + Send + 'static,
     counters: &Counters,
 ) -> String {
-    match uapi::parse_request(text) {
-        Ok(Request::Get) => uapi::format_get_response(&get(device).await),
-        Ok(Request::Set(set)) => match apply(set, device).await {
+    match tokio::spawn(work).await {
+        Ok(response) => response,
+        Err(e) => {
+            Counters::inc(&counters.uapi_failed);
+            let why = if e.is_panic() {
+                let payload = e.into_panic();
+                payload
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic".to_string())
+            } else {
+                "cancelled".to_string()
+            };
+            error!("uapi: request failed: {why}");
+            uapi::format_errno(uapi::EIO)
+        }
+    }
+}
+
+/// A `set` that this data plane refuses although the protocol allows it.
+#[derive(Debug, thiserror::Error)]
+enum Refused {
+    /// In the kernel and wireguard-go an all-zero private key removes the
+    /// key. gotatun cannot unset one, and setting the zero key (clamped)
+    /// would give the interface a private key everyone knows.
+    #[error("an all-zero private key (remove the key) is not supported")]
+    ZeroPrivateKey,
+}
+
+impl Refused {
+    fn errno(&self) -> i32 {
+        match self {
+            Refused::ZeroPrivateKey => uapi::EINVAL,
+        }
+    }
+}
+
+async fn respond<T: DeviceTransports>(
+    text: String,
+    device: Arc<Device<T>>,
+    counters: Arc<Counters>,
+) -> String {
+    match uapi::parse_request(&text) {
+        Ok(Request::Get) => uapi::format_get_response(&get(&device).await),
+        Ok(Request::Set(set)) => match apply(set, &device).await {
             Ok(()) => uapi::format_errno(0),
             Err(e) => {
                 Counters::inc(&counters.uapi_failed);
@@ -144,6 +220,9 @@ async fn respond<T: DeviceTransports>(
 
 /// The errno wireguard-go would answer with for this failure.
 fn errno_of(e: &anyhow::Error) -> i32 {
+    if let Some(refused) = e.downcast_ref::<Refused>() {
+        return refused.errno();
+    }
     let in_use = e.chain().any(|c| {
         c.downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.kind() == std::io::ErrorKind::AddrInUse)
@@ -173,6 +252,9 @@ async fn apply<T: DeviceTransports>(set: SetRequest, device: &Device<T>) -> Resu
         replace_peers,
         peers,
     } = set;
+    if private_key.as_ref().is_some_and(Key::is_zero) {
+        return Err(Refused::ZeroPrivateKey.into());
+    }
     device
         .write(async |d| -> Result<()> {
             let current_key = d.private_key().map(|k| Key(k.to_bytes()));
@@ -293,4 +375,48 @@ async fn get<T: DeviceTransports>(device: &Device<T>) -> DeviceInfo {
             }
         })
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[tokio::test]
+    async fn the_socket_is_0600_and_answers_where_it_belongs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wgtest.sock");
+        let listener = bind_private(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o7777, 0o600, "mode {mode:o}");
+        let entries: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(entries, ["wgtest.sock"], "the private folder is gone");
+        let client = UnixStream::connect(&path).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        drop((client, server));
+    }
+
+    #[tokio::test]
+    async fn a_request_that_panics_is_answered_eio_and_counted() {
+        let counters = Counters::default();
+        let response = guarded(async { panic!("a bug") }, &counters).await;
+        assert_eq!(response, uapi::format_errno(uapi::EIO));
+        assert_eq!(
+            counters
+                .uapi_failed
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+        let fine = guarded(async { uapi::format_errno(0) }, &counters).await;
+        assert_eq!(fine, uapi::format_errno(0));
+    }
+
+    #[test]
+    fn a_zero_private_key_is_refused_with_einval() {
+        let e = anyhow::Error::from(Refused::ZeroPrivateKey).context("applying");
+        assert_eq!(errno_of(&e), uapi::EINVAL);
+    }
 }
