@@ -28,6 +28,37 @@ const SOL_UDP: libc::c_int = 17;
 const UDP_SEGMENT: libc::c_int = 103;
 /// The kernel's limit on segments in one GSO send.
 const MAX_SEGMENTS: usize = 64;
+
+/// A control-message buffer with room for one message of an int (`UDP_SEGMENT`
+/// on send, `UDP_GRO` on receive). The `CMSG_*` macros read and write a
+/// `cmsghdr` in place, so the buffer must have `cmsghdr`'s alignment (8 on
+/// 64-bit Linux), which a byte array does not promise.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct ControlBuf {
+    _align: [libc::cmsghdr; 0],
+    bytes: [u8; CONTROL_BYTES],
+}
+
+/// `CMSG_SPACE` of an int is 24 on 64-bit Linux (16 on 32-bit).
+const CONTROL_BYTES: usize = 32;
+
+impl ControlBuf {
+    pub(crate) const fn new() -> Self {
+        Self {
+            _align: [],
+            bytes: [0; CONTROL_BYTES],
+        }
+    }
+
+    pub(crate) fn as_mut_ptr(&mut self) -> *mut libc::c_void {
+        self.bytes.as_mut_ptr().cast()
+    }
+
+    pub(crate) const fn len(&self) -> usize {
+        CONTROL_BYTES
+    }
+}
 /// One send is at most one IP datagram's worth of UDP payload.
 const MAX_GSO_BYTES: usize = 65000;
 
@@ -131,7 +162,8 @@ fn send_segments_now(
     };
     // SAFETY: CMSG_SPACE is a pure size computation.
     let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<u16>() as u32) } as usize;
-    let mut control = [0u8; 32];
+    let mut control = ControlBuf::new();
+    debug_assert!(space <= control.len());
     // SAFETY: all-zero is a valid msghdr; every pointer set below
     // points into a local that outlives the sendmsg call.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
@@ -139,7 +171,7 @@ fn send_segments_now(
     msg.msg_namelen = addr.len();
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_control = control.as_mut_ptr();
     msg.msg_controllen = space as _;
     // SAFETY: the control buffer holds one cmsg of a u16.
     unsafe {
@@ -236,6 +268,21 @@ mod tests {
 
     fn a(port: u16) -> SocketAddr {
         SocketAddr::from(([192, 0, 2, 1], port))
+    }
+
+    #[test]
+    fn control_buffers_are_aligned_for_cmsghdr_and_hold_an_int() {
+        assert!(std::mem::align_of::<ControlBuf>() >= std::mem::align_of::<libc::cmsghdr>());
+        let mut bufs = [ControlBuf::new(); 3];
+        for b in &mut bufs {
+            assert_eq!(
+                b.as_mut_ptr() as usize % std::mem::align_of::<libc::cmsghdr>(),
+                0
+            );
+        }
+        // SAFETY: CMSG_SPACE is a pure size computation.
+        let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) };
+        assert!(space as usize <= ControlBuf::new().len());
     }
 
     #[test]

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use gotatun::packet::{Packet, PacketBufPool};
 use gotatun::udp::UdpRecv;
 
+use super::udp::ControlBuf;
 use super::udp_socket::UdpSocket;
 
 const SOL_UDP: libc::c_int = 17;
@@ -22,8 +23,6 @@ const UDP_GRO: libc::c_int = 104;
 const MESSAGES: usize = 4;
 /// One message holds at most one IP datagram's worth of UDP payload.
 const MESSAGE_BYTES: usize = 65536;
-/// Room for the one `UDP_GRO` control message (an int), aligned.
-const CONTROL_BYTES: usize = 32;
 
 /// The receiving half of our socket.
 pub struct GroRecv {
@@ -40,7 +39,7 @@ impl GroRecv {
 pub struct GroBufs {
     data: Vec<u8>,
     names: [libc::sockaddr_storage; MESSAGES],
-    control: [[u8; CONTROL_BYTES]; MESSAGES],
+    control: [ControlBuf; MESSAGES],
 }
 
 impl Default for GroBufs {
@@ -49,7 +48,7 @@ impl Default for GroBufs {
             data: vec![0; MESSAGES * MESSAGE_BYTES],
             // SAFETY: all-zero is a valid sockaddr_storage.
             names: unsafe { std::mem::zeroed() },
-            control: [[0; CONTROL_BYTES]; MESSAGES],
+            control: [ControlBuf::new(); MESSAGES],
         }
     }
 }
@@ -128,8 +127,8 @@ fn recv_messages(
         // SAFETY: i < MESSAGES, the length of the iovec array.
         h.msg_iov = unsafe { iovs.add(i) };
         h.msg_iovlen = 1;
-        h.msg_control = bufs.control[i].as_mut_ptr().cast();
-        h.msg_controllen = CONTROL_BYTES as _;
+        h.msg_control = bufs.control[i].as_mut_ptr();
+        h.msg_controllen = bufs.control[i].len() as _;
     }
     // SAFETY: headers describe MESSAGES valid, writable buffers.
     let n = unsafe {
