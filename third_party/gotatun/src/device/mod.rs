@@ -21,7 +21,7 @@ mod integration_tests;
 mod peer;
 mod peer_state;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 mod transports;
 pub mod uapi;
 
@@ -242,7 +242,7 @@ impl<T: DeviceTransports> Connection<T> {
             Arc::clone(&device.tun_tx),
             Arc::clone(&device.tun_rx),
         )
-        .await;
+        .await?;
 
         let buffered_udp_tx = BufferedUdpSend::new(MAX_PACKET_BUFS, udp_tx.clone());
 

@@ -30,19 +30,26 @@ use tokio_util::sync::CancellationToken;
 /// after [BufferedIpSend] or [BufferedIpRecv] is dropped. We will take the mutex lock when this
 /// function is called, and hold onto it for the lifetime of the sender or receiver.
 ///
-/// # Panics
-/// Panics if one of the locks is already taken.
+/// # Errors
+/// Fails if the receiving lock is still taken after a few seconds (pqmesh
+/// patch 5: an error for the caller, a reconfiguration, rather than a panic).
+/// If the sending lock is, the sender's task logs an error and stops, and with
+/// it the receiver.
 pub async fn channel<S: IpSend, R: IpRecv>(
     capacity: usize,
     pool: PacketBufPool,
     send: Arc<Mutex<S>>,
     recv: Arc<Mutex<R>>,
-) -> (BufferedIpSend, BufferedIpRecv<R>) {
+) -> io::Result<(BufferedIpSend, BufferedIpRecv<R>)> {
     let token = CancellationToken::new();
-    let buffer_send = BufferedIpSend::new(capacity, send, token.clone());
-    let buffer_recv = BufferedIpRecv::new(capacity, pool, recv, token).await;
-    (buffer_send, buffer_recv)
+    let buffer_recv = BufferedIpRecv::new(capacity, pool, recv, token.clone()).await?;
+    let buffer_send = BufferedIpSend::new(capacity, send, token);
+    Ok((buffer_send, buffer_recv))
 }
+
+/// How long a new connection waits for the previous one's tasks to let go
+/// of the TUN device.
+const LOCK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// An [`IpSend`] that wraps another [`IpSend`] to provide buffering.
 ///
@@ -59,19 +66,17 @@ impl BufferedIpSend {
     ///
     /// This takes an `Arc<Mutex<I>>` because the inner `I` will be re-used after [Self] is
     /// dropped. We will take the mutex lock when this function is called, and hold onto it for the
-    /// lifetime of [Self].
-    ///
-    /// # Panics
-    /// Panics if the lock is already taken.
+    /// lifetime of [Self]. If the lock stays taken, the task stops (see [`channel`]).
     fn new<I: IpSend>(capacity: usize, inner: Arc<Mutex<I>>, token: CancellationToken) -> Self {
         let (tx, mut rx) = mpsc::channel::<Packet<Ip>>(capacity);
 
         let drop_guard = token.clone().drop_guard();
 
         let task = async move {
-            let mut inner = timeout(Duration::from_secs(5), inner.lock())
-                .await
-                .expect("Deadlock on IpSend. There must be no more than one IpSend active at any given time.");
+            let Ok(mut inner) = timeout(LOCK_TIMEOUT, inner.lock()).await else {
+                tracing::error!("IpSend still held by another task: the connection stops");
+                return;
+            };
 
             while let Some(packet) = rx.recv().await {
                 let mut result = inner.send(packet).await;
@@ -128,21 +133,21 @@ impl<I: IpRecv> BufferedIpRecv<I> {
     ///
     /// This takes an `Arc<Mutex<I>>` because the inner `I` will be re-used after [Self] is
     /// dropped. We will take the mutex lock when this function is called, and hold onto it for the
-    /// lifetime of [Self]. Will panic if the lock is already taken.
+    /// lifetime of [Self]. Fails if the lock stays taken (see [`channel`]).
     async fn new(
         capacity: usize,
         mut pool: PacketBufPool,
         inner: Arc<Mutex<I>>,
         token: CancellationToken,
-    ) -> Self {
+    ) -> io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Packet<Ip>>(capacity);
 
         // We use a timeout instead of a try_lock().expect() because there may still be an old
         // BufferedIpRecv that is in the process of being dropped. Otherwise, there would be a
         // race condition between the old `task` dropping, and us taking the lock again.
-        let mut inner = timeout(Duration::from_secs(5), inner.lock_owned())
+        let mut inner = timeout(LOCK_TIMEOUT, inner.lock_owned())
             .await
-            .expect("Deadlock on IpRecv. There must be no more than one IpRecv active at any given time.");
+            .map_err(|_| io::Error::other("IpRecv still held by another task"))?;
 
         let mtu = inner.mtu();
 
@@ -173,13 +178,13 @@ impl<I: IpRecv> BufferedIpRecv<I> {
             token.run_until_cancelled_owned(task).await;
         });
 
-        Self {
+        Ok(Self {
             rx,
             rx_packet_buf: vec![],
             _task: Arc::new(task),
             _phantom: std::marker::PhantomData,
             mtu,
-        }
+        })
     }
 }
 
@@ -245,4 +250,21 @@ fn is_fatal_tun_error(err: &io::Error) -> bool {
             | io::ErrorKind::InvalidData
             | io::ErrorKind::InvalidInput
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::tests::mock::mock_tun;
+
+    /// pqmesh patch 5: a TUN device that an old task still holds is an
+    /// error for the reconfiguration that asked for it, not a panic.
+    #[tokio::test]
+    async fn a_tun_still_held_is_an_error_not_a_panic() {
+        let (tun, _app_tx, _app_rx) = mock_tun();
+        let (send, recv) = (Arc::new(Mutex::new(tun.clone())), Arc::new(Mutex::new(tun)));
+        let _held = recv.lock().await;
+        let result = channel(4, PacketBufPool::new(4), send, Arc::clone(&recv)).await;
+        assert!(result.is_err());
+    }
 }
