@@ -435,11 +435,9 @@ impl Driver {
                 PolicyEvent::Cut { name, reason } => {
                     warn!("peer {name} cut off: {}", reason.describe())
                 }
-                PolicyEvent::Removed { public_key } => {
-                    warn!(
-                        "peer {public_key} removed from the data plane: not a valid member with a fresh key"
-                    )
-                }
+                PolicyEvent::Removed { public_key } => self.log_limited("removed", || {
+                    format!("removing peer {public_key} from the data plane: not a valid member with a fresh key")
+                }),
                 PolicyEvent::InterfaceRestored => {
                     warn!(
                         "the data plane had lost its private key (restarted?): interface and peers restored"

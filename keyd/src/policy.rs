@@ -38,6 +38,12 @@ use crate::text;
 pub const MIN_BACKOFF: Duration = Duration::from_secs(1);
 /// How often the data plane is read and reconciled.
 pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(1);
+/// After a data-plane restart, peers are installed with a 1 s persistent
+/// keepalive for this long: the keepalive makes the restarted side start a
+/// WireGuard handshake at once, so the other side, whose old session the
+/// restart destroyed, is not left sending into it until WireGuard's own
+/// 15 s dead-session timer. Then the configured keepalive is put back.
+pub const KICK: Duration = Duration::from_secs(5);
 
 /// Both clocks at one instant: monotonic for timers, Unix seconds for
 /// certificate and roster validity.
@@ -163,6 +169,8 @@ pub struct DataPlaneView {
 pub struct ViewPeer {
     pub preshared_key: Option<uapi::Key>,
     pub allowed_ips: Vec<IpPrefix>,
+    /// Seconds, 0 when off.
+    pub persistent_keepalive: u16,
     pub last_handshake: Option<u64>,
 }
 
@@ -179,6 +187,7 @@ impl DataPlaneView {
                     ViewPeer {
                         preshared_key: p.preshared_key.clone(),
                         allowed_ips: p.allowed_ips.clone(),
+                        persistent_keepalive: p.persistent_keepalive_interval,
                         last_handshake: p.last_handshake.map(|(s, _)| s),
                     },
                 )
@@ -285,6 +294,8 @@ struct Peer {
     record: PairRecord,
     dial: Dial,
     backoff: Duration,
+    /// A short keepalive until then (see [`KICK`]).
+    kick_until: Option<Instant>,
     last_error: Option<String>,
     exchanges_ok: u64,
     exchanges_failed: u64,
@@ -314,6 +325,8 @@ pub struct MeshPolicy {
     /// What the data plane holds, as last read and then changed by our own
     /// successful actions.
     view: Option<DataPlaneView>,
+    /// The interface has held our key once: losing it later is a restart.
+    configured_once: bool,
     next_read: Instant,
     read_in_flight: bool,
     actions: VecDeque<Action>,
@@ -343,6 +356,7 @@ impl MeshPolicy {
             local: LocalState::Member,
             peers: BTreeMap::new(),
             view: None,
+            configured_once: false,
             next_read: now.mono,
             read_in_flight: false,
             actions: VecDeque::new(),
@@ -417,7 +431,6 @@ impl MeshPolicy {
             return;
         }
         let limit = self.config.key_limit();
-        let keepalive = self.config.persistent_keepalive;
         let interval = self.config.rotation_interval;
         let jitter = self.jitter(interval);
         let Some(p) = self.peers.get_mut(&id) else {
@@ -429,7 +442,7 @@ impl MeshPolicy {
             preshared_key: psk.clone(),
             endpoint: p.member.wg_endpoint,
             allowed_ips: allowed_ips(cert),
-            persistent_keepalive: keepalive,
+            persistent_keepalive: p.keepalive(&self.config, now),
         };
         p.key = Some(Key {
             psk: Some(psk),
@@ -474,6 +487,7 @@ impl MeshPolicy {
     pub fn action_done(&mut self, action: &Action, result: Result<(), String>, now: Now) {
         match (action, result) {
             (Action::ConfigureInterface, Ok(())) => {
+                self.configured_once = true;
                 if let Some(v) = self.view.as_mut() {
                     v.interface_key_ok = true;
                     v.listen_port = self.config.listen_port;
@@ -489,6 +503,7 @@ impl MeshPolicy {
                         ViewPeer {
                             preshared_key: Some(uapi::Key(*i.preshared_key.as_bytes())),
                             allowed_ips: i.allowed_ips.clone(),
+                            persistent_keepalive: i.persistent_keepalive.unwrap_or(0),
                             last_handshake: None,
                         },
                     );
@@ -528,6 +543,9 @@ impl MeshPolicy {
         let local_ok = self.local == LocalState::Member;
         let mut expired = Vec::new();
         for (id, p) in &mut self.peers {
+            if p.kick_until.is_some_and(|until| now.mono >= until) {
+                p.kick_until = None;
+            }
             if let Some(k) = &p.key
                 && now.mono >= k.deadline
             {
@@ -585,6 +603,9 @@ impl MeshPolicy {
         for p in self.peers.values() {
             if let Dial::Idle { next } = p.dial {
                 consider(next);
+            }
+            if let Some(k) = p.kick_until {
+                consider(k);
             }
             if let Some(k) = &p.key {
                 consider(k.deadline);
@@ -741,6 +762,7 @@ impl MeshPolicy {
                     Dial::NotDialer
                 },
                 backoff: MIN_BACKOFF,
+                kick_until: None,
                 last_error: None,
                 exchanges_ok: 0,
                 exchanges_failed: 0,
@@ -855,10 +877,16 @@ impl MeshPolicy {
             return;
         };
         let mut actions = Vec::new();
+        if view.interface_key_ok {
+            self.configured_once = true;
+        }
         if !view.interface_key_ok || view.listen_port != self.config.listen_port {
-            if !view.interface_key_ok {
+            if !view.interface_key_ok && self.configured_once {
                 self.counters.dataplane_restarts_healed += 1;
                 self.events.push_back(PolicyEvent::InterfaceRestored);
+                for p in self.peers.values_mut() {
+                    p.kick_until = Some(now.mono + KICK);
+                }
             }
             actions.push(Action::ConfigureInterface);
         }
@@ -881,11 +909,13 @@ impl MeshPolicy {
                 continue;
             };
             let ips = allowed_ips(&p.member.cert);
+            let keepalive = p.keepalive(&self.config, now);
             let same = in_view.is_some_and(|v| {
                 v.preshared_key
                     .as_ref()
                     .is_some_and(|k| k.0 == *psk.as_bytes())
                     && sorted(&v.allowed_ips) == sorted(&ips)
+                    && v.persistent_keepalive == keepalive.unwrap_or(0)
             });
             if !same {
                 actions.push(Action::Install(PeerInstall {
@@ -894,7 +924,7 @@ impl MeshPolicy {
                     preshared_key: psk.clone(),
                     endpoint: p.member.wg_endpoint,
                     allowed_ips: ips,
-                    persistent_keepalive: self.config.persistent_keepalive,
+                    persistent_keepalive: keepalive,
                 }));
             }
         }
@@ -917,6 +947,14 @@ impl MeshPolicy {
 }
 
 impl Peer {
+    /// The keepalive this peer should have now.
+    fn keepalive(&self, config: &PolicyConfig, now: Now) -> Option<u16> {
+        match self.kick_until {
+            Some(until) if now.mono < until => Some(1),
+            _ => config.persistent_keepalive,
+        }
+    }
+
     fn member_refusal_reason(&self, roster: &Roster, now: Now, skew: u64) -> Option<CutReason> {
         member_refusal(roster, &self.member, now, skew)
     }

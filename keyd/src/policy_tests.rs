@@ -184,6 +184,7 @@ impl Sim {
                         ViewPeer {
                             preshared_key: psk.map(|p| uapi::Key(*p.as_bytes())),
                             allowed_ips: vec![],
+                            persistent_keepalive: 0,
                             last_handshake: None,
                         },
                     )
@@ -479,6 +480,11 @@ fn a_restarted_data_plane_gets_its_key_and_peers_back() {
     sim.established(&w.certs[1], 1, &psk(1), Role::Initiator);
     sim.established(&w.certs[2], 1, &psk(2), Role::Initiator);
     sim.perform();
+    assert_eq!(
+        sim.policy.counters().dataplane_restarts_healed,
+        0,
+        "a first start is no heal"
+    );
     // mesh-node restarted: no private key, no peers.
     sim.policy.observed(DataPlaneView::default(), sim.now);
     let actions = sim.actions();
@@ -489,6 +495,29 @@ fn a_restarted_data_plane_gets_its_key_and_peers_back() {
     want.sort();
     assert_eq!(got, want);
     assert!(sim.events().contains(&PolicyEvent::InterfaceRestored));
+    assert_eq!(sim.policy.counters().dataplane_restarts_healed, 1);
+    // A 1 s keepalive makes the restarted side handshake at once ...
+    for a in &actions {
+        if let Action::Install(i) = a {
+            assert_eq!(i.persistent_keepalive, Some(1));
+        }
+        sim.policy.action_done(a, Ok(()), sim.now);
+    }
+    // ... and the configured one (none) is put back after KICK.
+    sim.at(KICK.as_secs());
+    let actions = sim.perform();
+    let back: Vec<_> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Install(i) => Some(i.persistent_keepalive),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(back, vec![None, None]);
+    assert!(
+        sim.policy.poll_timeout(sim.now) > sim.now.mono,
+        "no timer left in the past"
+    );
 }
 
 #[test]
