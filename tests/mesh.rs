@@ -365,7 +365,7 @@ fn four_nodes_build_a_full_mesh_and_rotate_without_loss() {
 }
 
 #[test]
-fn revoked_node_is_cut_everywhere_within_one_interval() {
+fn revoked_node_is_cut_everywhere_within_two_seconds() {
     let mesh = Mesh::new(142, &[Plane::MeshNode; 4], "3s");
     mesh.wait_complete(&[0, 1, 2, 3]);
     let gone = mesh.wg_pub(3);
@@ -379,15 +379,18 @@ fn revoked_node_is_cut_everywhere_within_one_interval() {
         "--cert",
         p(&mesh.nodes[3].dir.join("node.crt")),
     ]);
-    // One rotation interval (plus the 1 s roster poll).
-    std::thread::sleep(Duration::from_secs(4));
-    for i in 0..3 {
+    // Enforced within 2 s of the roster poll (every second) that sees it,
+    // on every node, whatever exchange or install is under way.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while (0..3).any(|i| mesh.wg_peers(i).contains(&gone)) {
         assert!(
-            !mesh.wg_peers(i).contains(&gone),
-            "node{} still has the revoked peer\n{}",
-            i + 1,
+            Instant::now() < deadline,
+            "the revoked peer is still in a data plane 3 s later\n{}",
             mesh.logs()
         );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for i in 0..3 {
         assert_eq!(
             mesh.ping(i, 3, 2, "0.2"),
             0,
@@ -397,6 +400,15 @@ fn revoked_node_is_cut_everywhere_within_one_interval() {
     }
     mesh.wait_complete(&[0, 1, 2]);
     mesh.wait_status(0, "on roster serial 2", |s| s["roster_serial"] == 2);
+    // The revoked node learns it too, says so, and holds no peers.
+    mesh.wait_status(3, "know that it is revoked", |s| {
+        s["local_state"] == "revoked"
+    });
+    assert_eq!(
+        mesh.wg_peers(3).trim(),
+        "",
+        "a revoked node drops its peers"
+    );
 }
 
 /// Zero trust against a hostile underlay: a machine with a certificate from
