@@ -479,6 +479,29 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_node_certificate_may_span_exactly_the_cas_window() {
+        let (key, ca) = test_ca("net-a");
+        let wg = WgPrivateKey::generate().unwrap();
+        let noise = NoisePrivateKey::generate().unwrap();
+        let mut r = request("edge", &wg, &noise);
+        (r.not_before, r.not_after) = (ca.body().not_before, ca.body().not_after);
+        assert!(ca.issue(&key, r.clone()).is_ok());
+        let mut early = r.clone();
+        early.not_before -= 1;
+        let mut late = r;
+        late.not_after += 1;
+        for outside in [early, late] {
+            assert!(matches!(
+                ca.issue(&key, outside),
+                Err(CertError::Field {
+                    field: "not_after",
+                    ..
+                })
+            ));
+        }
+    }
+
+    #[test]
     fn ca_validity_tolerates_exactly_the_skew() {
         let (_, ca) = test_ca("net-a");
         let (nb, na) = (ca.body().not_before, ca.body().not_after);

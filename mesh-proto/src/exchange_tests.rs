@@ -670,3 +670,34 @@ fn cert_type_is_in_sync_with_payload_limits() {
     let big: NodeCert = w.ca.issue(&w.key, r).unwrap();
     assert!(big.to_bytes().len() < MAX_MESSAGE_LEN / 2);
 }
+
+#[test]
+fn debug_shows_role_and_state_only() {
+    let w = world();
+    let now = Instant::now();
+    let i = Exchange::initiate(params(&w, &w.a, Some(&w.b), vec![]), now, T0).unwrap();
+    assert_eq!(
+        format!("{i:?}"),
+        "Exchange { role: Initiator, ended: false, .. }"
+    );
+}
+
+#[test]
+fn messages_over_the_noise_limit_are_refused_before_snow() {
+    let w = world();
+    let now = Instant::now();
+    let fail = |len: usize| {
+        let mut r = Exchange::respond(params(&w, &w.b, None, vec![]), now, T0).unwrap();
+        r.receive(&vec![0u8; len], now);
+        match r.poll_event() {
+            Some(Event::Failed(e)) => e,
+            other => panic!("{len}: {other:?}"),
+        }
+    };
+    let ours = ExchangeError::Noise("message longer than 65535 bytes".into());
+    assert_eq!(fail(MAX_MESSAGE_LEN + 1), ours);
+    assert_eq!(fail(MAX_MESSAGE_LEN * 2), ours);
+    // At the limit the message reaches snow: msg1 is unauthenticated, so it
+    // parses, and the refusal is for its content, not its length.
+    assert!(matches!(fail(MAX_MESSAGE_LEN), ExchangeError::Payload(_)));
+}

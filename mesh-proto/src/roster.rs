@@ -337,6 +337,9 @@ pub(crate) mod tests {
         let r = Roster::build(&ca, &key, 7, T0, T0 + DAY, members.clone(), vec![]).unwrap();
         let again = Roster::from_text(&r.to_text(), &ca).unwrap();
         assert_eq!(again.serial(), 7);
+        assert_eq!(again.network_id(), "net-a");
+        assert_eq!(again.issuer(), ca.fingerprint());
+        assert_eq!(again.fingerprint(), r.fingerprint());
         assert_eq!(again.members(), members.as_slice());
         let id = members[1].cert.body().node_id;
         assert_eq!(again.member(&id).unwrap().cert.body().name, "b");

@@ -132,3 +132,33 @@ impl<T: Serialize + DeserializeOwned> Signed<T> {
         Fingerprint(h.finalize().into())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints_print_as_hex() {
+        let fp = Fingerprint([0xab; 32]);
+        assert_eq!(fp.to_string(), "ab".repeat(32));
+        assert_eq!(
+            format!("{fp:?}"),
+            format!("Fingerprint({})", "ab".repeat(32))
+        );
+        assert_eq!(Fingerprint::from_hex(&fp.to_hex()), Ok(fp));
+    }
+
+    #[test]
+    fn body_version_is_the_first_body_byte() {
+        let envelope = |body: Vec<u8>| {
+            postcard::to_stdvec(&Envelope {
+                body,
+                signature: vec![0; 64],
+            })
+            .unwrap()
+        };
+        assert_eq!(Signed::<u8>::body_version(&envelope(vec![9, 1])), Ok(9));
+        assert!(Signed::<u8>::body_version(&envelope(vec![])).is_err());
+        assert!(Signed::<u8>::body_version(b"junk").is_err());
+    }
+}
