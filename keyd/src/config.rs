@@ -31,6 +31,8 @@ struct RawConfig {
     #[serde(default = "default_skew")]
     max_clock_skew: String,
     persistent_keepalive: Option<u16>,
+    #[serde(default)]
+    accept_unlisted_sources: bool,
 }
 
 fn default_wg_port() -> u16 {
@@ -72,6 +74,9 @@ pub struct Config {
     pub hard_lifetime: Duration,
     pub max_clock_skew: Duration,
     pub persistent_keepalive: Option<u16>,
+    /// Accept QUIC connections from addresses that are no member's keyd
+    /// endpoint (members behind NAT). Off: such sources get no answer.
+    pub accept_unlisted_sources: bool,
 }
 
 fn duration(field: &str, text: &str) -> Result<Duration> {
@@ -124,6 +129,7 @@ impl Config {
             hard_lifetime: duration("hard_lifetime", &raw.hard_lifetime)?,
             max_clock_skew: duration("max_clock_skew", &raw.max_clock_skew)?,
             persistent_keepalive: raw.persistent_keepalive,
+            accept_unlisted_sources: raw.accept_unlisted_sources,
         };
         for (field, path) in [
             ("ca_cert", &config.ca_cert),

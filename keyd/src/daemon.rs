@@ -16,6 +16,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, bail};
 use mesh_proto::cert::{CaCert, NodeCert};
+use mesh_proto::cookie::{self, CookieChecker, CookieError, CookieJar};
 use mesh_proto::exchange::{
     DEFAULT_TIMEOUT, Established, ExchangeParams, LocalIdentity, PeerEpochs,
 };
@@ -26,15 +27,19 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
+use crate::admission::{Admission, AdmissionConfig, ConnectionDecision, Refusal};
 use crate::config::Config;
-use crate::dataplane::{DataPlane, PeerConfig};
+use crate::dataplane::{DataPlane, PeerChange, PeerConfig};
 use crate::policy::{
     Action, Counters, DataPlaneView, LocalState, MeshPolicy, Now, PeerStatus, PolicyConfig,
     PolicyEvent, Role,
 };
-use crate::ratelimit::{LogLimiter, Verdict};
+use crate::ratelimit::{LogLimiter, SharedLogLimiter, Verdict};
 use crate::state::{self, PersistedState};
 use crate::{files, quic, text, time};
+
+/// Exchanges one keyd runs as initiator at once.
+const MAX_DIALS_IN_FLIGHT: usize = 8;
 
 /// How long before its expiry `keyd status` warns about the roster.
 pub const ROSTER_EXPIRY_WARNING: Duration = Duration::from_secs(24 * 3600);
@@ -78,12 +83,6 @@ enum Input {
         label: &'static str,
         error: String,
     },
-    /// An exchange a peer started was refused or failed.
-    Refused {
-        remote: SocketAddr,
-        label: &'static str,
-        error: String,
-    },
     Roster(Arc<Roster>),
     RosterRefused {
         rollback: bool,
@@ -107,6 +106,68 @@ struct Shared {
     inputs: mpsc::Sender<Input>,
     /// QUIC connections this node dialled, reused across rotations.
     connections: Mutex<HashMap<NodeId, quinn::Connection>>,
+    admission: Mutex<Admission>,
+    /// mac1/cookie check in front of every msg1 this node answers.
+    cookies: Mutex<CookieChecker>,
+    /// Cookies from the peers this node dials.
+    jars: Mutex<HashMap<NodeId, CookieJar>>,
+    /// For the tasks that face the network (the driver has its own).
+    log: SharedLogLimiter,
+}
+
+impl Shared {
+    /// mac1 and, under load, mac2 on a sealed msg1: one keyed hash before
+    /// any public-key work.
+    fn gate(&self, sealed: &[u8], source: SocketAddr, under_load: bool) -> quic::Gate {
+        // Two getrandom calls per msg1 are cheap next to what they guard,
+        // and keep the checker free of a generator of its own.
+        let (Ok(nonce), Ok(secret)) = (
+            mesh_proto::identity::random_bytes::<{ cookie::NONCE_LEN }>(),
+            mesh_proto::identity::random_bytes::<32>(),
+        ) else {
+            return quic::Gate::Refuse(CookieError::BadReply);
+        };
+        let fresh = || *secret;
+        let mut checker = self
+            .cookies
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match checker.check(sealed, source, under_load, Instant::now(), fresh, *nonce) {
+            cookie::Verdict::Accept(msg1) => quic::Gate::Accept(msg1.to_vec()),
+            cookie::Verdict::CookieReply(reply) => quic::Gate::Reply(reply),
+            cookie::Verdict::Refuse(e) => quic::Gate::Refuse(e),
+        }
+    }
+
+    /// Admission control. A poisoned lock (a panic while held) is taken over:
+    /// its counters stay meaningful, and refusing everyone would be worse.
+    fn admission(&self) -> std::sync::MutexGuard<'_, Admission> {
+        self.admission
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn log_limited(&self, key: &'static str, line: impl FnOnce() -> String) {
+        if let Verdict::Log { suppressed } = self.log.check(key, Instant::now()) {
+            if suppressed > 0 {
+                warn!("{} ({suppressed} similar suppressed)", line());
+            } else {
+                warn!("{}", line());
+            }
+        }
+    }
+
+    /// Counts and logs (at a bounded rate) a refused or failed exchange that
+    /// a peer started.
+    fn refused(&self, remote: SocketAddr, label: &'static str, error: &dyn std::fmt::Display) {
+        self.admission().count_label(label);
+        self.log_limited(label, || {
+            format!(
+                "refused an exchange from {remote} ({label}): {}",
+                text::error(error)
+            )
+        });
+    }
 }
 
 fn now() -> Now {
@@ -171,6 +232,7 @@ pub async fn run(config: Config, reset_state: bool) -> Result<()> {
             max_clock_skew: skew,
             listen_port: config.wg_listen_port,
             persistent_keepalive: config.persistent_keepalive,
+            max_dials_in_flight: MAX_DIALS_IN_FLIGHT,
         },
         cert.clone(),
         Arc::new(roster),
@@ -179,6 +241,7 @@ pub async fn run(config: Config, reset_state: bool) -> Result<()> {
         now(),
     );
     let endpoint = quic::endpoint(config.quic_listen)?;
+    let identity_static = noise_key.public_key();
     let identity = Arc::new(LocalIdentity { cert, noise_key });
     info!(
         "keyd up: node {} ({}), interface {}, QUIC {}, roster serial {}",
@@ -188,6 +251,11 @@ pub async fn run(config: Config, reset_state: bool) -> Result<()> {
         config.quic_listen,
         policy.roster().serial()
     );
+    let mut admission = Admission::new(AdmissionConfig {
+        accept_unlisted_sources: config.accept_unlisted_sources,
+        ..AdmissionConfig::default()
+    });
+    admission.set_listed(listed_sources(policy.roster()));
     let (inputs, rx) = mpsc::channel(1024);
     let (snapshot, _) = watch::channel(snapshot_of(&policy));
     let shared = Arc::new(Shared {
@@ -198,6 +266,14 @@ pub async fn run(config: Config, reset_state: bool) -> Result<()> {
         snapshot,
         inputs,
         connections: Mutex::new(HashMap::new()),
+        admission: Mutex::new(admission),
+        cookies: Mutex::new(CookieChecker::new(
+            &identity_static,
+            *mesh_proto::identity::random_bytes::<32>().context("no randomness for cookies")?,
+            Instant::now(),
+        )),
+        jars: Mutex::new(HashMap::new()),
+        log: SharedLogLimiter::default(),
     });
     tokio::spawn(accept_loop(shared.clone()));
     tokio::spawn(watch_roster(shared.clone()));
@@ -215,6 +291,15 @@ pub async fn run(config: Config, reset_state: bool) -> Result<()> {
     .run(rx)
     .await;
     Ok(())
+}
+
+/// The addresses from which members' keyds may connect.
+fn listed_sources(roster: &Roster) -> Vec<std::net::IpAddr> {
+    roster
+        .members()
+        .iter()
+        .filter_map(|m| m.keyd_endpoint.map(|e| e.ip()))
+        .collect()
 }
 
 fn snapshot_of(policy: &MeshPolicy) -> Arc<Snapshot> {
@@ -278,23 +363,14 @@ impl Driver {
                 self.policy
                     .exchange_failed(Some(peer), &format!("{label}: {error}"), now);
             }
-            Input::Refused {
-                remote,
-                label,
-                error,
-            } => {
-                *self.refusals.entry(label.to_string()).or_default() += 1;
-                self.log_limited(label, || {
-                    format!("refused an exchange from {remote} ({label}): {error}")
-                });
-            }
             Input::Roster(roster) => {
                 info!(
                     "roster serial {} -> {}",
                     self.policy.roster().serial(),
                     roster.serial()
                 );
-                self.policy.set_roster(roster, now);
+                self.policy.set_roster(roster.clone(), now);
+                self.s.admission().set_listed(listed_sources(&roster));
             }
             Input::RosterRefused { rollback, error } => {
                 if rollback {
@@ -316,89 +392,118 @@ impl Driver {
         }
     }
 
-    /// Performs every pending action in order. After a data-plane call that
-    /// could not reach the data plane, the rest of this batch's data-plane
-    /// calls are reported failed without trying (the next read retries), so
-    /// a hung data plane costs one timeout, not one per peer.
+    /// Performs every pending action in order; consecutive peer changes go
+    /// to the data plane as one `set`. After a call that could not reach the
+    /// data plane, the rest of the batch's data-plane calls are reported
+    /// failed without trying (the next read retries), so a hung data plane
+    /// costs one timeout, not one per peer.
     async fn perform(&mut self) {
         let mut unreachable = false;
         let mut persist = false;
-        while let Some(action) = self.policy.poll_action() {
-            let result = match &action {
-                Action::Dial(member) => {
-                    self.dial((**member).clone());
-                    continue;
-                }
-                Action::Persist => {
-                    persist = true;
-                    continue;
-                }
-                _ if unreachable => Err(CallError {
-                    message: "data plane unreachable".into(),
-                    unreachable: true,
-                }),
-                Action::ReadDataPlane => {
-                    let dp = self.dataplane.clone();
-                    let key = self.wg_key.clone();
-                    let read = tokio::task::spawn_blocking(move || {
-                        let mut info = dp.get()?;
-                        let own = info
-                            .private_key
-                            .take()
-                            .is_some_and(|k| k.0 == *key.0.as_bytes());
-                        anyhow::Ok(DataPlaneView::from_device(info, own))
-                    })
-                    .await;
-                    match read {
-                        Ok(Ok(view)) => self.policy.observed(view, now()),
-                        Ok(Err(e)) => {
-                            self.log_limited("dataplane_read", || {
-                                format!("cannot read the data plane: {e:#}")
-                            });
-                            self.policy.observe_failed(now());
-                            unreachable = true;
-                        }
-                        Err(e) => {
-                            error!("data-plane read task failed: {e}");
-                            self.policy.observe_failed(now());
-                        }
+        loop {
+            let actions: Vec<Action> = std::iter::from_fn(|| self.policy.poll_action()).collect();
+            if actions.is_empty() {
+                break;
+            }
+            let mut i = 0;
+            while i < actions.len() {
+                let action = &actions[i];
+                i += 1;
+                let result = match action {
+                    Action::Dial(member) => {
+                        self.dial((**member).clone());
+                        continue;
                     }
-                    continue;
-                }
-                Action::ConfigureInterface => {
-                    let key = self.wg_key.clone();
-                    let port = self.s.config.wg_listen_port;
-                    self.blocking(move |dp| dp.configure_interface(&key, port))
-                        .await
-                }
-                Action::Install(i) => {
-                    let peer = PeerConfig {
-                        public_key: i.public_key,
-                        preshared_key: i.preshared_key.clone(),
-                        endpoint: i.endpoint,
-                        allowed_ips: i.allowed_ips.clone(),
-                        persistent_keepalive: i.persistent_keepalive,
-                    };
-                    self.blocking(move |dp| dp.upsert_peer(&peer)).await
-                }
-                Action::Remove(key) => {
-                    let key = *key;
-                    self.blocking(move |dp| dp.remove_peer(&key)).await
-                }
-            };
-            let result = result.map_err(|e| {
-                unreachable |= e.unreachable;
-                self.log_limited("dataplane_call", || {
-                    format!("data-plane call failed: {}", e.message)
-                });
-                e.message
-            });
-            self.policy.action_done(&action, result, now());
+                    Action::Persist => {
+                        persist = true;
+                        continue;
+                    }
+                    Action::ReadDataPlane if !unreachable => {
+                        unreachable = !self.read_dataplane().await;
+                        continue;
+                    }
+                    _ if unreachable => Err(CallError {
+                        message: "data plane unreachable".into(),
+                        unreachable: true,
+                    }),
+                    Action::ReadDataPlane => continue,
+                    Action::ConfigureInterface => {
+                        let key = self.wg_key.clone();
+                        let port = self.s.config.wg_listen_port;
+                        self.blocking(move |dp| dp.configure_interface(&key, port))
+                            .await
+                    }
+                    Action::Install(_) | Action::Remove(_) => {
+                        let start = i - 1;
+                        while i < actions.len()
+                            && matches!(actions[i], Action::Install(_) | Action::Remove(_))
+                        {
+                            i += 1;
+                        }
+                        let batch = &actions[start..i];
+                        let changes: Vec<PeerChange> =
+                            batch.iter().filter_map(peer_change).collect();
+                        let result = self.blocking(move |dp| dp.change_peers(&changes)).await;
+                        for a in batch {
+                            self.report(a, &result, &mut unreachable);
+                        }
+                        continue;
+                    }
+                };
+                self.report(action, &result, &mut unreachable);
+            }
         }
         if persist {
             let state = PersistedState::new(self.policy.roster(), &self.policy.persisted());
             if let Err(e) = state::save(&self.s.config.state_dir, &state) {
                 error!("cannot persist state: {e:#}");
+            }
+        }
+    }
+
+    fn report(&mut self, action: &Action, result: &Result<(), CallError>, unreachable: &mut bool) {
+        let result = match result {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                *unreachable |= e.unreachable;
+                self.log_limited("dataplane_call", || {
+                    format!("data-plane call failed: {}", e.message)
+                });
+                Err(e.message.clone())
+            }
+        };
+        self.policy.action_done(action, result, now());
+    }
+
+    /// Reads the data plane into the policy; false if it could not be read.
+    async fn read_dataplane(&mut self) -> bool {
+        let dp = self.dataplane.clone();
+        let key = self.wg_key.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            let mut info = dp.get()?;
+            let own = info
+                .private_key
+                .take()
+                .is_some_and(|k| k.0 == *key.0.as_bytes());
+            anyhow::Ok(DataPlaneView::from_device(info, own))
+        })
+        .await;
+        match read {
+            Ok(Ok(view)) => {
+                self.policy.observed(view, now());
+                true
+            }
+            Ok(Err(e)) => {
+                self.log_limited("dataplane_read", || {
+                    format!("cannot read the data plane: {e:#}")
+                });
+                self.policy.observe_failed(now());
+                false
+            }
+            Err(e) => {
+                error!("data-plane read task failed: {e}");
+                self.policy.observe_failed(now());
+                false
             }
         }
     }
@@ -463,8 +568,11 @@ impl Driver {
                     role: Role::Initiator,
                 },
                 Err(e) => {
-                    if let Ok(mut c) = s.connections.lock() {
-                        c.remove(&id);
+                    // A failed exchange ends its connection on both sides.
+                    if let Ok(mut c) = s.connections.lock()
+                        && let Some(conn) = c.remove(&id)
+                    {
+                        conn.close(1u32.into(), b"exchange failed");
                     }
                     Input::DialFailed {
                         peer: id,
@@ -496,7 +604,13 @@ impl Driver {
                 .into_iter()
                 .map(|p| (p.name.clone(), p))
                 .collect(),
-            refusals: self.refusals.clone(),
+            refusals: {
+                let mut all = self.refusals.clone();
+                for (label, n) in self.s.admission().refusals() {
+                    *all.entry((*label).to_string()).or_default() += n;
+                }
+                all
+            },
             roster_rollbacks_refused: self.rollbacks,
             rosters_refused: self.rosters_refused,
             counters: self.policy.counters().clone(),
@@ -506,6 +620,20 @@ impl Driver {
         {
             warn!("cannot write status: {e:#}");
         }
+    }
+}
+
+fn peer_change(action: &Action) -> Option<PeerChange> {
+    match action {
+        Action::Install(i) => Some(PeerChange::Upsert(PeerConfig {
+            public_key: i.public_key,
+            preshared_key: i.preshared_key.clone(),
+            endpoint: i.endpoint,
+            allowed_ips: i.allowed_ips.clone(),
+            persistent_keepalive: i.persistent_keepalive,
+        })),
+        Action::Remove(key) => Some(PeerChange::Remove(*key)),
+        _ => None,
     }
 }
 
@@ -565,68 +693,120 @@ async fn initiate(s: &Shared, member: &Member) -> Result<Established> {
         }
     };
     let snap = s.snapshot.borrow().clone();
-    quic::initiate(&conn, params(s, &snap, Some(id))).await
+    let mut jar = s
+        .jars
+        .lock()
+        .ok()
+        .and_then(|mut j| j.remove(&id))
+        .unwrap_or_default();
+    let responder = member.cert.body().noise_public;
+    let result = quic::initiate(&conn, params(s, &snap, Some(id)), &responder, &mut jar).await;
+    if let Ok(mut j) = s.jars.lock() {
+        j.insert(id, jar);
+    }
+    result
 }
 
-/// Answers exchanges from peers that dial us.
+/// Accepts connections as admission control allows (source filter, caps,
+/// per-source rate, retry under load) and answers the exchanges they open.
 async fn accept_loop(s: Arc<Shared>) {
     while let Some(incoming) = s.endpoint.accept().await {
-        let s = s.clone();
-        tokio::spawn(async move {
-            let remote = incoming.remote_address();
-            let conn = match incoming.await {
-                Ok(c) => c,
-                Err(e) => {
-                    let _ = s
-                        .inputs
-                        .send(Input::Refused {
-                            remote,
-                            label: "transport",
-                            error: text::sanitize(&e.to_string(), text::ERROR_MAX),
-                        })
-                        .await;
-                    return;
-                }
-            };
-            loop {
-                let result = quic::respond(&conn, || {
-                    let snap = s.snapshot.borrow().clone();
-                    params(&s, &snap, None)
-                })
-                .await;
-                match result {
-                    Ok(est) => {
-                        let input = Input::Established {
-                            est: Box::new(est),
-                            role: Role::Responder,
-                        };
-                        if s.inputs.send(input).await.is_err() {
-                            return;
-                        }
-                    }
-                    Err(e) => {
-                        if conn.close_reason().is_some() {
-                            return;
-                        }
-                        let label = label_of(&e);
-                        let _ = s
-                            .inputs
-                            .send(Input::Refused {
-                                remote,
-                                label,
-                                error: text::sanitize(&format!("{e:#}"), text::ERROR_MAX),
-                            })
-                            .await;
-                        if label != "transport" {
-                            conn.close(1u32.into(), b"refused");
-                            return;
-                        }
-                    }
-                }
+        let remote = incoming.remote_address();
+        let decision = s.admission().connection(
+            remote.ip(),
+            incoming.remote_address_validated(),
+            Instant::now(),
+        );
+        match decision {
+            ConnectionDecision::Accept => {
+                tokio::spawn(serve_connection(s.clone(), incoming, remote));
             }
-        });
+            ConnectionDecision::Retry => {
+                let _ = incoming.retry();
+            }
+            ConnectionDecision::Refuse(r) => {
+                // No answer at all: a prober learns nothing and costs nothing.
+                incoming.ignore();
+                s.log_limited(r.label(), || {
+                    format!("connection from {remote} refused: {}", r.label())
+                });
+            }
+        }
     }
 }
+
+/// Gives the connection slot back however the task ends.
+struct ConnectionSlot(Arc<Shared>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.admission().connection_closed();
+    }
+}
+
+async fn serve_connection(s: Arc<Shared>, incoming: quinn::Incoming, remote: SocketAddr) {
+    let _slot = ConnectionSlot(s.clone());
+    let conn = match tokio::time::timeout(quic::EXCHANGE_DEADLINE, incoming).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            s.refused(remote, "transport", &e);
+            return;
+        }
+        Err(_) => {
+            s.refused(remote, "timeout", &"QUIC handshake did not finish");
+            return;
+        }
+    };
+    loop {
+        let admitted = std::sync::atomic::AtomicBool::new(false);
+        let admit = || {
+            let under_load = s
+                .admission()
+                .handshake(remote.ip(), Instant::now())
+                .map_err(|r| anyhow::anyhow!(AdmissionRefused(r)))?;
+            admitted.store(true, std::sync::atomic::Ordering::Relaxed);
+            let snap = s.snapshot.borrow().clone();
+            Ok((params(&s, &snap, None), under_load))
+        };
+        let gate = |sealed: &[u8], under_load: bool| s.gate(sealed, remote, under_load);
+        let result = quic::respond(&conn, admit, gate).await;
+        if admitted.load(std::sync::atomic::Ordering::Relaxed) {
+            s.admission().handshake_done();
+        }
+        match result {
+            Ok(est) => {
+                let input = Input::Established {
+                    est: Box::new(est),
+                    role: Role::Responder,
+                };
+                if s.inputs.send(input).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                if conn.close_reason().is_none() {
+                    let label = if let Some(r) = e.downcast_ref::<AdmissionRefused>() {
+                        r.0.label()
+                    } else if let Some(c) = e.downcast_ref::<CookieError>() {
+                        c.label()
+                    } else {
+                        label_of(&e)
+                    };
+                    s.refused(remote, label, &format!("{e:#}"));
+                }
+                // Any failed exchange ends the connection: a new try costs
+                // the peer a new QUIC handshake and passes admission again.
+                conn.close(1u32.into(), b"refused");
+                return;
+            }
+        }
+    }
+}
+
+/// An exchange refused by admission control before any work was done.
+#[derive(Debug, thiserror::Error)]
+#[error("refused before the exchange: {}", .0.label())]
+struct AdmissionRefused(Refusal);
 
 /// Reloads the roster when its file changes; only a verified, newer roster
 /// reaches the policy.

@@ -33,6 +33,13 @@ pub struct PeerConfig {
     pub persistent_keepalive: Option<u16>,
 }
 
+/// One change to one peer.
+#[derive(Debug, Clone)]
+pub enum PeerChange {
+    Upsert(PeerConfig),
+    Remove(WgPublicKey),
+}
+
 /// A WireGuard data plane reached through its userspace API socket.
 #[derive(Debug, Clone)]
 pub struct DataPlane {
@@ -127,24 +134,37 @@ impl DataPlane {
     /// Adds the peer or updates it in place (its session survives a new
     /// preshared key; the next handshake uses it). Allowed IPs are replaced.
     pub fn upsert_peer(&self, peer: &PeerConfig) -> Result<()> {
-        let mut p = PeerSet::new(Key(peer.public_key.0));
-        p.preshared_key = Some(Key(*peer.preshared_key.as_bytes()));
-        p.endpoint = peer.endpoint;
-        p.persistent_keepalive_interval = Some(peer.persistent_keepalive.unwrap_or(0));
-        p.replace_allowed_ips = true;
-        p.allowed_ips = peer.allowed_ips.clone();
-        self.set(&SetRequest {
-            peers: vec![p],
-            ..Default::default()
-        })
+        self.change_peers(&[PeerChange::Upsert(peer.clone())])
     }
 
     /// Cuts a peer off the data plane (fail closed).
     pub fn remove_peer(&self, public_key: &WgPublicKey) -> Result<()> {
-        let mut p = PeerSet::new(Key(public_key.0));
-        p.remove = true;
+        self.change_peers(&[PeerChange::Remove(*public_key)])
+    }
+
+    /// Several peer changes in one `set` (one round trip, applied in order).
+    pub fn change_peers(&self, changes: &[PeerChange]) -> Result<()> {
+        let peers = changes
+            .iter()
+            .map(|c| match c {
+                PeerChange::Upsert(peer) => {
+                    let mut p = PeerSet::new(Key(peer.public_key.0));
+                    p.preshared_key = Some(Key(*peer.preshared_key.as_bytes()));
+                    p.endpoint = peer.endpoint;
+                    p.persistent_keepalive_interval = Some(peer.persistent_keepalive.unwrap_or(0));
+                    p.replace_allowed_ips = true;
+                    p.allowed_ips = peer.allowed_ips.clone();
+                    p
+                }
+                PeerChange::Remove(key) => {
+                    let mut p = PeerSet::new(Key(key.0));
+                    p.remove = true;
+                    p
+                }
+            })
+            .collect();
         self.set(&SetRequest {
-            peers: vec![p],
+            peers,
             ..Default::default()
         })
     }

@@ -1,6 +1,7 @@
 //! keyd: pqmesh's key daemon and CA tooling. The binary is a thin clap layer
 //! over these modules; all protocol logic lives in `mesh-proto`.
 
+pub mod admission;
 pub mod cli;
 pub mod config;
 pub mod daemon;

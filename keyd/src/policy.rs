@@ -67,6 +67,9 @@ pub struct PolicyConfig {
     pub max_clock_skew: u64,
     pub listen_port: u16,
     pub persistent_keepalive: Option<u16>,
+    /// Exchanges this node runs as initiator at once. A large mesh forming
+    /// at once would otherwise start every pair's exchange together.
+    pub max_dials_in_flight: usize,
 }
 
 impl PolicyConfig {
@@ -542,6 +545,7 @@ impl MeshPolicy {
         self.refresh_local(now);
         let local_ok = self.local == LocalState::Member;
         let mut expired = Vec::new();
+        let mut in_flight = self.dials_in_flight();
         for (id, p) in &mut self.peers {
             if p.kick_until.is_some_and(|until| now.mono >= until) {
                 p.kick_until = None;
@@ -552,11 +556,13 @@ impl MeshPolicy {
                 expired.push(*id);
             }
             if local_ok
+                && in_flight < self.config.max_dials_in_flight
                 && let Dial::Idle { next } = p.dial
                 && now.mono >= next
                 && p.member_refusal_reason(&self.roster, now, self.config.max_clock_skew)
                     .is_none()
             {
+                in_flight += 1;
                 p.dial = Dial::InFlight;
                 self.actions
                     .push_back(Action::Dial(Box::new(p.member.clone())));
@@ -599,9 +605,13 @@ impl MeshPolicy {
         if self.read_in_flight {
             t = now.mono + Duration::from_secs(3600);
         }
+        // At the cap, due dials wait for one in flight to end (an input).
+        let may_dial = self.dials_in_flight() < self.config.max_dials_in_flight;
         let mut consider = |x: Instant| t = t.min(x);
         for p in self.peers.values() {
-            if let Dial::Idle { next } = p.dial {
+            if let Dial::Idle { next } = p.dial
+                && may_dial
+            {
                 consider(next);
             }
             if let Some(k) = p.kick_until {
@@ -712,12 +722,24 @@ impl MeshPolicy {
 
     // ----- internals ----------------------------------------------------
 
-    fn jitter(&mut self, d: Duration) -> Duration {
+    fn dials_in_flight(&self) -> usize {
+        self.peers
+            .values()
+            .filter(|p| matches!(p.dial, Dial::InFlight))
+            .count()
+    }
+
+    /// Uniform in [0, 1).
+    fn random(&mut self) -> f64 {
         // xorshift64: deterministic for tests, seeded from the OS in keyd.
         self.rng ^= self.rng << 13;
         self.rng ^= self.rng >> 7;
         self.rng ^= self.rng << 17;
-        let r = (self.rng >> 11) as f64 / (1u64 << 53) as f64;
+        (self.rng >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    fn jitter(&mut self, d: Duration) -> Duration {
+        let r = self.random();
         d.mul_f64(0.9 + 0.2 * r)
     }
 
@@ -744,7 +766,15 @@ impl MeshPolicy {
             }
         }
         self.peers.retain(|id, _| listed.contains_key(id));
-        for (id, m) in listed {
+        // First contacts spread over up to 20 ms per member (at most half
+        // an interval), so a mesh that starts at once does not dial at once.
+        let spread = (Duration::from_millis(20) * listed.len() as u32)
+            .min(self.config.rotation_interval / 2);
+        let firsts: Vec<Duration> = listed
+            .keys()
+            .map(|_| spread.mul_f64(self.random()))
+            .collect();
+        for ((id, m), first) in listed.into_iter().zip(firsts) {
             let role = if self.me < id {
                 Role::Initiator
             } else {
@@ -757,7 +787,9 @@ impl MeshPolicy {
                 key: None,
                 record: PairRecord::default(),
                 dial: if role == Role::Initiator {
-                    Dial::Idle { next: now.mono }
+                    Dial::Idle {
+                        next: now.mono + first,
+                    }
                 } else {
                     Dial::NotDialer
                 },

@@ -110,6 +110,7 @@ fn config() -> PolicyConfig {
         max_clock_skew: SKEW,
         listen_port: 51820,
         persistent_keepalive: None,
+        max_dials_in_flight: 8,
     }
 }
 
@@ -247,6 +248,7 @@ fn the_lower_node_id_dials_and_the_other_waits() {
     let mut w = World::new(3);
     let roster = w.all();
     let mut first = Sim::new(&w.certs[0], roster.clone(), BTreeMap::new());
+    first.at(1);
     let mut dials = first.dials();
     dials.sort();
     assert_eq!(
@@ -254,6 +256,7 @@ fn the_lower_node_id_dials_and_the_other_waits() {
         vec![w.certs[1].body().node_id, w.certs[2].body().node_id]
     );
     let mut last = Sim::new(&w.certs[2], roster, BTreeMap::new());
+    last.at(60);
     assert!(last.dials().is_empty(), "the highest node id dials no one");
 }
 
@@ -292,8 +295,9 @@ fn failed_exchanges_back_off_up_to_half_an_interval() {
     let roster = w.all();
     let peer = w.certs[1].clone();
     let mut sim = Sim::new(&w.certs[0], roster, BTreeMap::new());
+    sim.at(1);
     assert_eq!(sim.dials().len(), 1);
-    let mut t = 0;
+    let mut t = 1;
     let mut waits = Vec::new();
     for _ in 0..5 {
         sim.policy
@@ -701,4 +705,40 @@ fn a_renewed_certificate_starts_a_new_key() {
     assert!(installs(&sim.actions()).is_empty());
     sim.established(&renewed, 3, &psk(3), Role::Initiator);
     assert_eq!(installs(&sim.actions()), vec![wg(&renewed)]);
+}
+
+#[test]
+fn a_large_mesh_spreads_its_first_contacts_and_caps_dials_in_flight() {
+    let mut w = World::new(40);
+    let roster = w.all();
+    let me = w.certs[0].clone();
+    let mut sim = Sim::new(&me, roster, BTreeMap::new());
+    let at_start = sim.dials().len();
+    assert!(
+        at_start < 8,
+        "first contacts are spread, {at_start} at once"
+    );
+    // 39 peers, 20 ms each: all first contacts are due within 0.78 s, but
+    // never more than 8 exchanges run at once.
+    sim.at(1);
+    let mut in_flight = at_start + sim.dials().len();
+    assert_eq!(in_flight, 8, "the cap");
+    let mut dialled = in_flight;
+    while dialled < 39 {
+        // One exchange ends: exactly one more starts.
+        let done = w.certs[dialled - 7].clone();
+        sim.established(&done, 1, &psk(1), Role::Initiator);
+        in_flight -= 1;
+        let due = sim.policy.poll_timeout(sim.now);
+        assert_eq!(
+            due, sim.now.mono,
+            "a due dial runs as soon as there is room"
+        );
+        sim.policy.handle_timeout(sim.now);
+        let started = sim.dials().len();
+        assert_eq!(started, 1);
+        in_flight += started;
+        dialled += started;
+    }
+    assert_eq!(in_flight, 8);
 }

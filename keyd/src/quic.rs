@@ -13,8 +13,10 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow};
+use mesh_proto::cookie::{self, CookieError, CookieJar};
 use mesh_proto::exchange::{Established, Event, Exchange, ExchangeParams};
 use mesh_proto::frame::{self, FrameDecoder};
+use mesh_proto::identity::NoisePublicKey;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
@@ -26,6 +28,18 @@ pub const ALPN: &[u8] = b"pqmesh/1";
 const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(6);
 /// A peer that does not complete the QUIC handshake in this time is unreachable.
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// One deadline around a whole exchange, every read and write included: a
+/// peer that stops granting flow-control credit cannot pin a task longer.
+pub const EXCHANGE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+/// Flow-control windows: the largest message (msg2: an ML-KEM ciphertext and
+/// a certificate) is about 2 KB, so a few KB per stream is plenty, and a
+/// connection can never make us buffer more than this.
+const STREAM_WINDOW: u32 = 16 * 1024;
+const CONNECTION_WINDOW: u32 = 32 * 1024;
+const SEND_WINDOW: u64 = 64 * 1024;
+/// A sealed msg1 is 1,600 bytes of Noise (X25519 and ML-KEM-1024 public
+/// keys) and two MACs; anything much longer is refused unread.
+const MAX_SEALED_MSG1: usize = 2048;
 
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -42,9 +56,17 @@ pub fn endpoint(listen: SocketAddr) -> Result<quinn::Endpoint> {
         .with_single_cert(vec![cert.cert.der().clone()], key)?;
     server.alpn_protocols = vec![ALPN.to_vec()];
     let mut transport = quinn::TransportConfig::default();
+    // One exchange at a time per connection, nothing else: no
+    // unidirectional streams, no datagrams, small windows.
     transport
         .max_idle_timeout(Some(IDLE_TIMEOUT.try_into()?))
-        .keep_alive_interval(Some(IDLE_TIMEOUT / 3));
+        .keep_alive_interval(Some(IDLE_TIMEOUT / 3))
+        .max_concurrent_bidi_streams(1u32.into())
+        .max_concurrent_uni_streams(0u32.into())
+        .datagram_receive_buffer_size(None)
+        .stream_receive_window(STREAM_WINDOW.into())
+        .receive_window(CONNECTION_WINDOW.into())
+        .send_window(SEND_WINDOW);
     let transport = Arc::new(transport);
     let mut server =
         quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(server)?));
@@ -59,6 +81,9 @@ pub fn endpoint(listen: SocketAddr) -> Result<quinn::Endpoint> {
     let mut client = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(client)?));
     client.transport_config(transport);
 
+    // Address validation (retry) is decided per connection by keyd's
+    // admission control, not for every client.
+    server.migration(false);
     let mut endpoint = quinn::Endpoint::server(server, listen)
         .with_context(|| format!("cannot listen for QUIC on {listen}"))?;
     endpoint.set_default_client_config(client);
@@ -116,25 +141,57 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// One side of a stream, with the frames that arrived but were not read yet.
+struct Stream {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    decoder: FrameDecoder,
+    buf: Vec<u8>,
+}
+
+impl Stream {
+    fn new((send, recv): (quinn::SendStream, quinn::RecvStream)) -> Self {
+        Self {
+            send,
+            recv,
+            decoder: FrameDecoder::default(),
+            buf: vec![0u8; 8192],
+        }
+    }
+
+    async fn write(&mut self, msg: &[u8]) -> Result<()> {
+        self.send
+            .write_all(&frame::encode(msg)?)
+            .await
+            .context("sending a handshake message")
+    }
+
+    /// The next whole frame (the caller bounds the wait).
+    async fn read(&mut self) -> Result<Vec<u8>> {
+        loop {
+            if let Some(f) = self.decoder.next_frame() {
+                return Ok(f);
+            }
+            match self.recv.read(&mut self.buf).await {
+                Ok(Some(n)) => self.decoder.push(&self.buf[..n]),
+                Ok(None) => return Err(anyhow!("peer closed the stream mid-exchange")),
+                Err(e) => return Err(anyhow!(e).context("reading a handshake message")),
+            }
+        }
+    }
+}
+
 /// Runs one exchange to its end over a bidirectional stream.
-async fn drive(
-    mut ex: Exchange,
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-) -> Result<Established> {
-    let mut decoder = FrameDecoder::default();
-    let mut buf = vec![0u8; 8192];
+async fn drive(mut ex: Exchange, mut stream: Stream) -> Result<Established> {
     loop {
         while let Some(msg) = ex.poll_transmit() {
-            send.write_all(&frame::encode(&msg)?)
-                .await
-                .context("sending a handshake message")?;
+            stream.write(&msg).await?;
         }
         match ex.poll_event() {
             Some(Event::Established(est)) => {
                 // Let the last message (the responder's confirmation) reach the peer.
-                let _ = send.finish();
-                let _ = send.stopped().await;
+                let _ = stream.send.finish();
+                let _ = stream.send.stopped().await;
                 return Ok(*est);
             }
             Some(Event::Failed(e)) => return Err(anyhow!(e)),
@@ -144,40 +201,100 @@ async fn drive(
             .poll_timeout()
             .ok_or_else(|| anyhow!("exchange ended without an event"))?;
         let wait = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(wait, recv.read(&mut buf)).await {
+        match tokio::time::timeout(wait, stream.read()).await {
             Err(_) => ex.handle_timeout(Instant::now()),
-            Ok(Ok(Some(n))) => {
-                decoder.push(&buf[..n]);
-                while let Some(msg) = decoder.next_frame() {
-                    ex.receive(&msg, Instant::now());
-                }
-            }
-            Ok(Ok(None)) => return Err(anyhow!("peer closed the stream mid-exchange")),
-            Ok(Err(e)) => return Err(anyhow!(e).context("reading a handshake message")),
+            Ok(msg) => ex.receive(&msg?, Instant::now()),
         }
     }
 }
 
-/// Dials `peer` (or reuses `conn`) and runs an exchange as initiator.
-pub async fn initiate(conn: &quinn::Connection, params: ExchangeParams) -> Result<Established> {
-    let ex = Exchange::initiate(params, Instant::now(), unix_now())?;
-    let (send, recv) = conn.open_bi().await.context("opening a QUIC stream")?;
-    drive(ex, send, recv).await
+/// Runs an exchange as initiator on `conn`, within [`EXCHANGE_DEADLINE`].
+/// msg1 goes out sealed with mac1 (keyed by the responder's Noise static
+/// key, `responder`) and, once `jar` holds a cookie from it, mac2; a cookie
+/// reply (the responder is under load) is taken into `jar` and msg1 is
+/// sent again, sealed with the cookie.
+pub async fn initiate(
+    conn: &quinn::Connection,
+    params: ExchangeParams,
+    responder: &NoisePublicKey,
+    jar: &mut CookieJar,
+) -> Result<Established> {
+    tokio::time::timeout(EXCHANGE_DEADLINE, async {
+        let mut ex = Exchange::initiate(params, Instant::now(), unix_now())?;
+        let msg1 = ex
+            .poll_transmit()
+            .ok_or_else(|| anyhow!("the exchange produced no first message"))?;
+        let mut stream = Stream::new(conn.open_bi().await.context("opening a QUIC stream")?);
+        let mut sealed = jar.seal(responder, &msg1, Instant::now());
+        stream.write(&sealed).await?;
+        let mut answer = stream.read().await?;
+        if answer.len() == cookie::COOKIE_REPLY_LEN {
+            jar.accept_reply(responder, &sealed, &answer, Instant::now())?;
+            sealed = jar.seal(responder, &msg1, Instant::now());
+            stream.write(&sealed).await?;
+            answer = stream.read().await?;
+        }
+        ex.receive(&answer, Instant::now());
+        drive(ex, stream).await
+    })
+    .await
+    .map_err(|_| anyhow!(mesh_proto::ExchangeError::Timeout))?
 }
 
-/// Answers the next exchange a peer opens on `conn`. `params` is called only
-/// once the peer's stream has arrived, so the exchange is checked against
-/// the roster current at that moment, not when we started waiting.
+/// What the responder's gate says about a sealed msg1.
+pub enum Gate {
+    /// mac1 (and mac2 where required) are valid: this is msg1.
+    Accept(Vec<u8>),
+    /// Under load without a valid cookie: send this reply and wait for the
+    /// msg1 sealed with it.
+    Reply(Vec<u8>),
+    Refuse(CookieError),
+}
+
+/// Answers the next exchange a peer opens on `conn`. `admit` is called only
+/// once the peer's stream has arrived: it may refuse (admission control), and
+/// otherwise gives the parameters (so the exchange is checked against the
+/// roster current at that moment) and whether this node is under load.
+/// `gate` checks mac1/mac2 before any public-key work. From the stream's
+/// arrival on, the whole exchange runs within [`EXCHANGE_DEADLINE`].
 pub async fn respond(
     conn: &quinn::Connection,
-    params: impl FnOnce() -> ExchangeParams,
+    admit: impl FnOnce() -> Result<(ExchangeParams, bool)>,
+    gate: impl Fn(&[u8], bool) -> Gate,
 ) -> Result<Established> {
-    let (send, recv) = conn
+    let stream = conn
         .accept_bi()
         .await
         .context("waiting for the peer's stream")?;
-    let ex = Exchange::respond(params(), Instant::now(), unix_now())?;
-    drive(ex, send, recv).await
+    let (params, under_load) = admit()?;
+    tokio::time::timeout(EXCHANGE_DEADLINE, async {
+        let mut stream = Stream::new(stream);
+        let mut replies = 0;
+        let msg1 = loop {
+            let sealed = stream.read().await?;
+            if sealed.len() > MAX_SEALED_MSG1 {
+                return Err(anyhow!(CookieError::TooShort {
+                    found: sealed.len()
+                })
+                .context("first message longer than any msg1"));
+            }
+            match gate(&sealed, under_load) {
+                Gate::Accept(msg1) => break msg1,
+                // One cookie per stream: a peer that cannot use it is done.
+                Gate::Reply(reply) if replies == 0 => {
+                    replies += 1;
+                    stream.write(&reply).await?;
+                }
+                Gate::Reply(_) => return Err(anyhow!(CookieError::BadReply)),
+                Gate::Refuse(e) => return Err(anyhow!(e)),
+            }
+        };
+        let mut ex = Exchange::respond(params, Instant::now(), unix_now())?;
+        ex.receive(&msg1, Instant::now());
+        drive(ex, stream).await
+    })
+    .await
+    .map_err(|_| anyhow!(mesh_proto::ExchangeError::Timeout))?
 }
 
 /// Opens a QUIC connection to a peer keyd (bounded by a timeout).
@@ -239,6 +356,31 @@ mod tests {
         }
     }
 
+    /// The responder's gate as keyd builds it: a cookie checker for `me`.
+    fn gate(me: &LocalIdentity) -> impl Fn(&[u8], bool) -> Gate + use<> {
+        let checker = std::sync::Mutex::new(cookie::CookieChecker::new(
+            &me.noise_key.public_key(),
+            [7; 32],
+            Instant::now(),
+        ));
+        let source: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        move |sealed: &[u8], under_load: bool| {
+            let mut c = checker.lock().unwrap();
+            match c.check(
+                sealed,
+                source,
+                under_load,
+                Instant::now(),
+                || [8; 32],
+                [9; 24],
+            ) {
+                cookie::Verdict::Accept(msg1) => Gate::Accept(msg1.to_vec()),
+                cookie::Verdict::CookieReply(r) => Gate::Reply(r),
+                cookie::Verdict::Refuse(e) => Gate::Refuse(e),
+            }
+        }
+    }
+
     fn network() -> (CaSigningKey, CaCert) {
         let key = CaSigningKey::generate().unwrap();
         let now = unix_now();
@@ -268,19 +410,26 @@ mod tests {
         let eb = endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
         let b_addr = eb.local_addr().unwrap();
         let (pb, rb) = (params(&ca, &roster, &b), eb.clone());
+        let b_gate = gate(&b);
         let responder = tokio::spawn(async move {
             let conn = rb.accept().await.unwrap().await.unwrap();
-            let first = respond(&conn, || pb.clone()).await;
-            let second = respond(&conn, || pb).await;
+            let first = respond(&conn, || Ok((pb.clone(), false)), &b_gate).await;
+            // The second exchange finds the responder under load: the
+            // initiator must come back with the cookie it is given.
+            let second = respond(&conn, || Ok((pb, true)), &b_gate).await;
             (first, second)
         });
         let conn = connect(&ea, b_addr).await.unwrap();
         let mut pa = params(&ca, &roster, &a);
         pa.expected_peer = Some(b.node_id());
-        let i1 = initiate(&conn, pa.clone()).await.unwrap();
+        let b_static = b.noise_key.public_key();
+        let mut jar = CookieJar::default();
+        let i1 = initiate(&conn, pa.clone(), &b_static, &mut jar)
+            .await
+            .unwrap();
         // A second exchange on the same connection (a rotation): fresh key.
         pa.last_epoch = i1.epoch;
-        let i2 = initiate(&conn, pa).await.unwrap();
+        let i2 = initiate(&conn, pa, &b_static, &mut jar).await.unwrap();
         let (r1, r2) = responder.await.unwrap();
         let (r1, r2) = (r1.unwrap(), r2.unwrap());
         assert_eq!(i1.psk, r1.psk);
@@ -317,21 +466,75 @@ mod tests {
         let eb = endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
         let b_addr = eb.local_addr().unwrap();
         let pb = params(&ca, &roster, &b);
+        let b_gate = gate(&b);
         let responder = tokio::spawn(async move {
             let conn = eb.accept().await.unwrap().await.unwrap();
-            respond(&conn, || pb).await
+            respond(&conn, || Ok((pb, false)), &b_gate).await
         });
         let ea = endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
         let conn = connect(&ea, b_addr).await.unwrap();
         // The stranger trusts our CA, so it gets as far as sending msg3.
         let mut ps = params(&ca, &roster, &stranger);
         ps.trust.local = stranger.node_id();
-        let initiator = initiate(&conn, ps).await;
+        let initiator = initiate(
+            &conn,
+            ps,
+            &b.noise_key.public_key(),
+            &mut CookieJar::default(),
+        )
+        .await;
         let refused = responder.await.unwrap().unwrap_err();
         assert!(format!("{refused:#}").contains("another CA"), "{refused:#}");
         assert!(
             initiator.is_err(),
             "no key without the responder's confirmation"
         );
+    }
+
+    /// Without the responder's Noise static key (a host without the roster)
+    /// msg1 is refused on its mac1, before any public-key work.
+    #[tokio::test]
+    async fn a_msg1_without_the_right_mac1_is_refused_before_any_work() {
+        let (key, ca) = network();
+        let (a, b) = (
+            identity(&ca, &key, "a", "10.1.0.1/24"),
+            identity(&ca, &key, "b", "10.1.0.2/24"),
+        );
+        let members = [&a, &b]
+            .iter()
+            .map(|i| Member {
+                cert: i.cert.clone(),
+                wg_endpoint: None,
+                keyd_endpoint: None,
+            })
+            .collect();
+        let roster = Arc::new(
+            Roster::build(&ca, &key, 1, unix_now(), unix_now() + 3600, members, vec![]).unwrap(),
+        );
+        let eb = endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
+        let b_addr = eb.local_addr().unwrap();
+        let pb = params(&ca, &roster, &b);
+        let b_gate = gate(&b);
+        let responder = tokio::spawn(async move {
+            let conn = eb.accept().await.unwrap().await.unwrap();
+            respond(&conn, || Ok((pb, false)), &b_gate).await
+        });
+        let ea = endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
+        let conn = connect(&ea, b_addr).await.unwrap();
+        let wrong = NoisePrivateKey::generate().unwrap().public_key();
+        let initiator = initiate(
+            &conn,
+            params(&ca, &roster, &a),
+            &wrong,
+            &mut CookieJar::default(),
+        )
+        .await;
+        let refused = responder.await.unwrap().unwrap_err();
+        assert_eq!(
+            refused.downcast_ref::<CookieError>(),
+            Some(&CookieError::BadMac1),
+            "{refused:#}"
+        );
+        assert!(initiator.is_err());
     }
 }
