@@ -8,6 +8,7 @@ MESH_WORK=$(mktemp -d /tmp/pqmesh-mesh.XXXXXX)
 MESH_PIDS=()
 KEYD_PIDS=()
 MESH_N=0
+MESH_GC_THRESH3=""
 
 mesh_ns() { echo "pqd$MESH_TAG-$1"; }
 mesh_if() { echo "pq${MESH_TAG}n$1"; }
@@ -20,13 +21,28 @@ mesh_down() {
   for i in $(seq 1 "$MESH_N"); do ip netns del "$(mesh_ns "$i")" 2>/dev/null; done
   ip netns del "pqdl$MESH_TAG" 2>/dev/null
   rm -rf "$MESH_WORK"
+  if [ -n "$MESH_GC_THRESH3" ]; then
+    echo "$MESH_GC_THRESH3" > /proc/sys/net/ipv4/neigh/default/gc_thresh3
+    MESH_GC_THRESH3=""
+  fi
   MESH_PIDS=() KEYD_PIDS=()
 }
 
 # mesh_up N ROTATION: builds the network, identities and roster, starts daemons.
 mesh_up() {
-  local n=$1 rotation=$2 keyd=$PWD/target/release/keyd meshnode=$PWD/target/release/mesh-node
+  local n=$1 rotation=$2 keyd=${KEYD:-$PWD/target/release/keyd} meshnode=${MESH_NODE:-$PWD/target/release/mesh-node}
   MESH_N=$n
+  # Every namespace's ARP entries count against one kernel-wide neighbour
+  # table (gc_thresh3, 1024 by default): the bridge namespace alone holds
+  # N entries and each node N-1, so past ~32 nodes the table overflows
+  # ("neighbor table overflow") and pings fail. Raised for the mesh's
+  # lifetime, put back by mesh_down.
+  local need=$(( 4 * n * n ))
+  local cur; cur=$(cat /proc/sys/net/ipv4/neigh/default/gc_thresh3)
+  if [ "$cur" -lt "$need" ]; then
+    MESH_GC_THRESH3=$cur
+    echo "$need" > /proc/sys/net/ipv4/neigh/default/gc_thresh3
+  fi
   local lan=pqdl$MESH_TAG
   ip netns add "$lan"
   ip -n "$lan" link add br0 type bridge
@@ -96,4 +112,38 @@ mesh_wait_complete() {
     sleep 0.2
   done
   return 1
+}
+
+# mesh_wait_handshakes [TIMEOUT_S]: until every node's data plane has
+# completed a WireGuard handshake with every other node (keys agreed by keyd
+# and in use; the persistent keepalive starts a handshake as soon as a peer
+# is installed). One `wg show` per node per pass, where pinging every
+# ordered pair would take tens of seconds at N=64.
+mesh_wait_handshakes() {
+  local timeout=${1:-60} t0; t0=$(date +%s)
+  while [ $(( $(date +%s) - t0 )) -lt "$timeout" ]; do
+    local ok=1
+    for i in $(seq 1 "$MESH_N"); do
+      local hs
+      hs=$(ip netns exec "$(mesh_ns "$i")" wg show "$(mesh_if "$i")" latest-handshakes 2>/dev/null \
+        | awk '$2 > 0' | wc -l)
+      [ "$hs" -eq $(( MESH_N - 1 )) ] || { ok=0; break; }
+    done
+    if [ $ok = 1 ]; then MESH_COMPLETE_AT=$(date +%s.%N); return 0; fi
+    sleep 0.1
+  done
+  return 1
+}
+
+# mesh_failed_exchanges: failed exchanges so far, summed over every node's
+# peers as the dialing side counts them (each exchange has one dialer).
+mesh_failed_exchanges() {
+  local total=0 keyd=${KEYD:-$PWD/target/release/keyd}
+  for i in $(seq 1 "$MESH_N"); do
+    local f
+    f=$("$keyd" status --config "$MESH_WORK/node$i/keyd.toml" --json 2>/dev/null \
+      | grep -o '"exchanges_failed": [0-9]*' | awk '{s += $2} END {print s + 0}')
+    total=$(( total + f ))
+  done
+  echo "$total"
 }
