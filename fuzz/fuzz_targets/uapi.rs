@@ -6,7 +6,6 @@
 
 #![no_main]
 
-use std::sync::LazyLock;
 
 use libfuzzer_sys::fuzz_target;
 use mesh_proto::uapi::{
@@ -31,21 +30,6 @@ fn normalize_info(mut info: DeviceInfo) -> DeviceInfo {
     info
 }
 
-/// A known crash, saved in fuzz/regressions/uapi/errno-i32-min:
-/// `parse_get_response` negates `errno=-2147483648` with `abs()`, which
-/// overflows. Skipped so that fuzzing goes on past it, except when
-/// `scripts/fuzz` replays the regressions (`PQMESH_FUZZ_STRICT`), which
-/// therefore fails until mesh-proto is fixed. Remove with the fix.
-fn known_issue(text: &str) -> bool {
-    static STRICT: LazyLock<bool> =
-        LazyLock::new(|| std::env::var_os("PQMESH_FUZZ_STRICT").is_some());
-    !*STRICT
-        && text
-            .split('\n')
-            .filter_map(|l| l.strip_prefix("errno="))
-            .any(|v| v.parse::<i32>() == Ok(i32::MIN))
-}
-
 fuzz_target!(|data: &[u8]| {
     pqmesh_fuzz::write_seeds_if_asked("uapi");
     let Ok(text) = std::str::from_utf8(data) else {
@@ -66,9 +50,6 @@ fuzz_target!(|data: &[u8]| {
             let errno = e.errno();
             assert!(errno == uapi::EINVAL || errno == uapi::EPROTO, "{e:?}");
         }
-    }
-    if known_issue(text) {
-        return;
     }
     if let Ok(Ok(info)) = uapi::parse_get_response(text) {
         let wire = format_get_response(&info);

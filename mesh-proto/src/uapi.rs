@@ -367,11 +367,11 @@ pub fn parse_get_response(text: &str) -> Result<Result<DeviceInfo, i32>, UapiErr
             .ok_or_else(|| UapiError::NotKeyValue(line.to_string()))?;
         if k == "errno" {
             let errno: i32 = value(k, v)?;
-            return Ok(if errno == 0 {
-                Ok(info)
-            } else {
-                Err(errno.abs())
-            });
+            let errno = errno.checked_abs().ok_or_else(|| UapiError::InvalidValue {
+                key: k.to_string(),
+                value: v.to_string(),
+            })?;
+            return Ok(if errno == 0 { Ok(info) } else { Err(errno) });
         }
         if k == "public_key" {
             info.peers.push(PeerInfo {
@@ -422,6 +422,16 @@ pub fn parse_get_response(text: &str) -> Result<Result<DeviceInfo, i32>, UapiErr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn any_errno_the_server_sends_is_an_answer_not_a_panic() {
+        assert_eq!(parse_get_response("errno=-22\n\n"), Ok(Err(22)));
+        // i32::MIN has no positive counterpart: refused as a value.
+        assert!(matches!(
+            parse_get_response("errno=-2147483648\n\n"),
+            Err(UapiError::InvalidValue { .. })
+        ));
+    }
     use proptest::prelude::*;
 
     fn key(b: u8) -> Key {
