@@ -76,7 +76,7 @@ struct Args {
     /// Streams opened on each connection (`streams`).
     #[arg(long, default_value_t = 100)]
     streams: usize,
-    /// Streams in flight on the pipelined connection (`pipeline`).
+    /// Streams in flight on each connection (`pipeline`, `garbage`).
     #[arg(long, default_value_t = 4)]
     inflight: usize,
     /// Network id put in the throwaway CA (the prologue binds it, but msg1
@@ -167,6 +167,7 @@ impl Ctx {
                 self.note(e);
                 None
             }
+            Err(_) if self.past_deadline() => None,
             Err(_) => {
                 // Silence (a dropped Initial) is not a refusal we saw.
                 self.counts.conns_unanswered.fetch_add(1, Relaxed);
@@ -469,32 +470,53 @@ impl Rng {
     }
 }
 
-/// Mode `garbage`: streams of random frames, dialled again when closed.
+/// Mode `garbage`: streams of random frames, `inflight` at a time on each
+/// connection, dialled again when closed.
 async fn garbage(ctx: Arc<Ctx>, seed: u64) {
-    let mut rng = Rng(seed | 1);
+    let mut round = 0u64;
     while !ctx.past_deadline() {
         let Some(conn) = ctx.connect().await else {
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
-        while conn.close_reason().is_none() {
-            let Ok(Ok((mut send, _recv))) = timeout_at(ctx.deadline, conn.open_bi()).await else {
-                break;
-            };
-            ctx.counts.streams_opened.fetch_add(1, Relaxed);
-            let bytes = rng.garbage();
-            match timeout_at(ctx.deadline, send.write_all(&bytes)).await {
-                Ok(Ok(())) => ctx.sent(bytes.len()),
-                Ok(Err(e)) => {
-                    ctx.counts.streams_failed.fetch_add(1, Relaxed);
-                    ctx.note(e);
-                }
-                Err(_) => break,
-            }
-            let _ = send.finish();
+        let mut set = JoinSet::new();
+        for k in 0..ctx.args.inflight.max(1) as u64 {
+            round += 1;
+            let rng = Rng((seed ^ round.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ k) | 1);
+            set.spawn(garbage_stream(ctx.clone(), conn.clone(), rng));
         }
+        set.join_all().await;
         ctx.record_end(&conn);
         conn.close(0u32.into(), b"done");
+    }
+}
+
+/// One stream after another on `conn`: garbage, FIN, then wait until the
+/// victim has acknowledged it (or stopped the stream), so that only bytes
+/// that reached the victim are counted, not bytes still in our buffers.
+async fn garbage_stream(ctx: Arc<Ctx>, conn: quinn::Connection, mut rng: Rng) {
+    while !ctx.past_deadline() && conn.close_reason().is_none() {
+        let Ok(Ok((mut send, _recv))) = timeout_at(ctx.deadline, conn.open_bi()).await else {
+            return;
+        };
+        ctx.counts.streams_opened.fetch_add(1, Relaxed);
+        let bytes = rng.garbage();
+        if !matches!(
+            timeout_at(ctx.deadline, send.write_all(&bytes)).await,
+            Ok(Ok(()))
+        ) {
+            ctx.counts.streams_failed.fetch_add(1, Relaxed);
+            continue;
+        }
+        let _ = send.finish();
+        match timeout_at(ctx.deadline, send.stopped()).await {
+            Ok(Ok(_)) => ctx.sent(bytes.len()),
+            Ok(Err(e)) => {
+                ctx.counts.streams_failed.fetch_add(1, Relaxed);
+                ctx.note(e);
+            }
+            Err(_) => return,
+        }
     }
 }
 
