@@ -31,8 +31,8 @@ use crate::admission::{Admission, AdmissionConfig, ConnectionDecision, Refusal};
 use crate::config::Config;
 use crate::dataplane::{DataPlane, PeerChange, PeerConfig};
 use crate::policy::{
-    Action, Counters, DataPlaneView, LocalState, MeshPolicy, Now, PeerStatus, PolicyConfig,
-    PolicyEvent, Role,
+    Action, Counters, DataPlaneView, Failure, LocalState, MeshPolicy, Now, PeerStatus,
+    PolicyConfig, PolicyEvent, Role,
 };
 use crate::ratelimit::{LogLimiter, SharedLogLimiter, Verdict};
 use crate::state::{self, PersistedState};
@@ -360,8 +360,13 @@ impl Driver {
                 self.log_limited(label, || {
                     format!("exchange with {peer} failed ({label}): {error}")
                 });
+                let failure = if label == NO_ANSWER {
+                    Failure::NoAnswer
+                } else {
+                    Failure::Exchange
+                };
                 self.policy
-                    .exchange_failed(Some(peer), &format!("{label}: {error}"), now);
+                    .exchange_failed(Some(peer), failure, &format!("{label}: {error}"), now);
             }
             Input::Roster(roster) => {
                 info!(
@@ -643,7 +648,12 @@ struct CallError {
     unreachable: bool,
 }
 
+const NO_ANSWER: &str = "no_answer";
+
 fn label_of(e: &anyhow::Error) -> &'static str {
+    if e.is::<quic::NoAnswer>() {
+        return NO_ANSWER;
+    }
     e.downcast_ref::<mesh_proto::ExchangeError>()
         .map_or("transport", |x| x.label())
 }

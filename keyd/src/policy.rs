@@ -45,6 +45,15 @@ pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(1);
 /// 15 s dead-session timer. Then the configured keepalive is put back.
 pub const KICK: Duration = Duration::from_secs(5);
 
+/// How a dial failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// An exchange began and failed (refused, timed out, broken).
+    Exchange,
+    /// The peer's keyd never answered the connection.
+    NoAnswer,
+}
+
 /// Both clocks at one instant: monotonic for timers, Unix seconds for
 /// certificate and roster validity.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -302,6 +311,7 @@ struct Peer {
     last_error: Option<String>,
     exchanges_ok: u64,
     exchanges_failed: u64,
+    dials_unanswered: u64,
 }
 
 /// Counters for `keyd status` and the metrics.
@@ -474,11 +484,22 @@ impl MeshPolicy {
 
     /// An exchange failed. `peer` is known when this side dialled it, or
     /// when the peer got far enough to identify itself.
-    pub fn exchange_failed(&mut self, peer: Option<NodeId>, error: &str, now: Now) {
+    /// `Failure::NoAnswer`: the peer's keyd did not answer at all (not
+    /// started yet, or unreachable), so no exchange began; counted apart.
+    pub fn exchange_failed(
+        &mut self,
+        peer: Option<NodeId>,
+        failure: Failure,
+        error: &str,
+        now: Now,
+    ) {
         let Some(p) = peer.and_then(|id| self.peers.get_mut(&id)) else {
             return;
         };
-        p.exchanges_failed += 1;
+        match failure {
+            Failure::Exchange => p.exchanges_failed += 1,
+            Failure::NoAnswer => p.dials_unanswered += 1,
+        }
         p.last_error = Some(text::sanitize(error, text::ERROR_MAX));
         if p.state == PeerState::Up {
             p.state = PeerState::Retrying;
@@ -699,6 +720,7 @@ impl MeshPolicy {
                     last_error: p.last_error.clone(),
                     exchanges_ok: p.exchanges_ok,
                     exchanges_failed: p.exchanges_failed,
+                    dials_unanswered: p.dials_unanswered,
                 }
             })
             .collect()
@@ -798,6 +820,7 @@ impl MeshPolicy {
                 last_error: None,
                 exchanges_ok: 0,
                 exchanges_failed: 0,
+                dials_unanswered: 0,
             });
             if p.member.cert.fingerprint() != m.cert.fingerprint() {
                 // A renewed certificate: agree a key under it at once. A key
@@ -1047,6 +1070,8 @@ pub struct PeerStatus {
     pub last_error: Option<String>,
     pub exchanges_ok: u64,
     pub exchanges_failed: u64,
+    /// Dials its keyd did not answer at all (no exchange began).
+    pub dials_unanswered: u64,
 }
 
 #[cfg(test)]

@@ -300,8 +300,12 @@ fn failed_exchanges_back_off_up_to_half_an_interval() {
     let mut t = 1;
     let mut waits = Vec::new();
     for _ in 0..5 {
-        sim.policy
-            .exchange_failed(Some(peer.body().node_id), "no answer", sim.now);
+        sim.policy.exchange_failed(
+            Some(peer.body().node_id),
+            Failure::NoAnswer,
+            "no answer",
+            sim.now,
+        );
         let due = sim.policy.next_exchange(&peer.body().node_id).unwrap();
         let wait = due.duration_since(sim.now.mono).as_secs();
         waits.push(wait);
@@ -310,6 +314,12 @@ fn failed_exchanges_back_off_up_to_half_an_interval() {
         assert_eq!(sim.dials().len(), 1, "dialled again after {wait}s");
     }
     assert_eq!(waits, vec![1, 2, 4, 5, 5]);
+    let status = &sim.policy.peer_status(sim.now)[0];
+    assert_eq!(
+        (status.exchanges_failed, status.dials_unanswered),
+        (0, 5),
+        "a keyd that never answered is not a failed exchange"
+    );
 }
 
 #[test]
@@ -430,8 +440,12 @@ fn after_a_keyd_restart_a_peer_without_fresh_keys_is_cut_on_time() {
     assert_eq!(sim.policy.epoch_with(&peer.body().node_id), 7);
     // Every exchange fails from now on.
     for t in 1..=4 {
-        sim.policy
-            .exchange_failed(Some(peer.body().node_id), "dead", sim.now);
+        sim.policy.exchange_failed(
+            Some(peer.body().node_id),
+            Failure::Exchange,
+            "dead",
+            sim.now,
+        );
         sim.at(t);
         sim.actions();
     }

@@ -297,6 +297,12 @@ pub async fn respond(
     .map_err(|_| anyhow!(mesh_proto::ExchangeError::Timeout))?
 }
 
+/// A dialled keyd did not answer at all (not running yet, or unreachable):
+/// no exchange began.
+#[derive(Debug, thiserror::Error)]
+#[error("no QUIC answer from {0} within {CONNECT_TIMEOUT:?}")]
+pub struct NoAnswer(pub SocketAddr);
+
 /// Opens a QUIC connection to a peer keyd (bounded by a timeout).
 pub async fn connect(endpoint: &quinn::Endpoint, peer: SocketAddr) -> Result<quinn::Connection> {
     let connecting = endpoint
@@ -304,7 +310,7 @@ pub async fn connect(endpoint: &quinn::Endpoint, peer: SocketAddr) -> Result<qui
         .with_context(|| format!("cannot dial {peer}"))?;
     tokio::time::timeout(CONNECT_TIMEOUT, connecting)
         .await
-        .map_err(|_| anyhow!("no QUIC answer from {peer} within {CONNECT_TIMEOUT:?}"))?
+        .map_err(|_| anyhow!(NoAnswer(peer)))?
         .with_context(|| format!("QUIC handshake with {peer} failed"))
 }
 

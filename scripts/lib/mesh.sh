@@ -135,14 +135,15 @@ mesh_wait_handshakes() {
   return 1
 }
 
-# mesh_failed_exchanges: failed exchanges so far, summed over every node's
-# peers as the dialing side counts them (each exchange has one dialer).
-mesh_failed_exchanges() {
+# mesh_count FIELD: a per-peer counter of keyd status (exchanges_failed,
+# dials_unanswered, ...) summed over every node's peers. Failures are
+# counted by the dialing side, and each exchange has one dialer.
+mesh_count() {
   local total=0 keyd=${KEYD:-$PWD/target/release/keyd}
   for i in $(seq 1 "$MESH_N"); do
     local f
     f=$("$keyd" status --config "$MESH_WORK/node$i/keyd.toml" --json 2>/dev/null \
-      | grep -o '"exchanges_failed": [0-9]*' | awk '{s += $2} END {print s + 0}')
+      | grep -o "\"$1\": [0-9]*" | awk '{s += $2} END {print s + 0}')
     total=$(( total + f ))
   done
   echo "$total"

@@ -104,7 +104,11 @@ pub fn status(a: StatusArgs) -> Result<()> {
             p.epoch,
             key_age,
             in_wg,
-            format!("{}/{}", p.exchanges_ok, p.exchanges_failed),
+            format!(
+                "{}/{}",
+                p.exchanges_ok,
+                p.exchanges_failed + p.dials_unanswered
+            ),
             p.last_error.as_deref().unwrap_or("-")
         );
     }
