@@ -23,6 +23,9 @@ use std::time::{Duration, Instant};
 #[derive(Clone, Debug)]
 pub struct AdmissionConfig {
     pub max_connections: usize,
+    /// Connections from one source address at once (members behind one NAT
+    /// share an address; an attacker's address does not get more).
+    pub max_connections_per_source: usize,
     pub max_handshakes: usize,
     /// Tokens per source: burst, and one more every `refill`.
     pub source_burst: u32,
@@ -36,6 +39,7 @@ impl Default for AdmissionConfig {
     fn default() -> Self {
         Self {
             max_connections: 256,
+            max_connections_per_source: 8,
             max_handshakes: 16,
             source_burst: 8,
             source_refill: Duration::from_millis(500),
@@ -51,6 +55,7 @@ pub enum Refusal {
     UnlistedSource,
     SourceRateLimited,
     TooManyConnections,
+    TooManyConnectionsFromSource,
     TooManyHandshakes,
 }
 
@@ -60,6 +65,7 @@ impl Refusal {
             Self::UnlistedSource => "unlisted_source",
             Self::SourceRateLimited => "source_rate_limited",
             Self::TooManyConnections => "too_many_connections",
+            Self::TooManyConnectionsFromSource => "too_many_connections_from_source",
             Self::TooManyHandshakes => "too_many_handshakes",
         }
     }
@@ -83,6 +89,8 @@ pub struct Admission {
     config: AdmissionConfig,
     listed: HashSet<IpAddr>,
     sources: HashMap<IpAddr, Bucket>,
+    /// Open connections per source (entries removed at zero).
+    per_source: HashMap<IpAddr, usize>,
     connections: usize,
     handshakes: usize,
     refusals: BTreeMap<&'static str, u64>,
@@ -94,6 +102,7 @@ impl Admission {
             config,
             listed: HashSet::new(),
             sources: HashMap::new(),
+            per_source: HashMap::new(),
             connections: 0,
             handshakes: 0,
             refusals: BTreeMap::new(),
@@ -123,6 +132,10 @@ impl Admission {
             ConnectionDecision::Refuse(Refusal::UnlistedSource)
         } else if self.connections >= self.config.max_connections {
             ConnectionDecision::Refuse(Refusal::TooManyConnections)
+        } else if self.per_source.get(&source).copied().unwrap_or(0)
+            >= self.config.max_connections_per_source
+        {
+            ConnectionDecision::Refuse(Refusal::TooManyConnectionsFromSource)
         } else if self.under_load() && !validated {
             // A retry costs one stateless packet; the token is taken once
             // the client comes back with its address proven.
@@ -131,6 +144,7 @@ impl Admission {
             ConnectionDecision::Refuse(Refusal::SourceRateLimited)
         } else {
             self.connections += 1;
+            *self.per_source.entry(source).or_default() += 1;
             ConnectionDecision::Accept
         };
         if let ConnectionDecision::Refuse(r) = decision {
@@ -139,8 +153,14 @@ impl Admission {
         decision
     }
 
-    pub fn connection_closed(&mut self) {
+    pub fn connection_closed(&mut self, source: IpAddr) {
         self.connections = self.connections.saturating_sub(1);
+        if let Some(n) = self.per_source.get_mut(&source) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_source.remove(&source);
+            }
+        }
     }
 
     /// A peer opened an exchange. `Ok(under_load)`: go ahead (and require a
@@ -253,7 +273,7 @@ mod tests {
         let mut a = admission(AdmissionConfig::default());
         for _ in 0..8 {
             assert_eq!(a.connection(ip(1), false, t), ConnectionDecision::Accept);
-            a.connection_closed();
+            a.connection_closed(ip(1));
         }
         assert_eq!(
             a.connection(ip(1), false, t),
@@ -273,6 +293,24 @@ mod tests {
     }
 
     #[test]
+    fn one_source_holds_a_bounded_number_of_connections() {
+        let t = Instant::now();
+        let mut a = admission(AdmissionConfig {
+            max_connections_per_source: 2,
+            ..Default::default()
+        });
+        assert_eq!(a.connection(ip(1), false, t), ConnectionDecision::Accept);
+        assert_eq!(a.connection(ip(1), false, t), ConnectionDecision::Accept);
+        assert_eq!(
+            a.connection(ip(1), false, t),
+            ConnectionDecision::Refuse(Refusal::TooManyConnectionsFromSource)
+        );
+        assert_eq!(a.connection(ip(2), false, t), ConnectionDecision::Accept);
+        a.connection_closed(ip(1));
+        assert_eq!(a.connection(ip(1), false, t), ConnectionDecision::Accept);
+    }
+
+    #[test]
     fn connections_are_capped() {
         let t = Instant::now();
         let mut a = admission(AdmissionConfig {
@@ -286,7 +324,7 @@ mod tests {
             a.connection(ip(5), false, t),
             ConnectionDecision::Refuse(Refusal::TooManyConnections)
         );
-        a.connection_closed();
+        a.connection_closed(ip(3));
         assert_eq!(a.connection(ip(5), false, t), ConnectionDecision::Accept);
         assert_eq!(a.in_progress().0, 2);
     }
@@ -329,8 +367,9 @@ mod tests {
                 a.connection(ip(last), false, now),
                 ConnectionDecision::Accept
             );
-            a.connection_closed();
+            a.connection_closed(ip(last));
             assert!(a.sources.len() <= 3);
+            assert!(a.per_source.is_empty(), "closed connections are forgotten");
         }
         // The newest sources are remembered: ip(10) has no token left.
         assert_eq!(

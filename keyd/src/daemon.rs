@@ -746,16 +746,16 @@ async fn accept_loop(s: Arc<Shared>) {
 }
 
 /// Gives the connection slot back however the task ends.
-struct ConnectionSlot(Arc<Shared>);
+struct ConnectionSlot(Arc<Shared>, std::net::IpAddr);
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
-        self.0.admission().connection_closed();
+        self.0.admission().connection_closed(self.1);
     }
 }
 
 async fn serve_connection(s: Arc<Shared>, incoming: quinn::Incoming, remote: SocketAddr) {
-    let _slot = ConnectionSlot(s.clone());
+    let _slot = ConnectionSlot(s.clone(), remote.ip());
     let conn = match tokio::time::timeout(quic::EXCHANGE_DEADLINE, incoming).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
@@ -767,6 +767,11 @@ async fn serve_connection(s: Arc<Shared>, incoming: quinn::Incoming, remote: Soc
             return;
         }
     };
+    // Until an exchange on it succeeds, a connection must open its stream
+    // within the exchange deadline: an unauthenticated host cannot hold a
+    // connection slot by keeping an idle connection alive. After that it
+    // waits for the next rotation like any member's.
+    let mut authenticated = false;
     loop {
         let admitted = std::sync::atomic::AtomicBool::new(false);
         let admit = || {
@@ -779,12 +784,14 @@ async fn serve_connection(s: Arc<Shared>, incoming: quinn::Incoming, remote: Soc
             Ok((params(&s, &snap, None), under_load))
         };
         let gate = |sealed: &[u8], under_load: bool| s.gate(sealed, remote, under_load);
-        let result = quic::respond(&conn, admit, gate).await;
+        let first_stream = (!authenticated).then_some(quic::EXCHANGE_DEADLINE);
+        let result = quic::respond(&conn, first_stream, admit, gate).await;
         if admitted.load(std::sync::atomic::Ordering::Relaxed) {
             s.admission().handshake_done();
         }
         match result {
             Ok(est) => {
+                authenticated = true;
                 let input = Input::Established {
                     est: Box::new(est),
                     role: Role::Responder,

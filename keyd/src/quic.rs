@@ -259,13 +259,18 @@ pub enum Gate {
 /// arrival on, the whole exchange runs within [`EXCHANGE_DEADLINE`].
 pub async fn respond(
     conn: &quinn::Connection,
+    stream_deadline: Option<std::time::Duration>,
     admit: impl FnOnce() -> Result<(ExchangeParams, bool)>,
     gate: impl Fn(&[u8], bool) -> Gate,
 ) -> Result<Established> {
-    let stream = conn
-        .accept_bi()
-        .await
-        .context("waiting for the peer's stream")?;
+    let accept = conn.accept_bi();
+    let stream = match stream_deadline {
+        Some(d) => tokio::time::timeout(d, accept)
+            .await
+            .map_err(|_| anyhow!(mesh_proto::ExchangeError::Timeout))?,
+        None => accept.await,
+    }
+    .context("waiting for the peer's stream")?;
     let (params, under_load) = admit()?;
     tokio::time::timeout(EXCHANGE_DEADLINE, async {
         let mut stream = Stream::new(stream);
@@ -419,10 +424,10 @@ mod tests {
         let b_gate = gate(&b);
         let responder = tokio::spawn(async move {
             let conn = rb.accept().await.unwrap().await.unwrap();
-            let first = respond(&conn, || Ok((pb.clone(), false)), &b_gate).await;
+            let first = respond(&conn, None, || Ok((pb.clone(), false)), &b_gate).await;
             // The second exchange finds the responder under load: the
             // initiator must come back with the cookie it is given.
-            let second = respond(&conn, || Ok((pb, true)), &b_gate).await;
+            let second = respond(&conn, None, || Ok((pb, true)), &b_gate).await;
             (first, second)
         });
         let conn = connect(&ea, b_addr).await.unwrap();
@@ -475,7 +480,7 @@ mod tests {
         let b_gate = gate(&b);
         let responder = tokio::spawn(async move {
             let conn = eb.accept().await.unwrap().await.unwrap();
-            respond(&conn, || Ok((pb, false)), &b_gate).await
+            respond(&conn, None, || Ok((pb, false)), &b_gate).await
         });
         let ea = endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
         let conn = connect(&ea, b_addr).await.unwrap();
@@ -523,7 +528,7 @@ mod tests {
         let b_gate = gate(&b);
         let responder = tokio::spawn(async move {
             let conn = eb.accept().await.unwrap().await.unwrap();
-            respond(&conn, || Ok((pb, false)), &b_gate).await
+            respond(&conn, None, || Ok((pb, false)), &b_gate).await
         });
         let ea = endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
         let conn = connect(&ea, b_addr).await.unwrap();
@@ -542,5 +547,47 @@ mod tests {
             "{refused:#}"
         );
         assert!(initiator.is_err());
+    }
+
+    /// A connection that opens no stream cannot hold its slot: with a first
+    /// stream deadline, the responder gives up on it.
+    #[tokio::test]
+    async fn a_connection_without_a_stream_is_dropped_at_the_deadline() {
+        let (key, ca) = network();
+        let b = identity(&ca, &key, "b", "10.1.0.2/24");
+        let member = Member {
+            cert: b.cert.clone(),
+            wg_endpoint: None,
+            keyd_endpoint: None,
+        };
+        let roster = Arc::new(
+            Roster::build(
+                &ca,
+                &key,
+                1,
+                unix_now(),
+                unix_now() + 3600,
+                vec![member],
+                vec![],
+            )
+            .unwrap(),
+        );
+        let eb = endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
+        let b_addr = eb.local_addr().unwrap();
+        let pb = params(&ca, &roster, &b);
+        let b_gate = gate(&b);
+        let responder = tokio::spawn(async move {
+            let conn = eb.accept().await.unwrap().await.unwrap();
+            let deadline = Some(std::time::Duration::from_millis(300));
+            respond(&conn, deadline, || Ok((pb, false)), &b_gate).await
+        });
+        let ea = endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
+        let _idle = connect(&ea, b_addr).await.unwrap();
+        let e = responder.await.unwrap().unwrap_err();
+        assert_eq!(
+            e.downcast_ref::<mesh_proto::ExchangeError>(),
+            Some(&mesh_proto::ExchangeError::Timeout),
+            "{e:#}"
+        );
     }
 }
