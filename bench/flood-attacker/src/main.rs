@@ -387,32 +387,36 @@ async fn pipeline_stream(ctx: Arc<Ctx>, conn: quinn::Connection) {
     }
 }
 
-/// Mode `streams`: one connection holding many streams that never read.
+/// Mode `streams`: one connection holding many streams that never read,
+/// dialled again if it fails or the victim closes it.
 async fn hold(ctx: Arc<Ctx>) {
-    let Some(conn) = ctx.connect().await else {
-        return;
-    };
-    let mut held = Vec::with_capacity(ctx.args.streams);
-    for _ in 0..ctx.args.streams {
-        let Ok(Ok((mut send, recv))) = timeout_at(ctx.deadline, conn.open_bi()).await else {
-            break;
+    while !ctx.past_deadline() {
+        let Some(conn) = ctx.connect().await else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
         };
-        ctx.counts.streams_opened.fetch_add(1, Relaxed);
-        let msg = ctx.pooled_msg1();
-        match timeout_at(ctx.deadline, send.write_all(msg)).await {
-            Ok(Ok(())) => ctx.sent(msg.len()),
-            Ok(Err(e)) => {
-                ctx.counts.streams_failed.fetch_add(1, Relaxed);
-                ctx.note(e);
+        let mut held = Vec::with_capacity(ctx.args.streams);
+        for _ in 0..ctx.args.streams {
+            let Ok(Ok((mut send, recv))) = timeout_at(ctx.deadline, conn.open_bi()).await else {
+                break;
+            };
+            ctx.counts.streams_opened.fetch_add(1, Relaxed);
+            let msg = ctx.pooled_msg1();
+            match timeout_at(ctx.deadline, send.write_all(msg)).await {
+                Ok(Ok(())) => ctx.sent(msg.len()),
+                Ok(Err(e)) => {
+                    ctx.counts.streams_failed.fetch_add(1, Relaxed);
+                    ctx.note(e);
+                }
+                Err(_) => break,
             }
-            Err(_) => break,
+            held.push((send, recv));
         }
-        held.push((send, recv));
+        let _ = timeout_at(ctx.deadline, conn.closed()).await;
+        ctx.record_end(&conn);
+        drop(held);
+        conn.close(0u32.into(), b"done");
     }
-    let _ = timeout_at(ctx.deadline, conn.closed()).await;
-    ctx.record_end(&conn);
-    drop(held);
-    conn.close(0u32.into(), b"done");
 }
 
 /// xorshift64*: garbage needs speed, not quality.
