@@ -63,9 +63,14 @@ pub struct Now {
 }
 
 impl Now {
-    /// The monotonic instant at which Unix time `t` is reached.
-    fn at_unix(&self, t: UnixTime) -> Instant {
-        self.mono + Duration::from_secs(t.saturating_sub(self.unix))
+    /// The monotonic instant at which Unix time `t` is reached; `None` when
+    /// it has passed (what it triggers is already done) or is too far away
+    /// to matter.
+    fn at_unix(&self, t: UnixTime) -> Option<Instant> {
+        if t <= self.unix {
+            return None;
+        }
+        self.mono.checked_add(Duration::from_secs(t - self.unix))
     }
 }
 
@@ -556,6 +561,7 @@ impl MeshPolicy {
                 self.counters.removals_failed += 1;
                 self.view = None;
             }
+            (Action::ReadDataPlane, Err(_)) => self.observe_failed(now),
             (_, Err(_)) => self.view = None,
             _ => {}
         }
@@ -626,25 +632,43 @@ impl MeshPolicy {
         if self.read_in_flight {
             t = now.mono + Duration::from_secs(3600);
         }
-        // At the cap, due dials wait for one in flight to end (an input).
-        let may_dial = self.dials_in_flight() < self.config.max_dials_in_flight;
-        let mut consider = |x: Instant| t = t.min(x);
+        // Only what handle_timeout would act on counts: a due dial that it
+        // would skip (this node not a member, the peer refused, no room)
+        // must not wake it again and again.
+        let local_ok = self.local == LocalState::Member;
+        let may_dial = local_ok && self.dials_in_flight() < self.config.max_dials_in_flight;
+        let mut consider = |x: Option<Instant>| {
+            if let Some(x) = x {
+                t = t.min(x);
+            }
+        };
         for p in self.peers.values() {
-            if let Dial::Idle { next } = p.dial
-                && may_dial
-            {
-                consider(next);
+            let body = p.member.cert.body();
+            match p.member_refusal_reason(&self.roster, now, skew) {
+                None => {
+                    if let Dial::Idle { next } = p.dial
+                        && may_dial
+                    {
+                        consider(Some(next));
+                    }
+                }
+                Some(CutReason::CertificateNotYetValid) => {
+                    consider(now.at_unix(body.not_before.saturating_sub(skew)));
+                }
+                Some(_) => {}
             }
-            if let Some(k) = p.kick_until {
-                consider(k);
-            }
+            consider(p.kick_until);
             if let Some(k) = &p.key {
-                consider(k.deadline);
-                consider(now.at_unix(p.member.cert.body().not_after.saturating_add(skew) + 1));
+                consider(Some(k.deadline));
+                consider(now.at_unix(body.not_after.saturating_add(skew).saturating_add(1)));
             }
         }
-        consider(now.at_unix(self.my_cert.body().not_after.saturating_add(skew) + 1));
-        consider(now.at_unix(self.roster.not_after().saturating_add(skew) + 1));
+        if local_ok {
+            let mine = self.my_cert.body().not_after;
+            consider(now.at_unix(mine.saturating_add(skew).saturating_add(1)));
+            let roster = self.roster.not_after();
+            consider(now.at_unix(roster.saturating_add(skew).saturating_add(1)));
+        }
         t.max(now.mono)
     }
 

@@ -614,6 +614,10 @@ fn a_revoked_node_says_so_and_drops_its_peers() {
     }));
     sim.at(60);
     assert!(sim.dials().is_empty(), "a revoked node dials no one");
+    assert!(
+        sim.policy.poll_timeout(sim.now) > sim.now.mono,
+        "no wake-up for dials it will not make (a busy loop)"
+    );
     sim.established(&certs[1], 2, &psk(3), Role::Initiator);
     assert!(installs(&sim.actions()).is_empty());
 }
@@ -636,6 +640,12 @@ fn an_expired_roster_drops_every_peer() {
     sim.at(50 + SKEW + 1);
     assert_eq!(sim.policy.local_state(), LocalState::RosterExpired);
     assert_eq!(removals(&sim.actions()), vec![wg(&certs[1])]);
+    sim.at(50 + SKEW + 20);
+    sim.actions();
+    assert!(
+        sim.policy.poll_timeout(sim.now) > sim.now.mono,
+        "an expired roster is no reason to wake up at once, again and again"
+    );
 }
 
 #[test]
@@ -755,4 +765,61 @@ fn a_large_mesh_spreads_its_first_contacts_and_caps_dials_in_flight() {
         dialled += started;
     }
     assert_eq!(in_flight, 8);
+}
+
+#[test]
+fn a_read_reported_failed_is_tried_again() {
+    let mut w = World::new(2);
+    let roster = w.all();
+    let mut sim = Sim::new(&w.certs[0], roster, BTreeMap::new());
+    for t in 1..=3 {
+        let actions = sim.actions();
+        let reads: Vec<_> = actions
+            .iter()
+            .filter(|a| matches!(a, Action::ReadDataPlane))
+            .collect();
+        assert_eq!(reads.len(), 1, "one read at {t}");
+        // The driver skipped it: the data plane was unreachable.
+        sim.policy
+            .action_done(reads[0], Err("data plane unreachable".into()), sim.now);
+        sim.at(t);
+    }
+    assert_eq!(sim.policy.counters().dataplane_reads_failed, 3);
+}
+
+#[test]
+fn a_peer_whose_certificate_is_not_valid_yet_is_dialled_when_it_becomes_valid() {
+    let mut w = World::new(1);
+    let me = w.certs[0].clone();
+    let later =
+        w.ca.issue(
+            &w.key,
+            NodeCertRequest {
+                name: "later".into(),
+                addresses: vec!["10.5.0.9/24".parse().unwrap()],
+                groups: vec![],
+                not_before: T0 + 100,
+                not_after: T0 + DAY,
+                wg_public: WgPrivateKey::generate().unwrap().public_key(),
+                noise_public: NoisePrivateKey::generate().unwrap().public_key(),
+            },
+        )
+        .unwrap();
+    let roster = w.roster(&[&me, &later], &[]);
+    let mut sim = Sim::new(&me, roster, BTreeMap::new());
+    sim.at(1);
+    assert!(sim.dials().is_empty());
+    assert_eq!(
+        sim.state(&later),
+        PeerState::Cut(CutReason::CertificateNotYetValid)
+    );
+    if me.body().node_id < later.body().node_id {
+        assert_eq!(
+            sim.policy.poll_timeout(sim.now),
+            sim.start + Duration::from_secs(100 - SKEW),
+            "woken when it becomes valid"
+        );
+        sim.at(100 - SKEW);
+        assert_eq!(sim.dials(), vec![later.body().node_id]);
+    }
 }
