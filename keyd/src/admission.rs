@@ -88,6 +88,7 @@ struct Bucket {
 pub struct Admission {
     config: AdmissionConfig,
     listed: HashSet<IpAddr>,
+    connection_cap: usize,
     sources: HashMap<IpAddr, Bucket>,
     /// Open connections per source (entries removed at zero).
     per_source: HashMap<IpAddr, usize>,
@@ -99,19 +100,23 @@ pub struct Admission {
 impl Admission {
     pub fn new(config: AdmissionConfig) -> Self {
         Self {
-            config,
+            connection_cap: config.max_connections,
             listed: HashSet::new(),
             sources: HashMap::new(),
             per_source: HashMap::new(),
             connections: 0,
             handshakes: 0,
             refusals: BTreeMap::new(),
+            config,
         }
     }
 
     /// The keyd addresses of the roster's members (on every roster change).
+    /// Every lower member keeps a connection to this node, so the connection
+    /// cap grows with the mesh: twice the members, at least the configured.
     pub fn set_listed(&mut self, ips: impl IntoIterator<Item = IpAddr>) {
         self.listed = ips.into_iter().collect();
+        self.connection_cap = self.config.max_connections.max(2 * self.listed.len());
     }
 
     /// From half the handshake cap on, new work must prove its address.
@@ -130,15 +135,17 @@ impl Admission {
     ) -> ConnectionDecision {
         let decision = if !self.config.accept_unlisted_sources && !self.listed.contains(&source) {
             ConnectionDecision::Refuse(Refusal::UnlistedSource)
-        } else if self.connections >= self.config.max_connections {
+        } else if self.connections >= self.connection_cap {
             ConnectionDecision::Refuse(Refusal::TooManyConnections)
         } else if self.per_source.get(&source).copied().unwrap_or(0)
             >= self.config.max_connections_per_source
         {
             ConnectionDecision::Refuse(Refusal::TooManyConnectionsFromSource)
-        } else if self.under_load() && !validated {
-            // A retry costs one stateless packet; the token is taken once
-            // the client comes back with its address proven.
+        } else if !validated {
+            // Every new connection proves its address first (one stateless
+            // retry packet): otherwise packets spoofed from a member's
+            // address would spend that member's tokens and slots. Members
+            // keep their connections, so this costs one round trip rarely.
             return ConnectionDecision::Retry;
         } else if !self.take_token(source, now) {
             ConnectionDecision::Refuse(Refusal::SourceRateLimited)
@@ -255,16 +262,16 @@ mod tests {
         let t = Instant::now();
         let mut a = admission(AdmissionConfig::default());
         assert_eq!(
-            a.connection(ip(9), false, t),
+            a.connection(ip(9), true, t),
             ConnectionDecision::Refuse(Refusal::UnlistedSource)
         );
-        assert_eq!(a.connection(ip(1), false, t), ConnectionDecision::Accept);
+        assert_eq!(a.connection(ip(1), true, t), ConnectionDecision::Accept);
         assert_eq!(a.refusals()["unlisted_source"], 1);
         let mut open = admission(AdmissionConfig {
             accept_unlisted_sources: true,
             ..Default::default()
         });
-        assert_eq!(open.connection(ip(9), false, t), ConnectionDecision::Accept);
+        assert_eq!(open.connection(ip(9), true, t), ConnectionDecision::Accept);
     }
 
     #[test]
@@ -272,22 +279,19 @@ mod tests {
         let t = Instant::now();
         let mut a = admission(AdmissionConfig::default());
         for _ in 0..8 {
-            assert_eq!(a.connection(ip(1), false, t), ConnectionDecision::Accept);
+            assert_eq!(a.connection(ip(1), true, t), ConnectionDecision::Accept);
             a.connection_closed(ip(1));
         }
         assert_eq!(
-            a.connection(ip(1), false, t),
+            a.connection(ip(1), true, t),
             ConnectionDecision::Refuse(Refusal::SourceRateLimited)
         );
         // Another source is not affected.
-        assert_eq!(a.connection(ip(2), false, t), ConnectionDecision::Accept);
+        assert_eq!(a.connection(ip(2), true, t), ConnectionDecision::Accept);
         let later = t + Duration::from_millis(500);
+        assert_eq!(a.connection(ip(1), true, later), ConnectionDecision::Accept);
         assert_eq!(
-            a.connection(ip(1), false, later),
-            ConnectionDecision::Accept
-        );
-        assert_eq!(
-            a.connection(ip(1), false, later),
+            a.connection(ip(1), true, later),
             ConnectionDecision::Refuse(Refusal::SourceRateLimited)
         );
     }
@@ -299,38 +303,38 @@ mod tests {
             max_connections_per_source: 2,
             ..Default::default()
         });
-        assert_eq!(a.connection(ip(1), false, t), ConnectionDecision::Accept);
-        assert_eq!(a.connection(ip(1), false, t), ConnectionDecision::Accept);
+        assert_eq!(a.connection(ip(1), true, t), ConnectionDecision::Accept);
+        assert_eq!(a.connection(ip(1), true, t), ConnectionDecision::Accept);
         assert_eq!(
-            a.connection(ip(1), false, t),
+            a.connection(ip(1), true, t),
             ConnectionDecision::Refuse(Refusal::TooManyConnectionsFromSource)
         );
-        assert_eq!(a.connection(ip(2), false, t), ConnectionDecision::Accept);
+        assert_eq!(a.connection(ip(2), true, t), ConnectionDecision::Accept);
         a.connection_closed(ip(1));
-        assert_eq!(a.connection(ip(1), false, t), ConnectionDecision::Accept);
+        assert_eq!(a.connection(ip(1), true, t), ConnectionDecision::Accept);
     }
 
     #[test]
     fn connections_are_capped() {
         let t = Instant::now();
-        let mut a = admission(AdmissionConfig {
+        let mut a = Admission::new(AdmissionConfig {
             max_connections: 2,
             accept_unlisted_sources: true,
             ..Default::default()
         });
-        assert_eq!(a.connection(ip(3), false, t), ConnectionDecision::Accept);
-        assert_eq!(a.connection(ip(4), false, t), ConnectionDecision::Accept);
+        assert_eq!(a.connection(ip(3), true, t), ConnectionDecision::Accept);
+        assert_eq!(a.connection(ip(4), true, t), ConnectionDecision::Accept);
         assert_eq!(
-            a.connection(ip(5), false, t),
+            a.connection(ip(5), true, t),
             ConnectionDecision::Refuse(Refusal::TooManyConnections)
         );
         a.connection_closed(ip(3));
-        assert_eq!(a.connection(ip(5), false, t), ConnectionDecision::Accept);
+        assert_eq!(a.connection(ip(5), true, t), ConnectionDecision::Accept);
         assert_eq!(a.in_progress().0, 2);
     }
 
     #[test]
-    fn under_load_new_connections_must_prove_their_address_and_handshakes_are_capped() {
+    fn handshakes_are_capped_and_load_is_reported() {
         let t = Instant::now();
         let mut a = admission(AdmissionConfig {
             max_handshakes: 4,
@@ -341,7 +345,6 @@ mod tests {
         assert_eq!(a.handshake(ip(1), t), Ok(false));
         assert!(a.under_load());
         assert_eq!(a.handshake(ip(1), t), Ok(true), "a cookie is now required");
-        assert_eq!(a.connection(ip(2), false, t), ConnectionDecision::Retry);
         assert_eq!(a.connection(ip(2), true, t), ConnectionDecision::Accept);
         assert_eq!(a.handshake(ip(2), t), Ok(true));
         assert_eq!(a.handshake(ip(2), t), Err(Refusal::TooManyHandshakes));
@@ -364,7 +367,7 @@ mod tests {
         for last in 1..=10 {
             let now = t + Duration::from_millis(u64::from(last));
             assert_eq!(
-                a.connection(ip(last), false, now),
+                a.connection(ip(last), true, now),
                 ConnectionDecision::Accept
             );
             a.connection_closed(ip(last));
@@ -373,8 +376,37 @@ mod tests {
         }
         // The newest sources are remembered: ip(10) has no token left.
         assert_eq!(
-            a.connection(ip(10), false, t + Duration::from_millis(10)),
+            a.connection(ip(10), true, t + Duration::from_millis(10)),
             ConnectionDecision::Refuse(Refusal::SourceRateLimited)
         );
+    }
+
+    /// Packets spoofed from a member's address cannot spend its budget: an
+    /// unproven address gets a stateless retry and costs nothing.
+    #[test]
+    fn an_unproven_address_gets_a_retry_and_spends_nothing() {
+        let t = Instant::now();
+        let mut a = admission(AdmissionConfig {
+            max_connections_per_source: 1,
+            ..Default::default()
+        });
+        for _ in 0..100 {
+            assert_eq!(a.connection(ip(1), false, t), ConnectionDecision::Retry);
+        }
+        assert_eq!(a.in_progress().0, 0);
+        assert_eq!(a.connection(ip(1), true, t), ConnectionDecision::Accept);
+    }
+
+    #[test]
+    fn the_connection_cap_grows_with_the_mesh() {
+        let t = Instant::now();
+        let mut a = Admission::new(AdmissionConfig {
+            max_connections: 2,
+            ..Default::default()
+        });
+        a.set_listed((1..=100).map(ip));
+        for last in 1..=100 {
+            assert_eq!(a.connection(ip(last), true, t), ConnectionDecision::Accept);
+        }
     }
 }

@@ -754,6 +754,15 @@ impl Drop for ConnectionSlot {
     }
 }
 
+/// Gives the handshake slot back however the exchange ends.
+struct HandshakeSlot(Arc<Shared>);
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        self.0.admission().handshake_done();
+    }
+}
+
 async fn serve_connection(s: Arc<Shared>, incoming: quinn::Incoming, remote: SocketAddr) {
     let _slot = ConnectionSlot(s.clone(), remote.ip());
     let conn = match tokio::time::timeout(quic::EXCHANGE_DEADLINE, incoming).await {
@@ -773,22 +782,22 @@ async fn serve_connection(s: Arc<Shared>, incoming: quinn::Incoming, remote: Soc
     // waits for the next rotation like any member's.
     let mut authenticated = false;
     loop {
-        let admitted = std::sync::atomic::AtomicBool::new(false);
+        // mac1 (and mac2 under load) first, then a handshake slot, held
+        // only while the public-key work runs.
+        let gate = |sealed: &[u8]| {
+            let under_load = s.admission().under_load();
+            s.gate(sealed, remote, under_load)
+        };
         let admit = || {
-            let under_load = s
-                .admission()
+            s.admission()
                 .handshake(remote.ip(), Instant::now())
                 .map_err(|r| anyhow::anyhow!(AdmissionRefused(r)))?;
-            admitted.store(true, std::sync::atomic::Ordering::Relaxed);
+            let slot = HandshakeSlot(s.clone());
             let snap = s.snapshot.borrow().clone();
-            Ok((params(&s, &snap, None), under_load))
+            Ok((params(&s, &snap, None), slot))
         };
-        let gate = |sealed: &[u8], under_load: bool| s.gate(sealed, remote, under_load);
         let first_stream = (!authenticated).then_some(quic::EXCHANGE_DEADLINE);
-        let result = quic::respond(&conn, first_stream, admit, gate).await;
-        if admitted.load(std::sync::atomic::Ordering::Relaxed) {
-            s.admission().handshake_done();
-        }
+        let result = quic::respond(&conn, first_stream, gate, admit).await;
         match result {
             Ok(est) => {
                 authenticated = true;

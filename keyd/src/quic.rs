@@ -251,17 +251,19 @@ pub enum Gate {
     Refuse(CookieError),
 }
 
-/// Answers the next exchange a peer opens on `conn`. `admit` is called only
-/// once the peer's stream has arrived: it may refuse (admission control), and
-/// otherwise gives the parameters (so the exchange is checked against the
-/// roster current at that moment) and whether this node is under load.
-/// `gate` checks mac1/mac2 before any public-key work. From the stream's
-/// arrival on, the whole exchange runs within [`EXCHANGE_DEADLINE`].
-pub async fn respond(
+/// Answers the next exchange a peer opens on `conn`. `stream_deadline`
+/// bounds the wait for the stream (a connection that has not completed an
+/// exchange must not idle). From the stream's arrival on, the whole exchange
+/// runs within [`EXCHANGE_DEADLINE`]. `gate` checks mac1/mac2 on the first
+/// message before anything else; only then is `admit` called, which may
+/// refuse (admission control) and otherwise gives the parameters (so the
+/// exchange is checked against the roster current at that moment) and a
+/// guard held until the exchange ends.
+pub async fn respond<G>(
     conn: &quinn::Connection,
     stream_deadline: Option<std::time::Duration>,
-    admit: impl FnOnce() -> Result<(ExchangeParams, bool)>,
-    gate: impl Fn(&[u8], bool) -> Gate,
+    gate: impl Fn(&[u8]) -> Gate,
+    admit: impl FnOnce() -> Result<(ExchangeParams, G)>,
 ) -> Result<Established> {
     let accept = conn.accept_bi();
     let stream = match stream_deadline {
@@ -271,7 +273,6 @@ pub async fn respond(
         None => accept.await,
     }
     .context("waiting for the peer's stream")?;
-    let (params, under_load) = admit()?;
     tokio::time::timeout(EXCHANGE_DEADLINE, async {
         let mut stream = Stream::new(stream);
         let mut replies = 0;
@@ -283,7 +284,7 @@ pub async fn respond(
                 })
                 .context("first message longer than any msg1"));
             }
-            match gate(&sealed, under_load) {
+            match gate(&sealed) {
                 Gate::Accept(msg1) => break msg1,
                 // One cookie per stream: a peer that cannot use it is done.
                 Gate::Reply(reply) if replies == 0 => {
@@ -294,6 +295,7 @@ pub async fn respond(
                 Gate::Refuse(e) => return Err(anyhow!(e)),
             }
         };
+        let (params, _guard) = admit()?;
         let mut ex = Exchange::respond(params, Instant::now(), unix_now())?;
         ex.receive(&msg1, Instant::now());
         drive(ex, stream).await
@@ -368,12 +370,12 @@ mod tests {
     }
 
     /// The responder's gate as keyd builds it: a cookie checker for `me`.
-    fn gate(me: &LocalIdentity) -> impl Fn(&[u8], bool) -> Gate + use<> {
-        let checker = std::sync::Mutex::new(cookie::CookieChecker::new(
+    fn gate(me: &LocalIdentity) -> impl Fn(&[u8], bool) -> Gate + Clone + use<> {
+        let checker = Arc::new(std::sync::Mutex::new(cookie::CookieChecker::new(
             &me.noise_key.public_key(),
             [7; 32],
             Instant::now(),
-        ));
+        )));
         let source: SocketAddr = "127.0.0.1:9".parse().unwrap();
         move |sealed: &[u8], under_load: bool| {
             let mut c = checker.lock().unwrap();
@@ -424,10 +426,16 @@ mod tests {
         let b_gate = gate(&b);
         let responder = tokio::spawn(async move {
             let conn = rb.accept().await.unwrap().await.unwrap();
-            let first = respond(&conn, None, || Ok((pb.clone(), false)), &b_gate).await;
+            let first = respond(
+                &conn,
+                None,
+                |m: &[u8]| b_gate(m, false),
+                || Ok((pb.clone(), ())),
+            )
+            .await;
             // The second exchange finds the responder under load: the
             // initiator must come back with the cookie it is given.
-            let second = respond(&conn, None, || Ok((pb, true)), &b_gate).await;
+            let second = respond(&conn, None, |m: &[u8]| b_gate(m, true), || Ok((pb, ()))).await;
             (first, second)
         });
         let conn = connect(&ea, b_addr).await.unwrap();
@@ -480,7 +488,7 @@ mod tests {
         let b_gate = gate(&b);
         let responder = tokio::spawn(async move {
             let conn = eb.accept().await.unwrap().await.unwrap();
-            respond(&conn, None, || Ok((pb, false)), &b_gate).await
+            respond(&conn, None, |m: &[u8]| b_gate(m, false), || Ok((pb, ()))).await
         });
         let ea = endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
         let conn = connect(&ea, b_addr).await.unwrap();
@@ -528,7 +536,7 @@ mod tests {
         let b_gate = gate(&b);
         let responder = tokio::spawn(async move {
             let conn = eb.accept().await.unwrap().await.unwrap();
-            respond(&conn, None, || Ok((pb, false)), &b_gate).await
+            respond(&conn, None, |m: &[u8]| b_gate(m, false), || Ok((pb, ()))).await
         });
         let ea = endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
         let conn = connect(&ea, b_addr).await.unwrap();
@@ -579,7 +587,13 @@ mod tests {
         let responder = tokio::spawn(async move {
             let conn = eb.accept().await.unwrap().await.unwrap();
             let deadline = Some(std::time::Duration::from_millis(300));
-            respond(&conn, deadline, || Ok((pb, false)), &b_gate).await
+            respond(
+                &conn,
+                deadline,
+                |m: &[u8]| b_gate(m, false),
+                || Ok((pb, ())),
+            )
+            .await
         });
         let ea = endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
         let _idle = connect(&ea, b_addr).await.unwrap();
