@@ -345,6 +345,8 @@ pub struct MeshPolicy {
     view: Option<DataPlaneView>,
     /// The interface has held our key once: losing it later is a restart.
     configured_once: bool,
+    /// The interface lost its key; counted and said once it is restored.
+    restart_pending: bool,
     next_read: Instant,
     read_in_flight: bool,
     actions: VecDeque<Action>,
@@ -375,6 +377,7 @@ impl MeshPolicy {
             peers: BTreeMap::new(),
             view: None,
             configured_once: false,
+            restart_pending: false,
             next_read: now.mono,
             read_in_flight: false,
             actions: VecDeque::new(),
@@ -517,6 +520,10 @@ impl MeshPolicy {
         match (action, result) {
             (Action::ConfigureInterface, Ok(())) => {
                 self.configured_once = true;
+                if std::mem::take(&mut self.restart_pending) {
+                    self.counters.dataplane_restarts_healed += 1;
+                    self.events.push_back(PolicyEvent::InterfaceRestored);
+                }
                 if let Some(v) = self.view.as_mut() {
                     v.interface_key_ok = true;
                     v.listen_port = self.config.listen_port;
@@ -961,8 +968,7 @@ impl MeshPolicy {
         }
         if !view.interface_key_ok || view.listen_port != self.config.listen_port {
             if !view.interface_key_ok && self.configured_once {
-                self.counters.dataplane_restarts_healed += 1;
-                self.events.push_back(PolicyEvent::InterfaceRestored);
+                self.restart_pending = true;
                 for p in self.peers.values_mut() {
                     p.kick_until = Some(now.mono + KICK);
                 }
