@@ -517,6 +517,10 @@ fn a_restarted_data_plane_gets_its_key_and_peers_back() {
         .action_done(&actions[0], Err("refused".into()), sim.now);
     assert!(!sim.events().contains(&PolicyEvent::InterfaceRestored));
     assert_eq!(sim.policy.counters().dataplane_restarts_healed, 0);
+    // The next read finds it still restarted; this time it works.
+    sim.policy.observed(DataPlaneView::default(), sim.now);
+    let actions = sim.actions();
+    assert!(matches!(actions[0], Action::ConfigureInterface));
     // A 1 s keepalive makes the restarted side handshake at once ...
     for a in &actions {
         if let Action::Install(i) = a {
