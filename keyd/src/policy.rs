@@ -512,7 +512,20 @@ impl MeshPolicy {
         if p.state == PeerState::Up {
             p.state = PeerState::Retrying;
         }
-        p.dial_after_failure(now, &self.config);
+        match failure {
+            Failure::Exchange => p.dial_after_failure(now, &self.config),
+            // Nobody answered, so nobody did any work: try again soon,
+            // without growing the wait, so that a peer that is starting
+            // (a mesh coming up at once) is reached as soon as it listens.
+            // A dead peer costs a few unanswered packets per try.
+            Failure::NoAnswer => {
+                if !matches!(p.dial, Dial::NotDialer) {
+                    p.dial = Dial::Idle {
+                        next: now.mono + MIN_BACKOFF,
+                    };
+                }
+            }
+        }
     }
 
     /// The result of a data-plane action.

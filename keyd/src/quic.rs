@@ -26,8 +26,10 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 pub const ALPN: &[u8] = b"pqmesh/1";
 /// A dead peer is noticed within this (keep-alives every third of it).
 const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(6);
-/// A peer that does not complete the QUIC handshake in this time is unreachable.
-const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// A peer that does not complete the QUIC handshake in this time is
+/// unreachable. Long enough for a retry and a lost Initial on a slow path;
+/// short because a dial waiting here holds one of the few dials in flight.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 /// One deadline around a whole exchange, every read and write included: a
 /// peer that stops granting flow-control credit cannot pin a task longer.
 pub const EXCHANGE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
