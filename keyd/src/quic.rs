@@ -74,22 +74,29 @@ pub fn endpoint(listen: SocketAddr) -> Result<quinn::Endpoint> {
         quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(server)?));
     server.transport_config(transport.clone());
 
+    let mut client = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(client_tls()?)?));
+    client.transport_config(transport);
+
+    // No migration: a connection keeps the address that admission control
+    // validated (with a retry) when it was accepted.
+    server.migration(false);
+    let mut endpoint = quinn::Endpoint::server(server, listen)
+        .with_context(|| format!("cannot listen for QUIC on {listen}"))?;
+    endpoint.set_default_client_config(client);
+    Ok(endpoint)
+}
+
+/// The TLS side of a keyd client: TLS 1.3, ALPN `pqmesh/1`, any server
+/// certificate (see the module comment). Public for bench/flood's attacker,
+/// which must look exactly like a keyd to the port it floods.
+pub fn client_tls() -> Result<rustls::ClientConfig> {
     let mut client = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(AnyServerCert(provider())))
         .with_no_client_auth();
     client.alpn_protocols = vec![ALPN.to_vec()];
-    let mut client = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(client)?));
-    client.transport_config(transport);
-
-    // Address validation (retry) is decided per connection by keyd's
-    // admission control, not for every client.
-    server.migration(false);
-    let mut endpoint = quinn::Endpoint::server(server, listen)
-        .with_context(|| format!("cannot listen for QUIC on {listen}"))?;
-    endpoint.set_default_client_config(client);
-    Ok(endpoint)
+    Ok(client)
 }
 
 /// Accepts any certificate; still checks that the TLS handshake was signed

@@ -35,15 +35,9 @@ use mesh_proto::roster::{Member, Roster};
 use mesh_proto::trust::{DEFAULT_MAX_CLOCK_SKEW, Trust};
 use quinn::crypto::rustls::QuicClientConfig;
 use quinn::{ConnectionError, VarInt};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, timeout_at};
 
-/// keyd's ALPN (keyd/src/quic.rs).
-const ALPN: &[u8] = b"pqmesh/1";
 /// A dial that gets no QUIC answer in this time counts as refused.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// msg1s made up front for the `streams` mode, used in turn.
@@ -245,61 +239,9 @@ fn throwaway_params(network: &str) -> Result<ExchangeParams> {
     })
 }
 
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// keyd's own client verifier: any certificate, TLS 1.3 signatures checked.
-#[derive(Debug)]
-struct AnyServerCert(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for AnyServerCert {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _: &[u8],
-        _: &CertificateDer<'_>,
-        _: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("TLS 1.2 is not used".into()))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
 fn client_config(mode: Mode) -> Result<quinn::ClientConfig> {
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyServerCert(provider())))
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    // keyd's own client TLS: the attacker looks like any keyd.
+    let tls = keyd::quic::client_tls()?;
     let mut transport = quinn::TransportConfig::default();
     transport
         .max_idle_timeout(Some(Duration::from_secs(30).try_into()?))
