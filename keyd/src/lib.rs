@@ -2,6 +2,7 @@
 //! over these modules; all protocol logic lives in `mesh-proto`.
 
 pub mod admission;
+pub mod authority;
 pub mod cli;
 pub mod config;
 pub mod daemon;

@@ -6,6 +6,7 @@
 
 pub mod armor;
 pub mod cert;
+pub mod channel;
 pub mod cookie;
 pub mod error;
 pub mod exchange;
