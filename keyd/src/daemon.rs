@@ -187,13 +187,6 @@ pub async fn run(config: Config, reset_state: bool) -> Result<()> {
     let ca = Arc::new(crate::cli::load_ca_cert(&config.ca_cert)?);
     let cert = NodeCert::from_text(&files::read_text(&config.cert)?)
         .with_context(|| format!("`cert` {}", config.cert.display()))?;
-    if !ca.signed(&cert) {
-        bail!(
-            "`cert` {} is not signed by `ca_cert` {}",
-            config.cert.display(),
-            config.ca_cert.display()
-        );
-    }
     let wg_key = WgPrivateKey::from_text(&files::read_secret(&config.wg_key)?)
         .with_context(|| format!("`wg_key` {}", config.wg_key.display()))?;
     let noise_key = NoisePrivateKey::from_text(&files::read_secret(&config.noise_key)?)
@@ -204,6 +197,13 @@ pub async fn run(config: Config, reset_state: bool) -> Result<()> {
         bail!("the keys in `wg_key`/`noise_key` are not the ones `cert` certifies");
     }
     let roster = load_roster(&config, &ca)?;
+    if !roster.issued(&ca, &cert) {
+        bail!(
+            "`cert` {} is not signed by `ca_cert` {} or an authority its roster lists",
+            config.cert.display(),
+            config.ca_cert.display()
+        );
+    }
     let skew = config.max_clock_skew.as_secs();
     roster
         .check_fresh(time::unix_now(), skew)

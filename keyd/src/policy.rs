@@ -889,7 +889,7 @@ impl MeshPolicy {
         let mine = self.my_cert.body();
         let local = if self.roster.check_fresh(now.unix, skew).is_err() {
             LocalState::RosterExpired
-        } else if self.roster.is_revoked(&self.my_cert.fingerprint()) {
+        } else if self.roster.revokes(&self.my_cert) {
             LocalState::Revoked
         } else if self
             .roster
@@ -1073,7 +1073,7 @@ impl Peer {
 /// Why a listed member may not hold a key now, if it may not.
 fn member_refusal(roster: &Roster, m: &Member, now: Now, skew: u64) -> Option<CutReason> {
     let body = m.cert.body();
-    if roster.is_revoked(&m.cert.fingerprint()) {
+    if roster.revokes(&m.cert) {
         Some(CutReason::Revoked)
     } else if now.unix > body.not_after.saturating_add(skew) {
         Some(CutReason::CertificateExpired)

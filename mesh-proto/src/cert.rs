@@ -16,8 +16,10 @@ use crate::{CertError, CodecError, UnixTime, armor};
 pub const CERT_VERSION: u8 = 1;
 pub const CA_CERT_LABEL: &str = "PQMESH CA CERTIFICATE";
 pub const NODE_CERT_LABEL: &str = "PQMESH CERTIFICATE";
+pub const AUTHORITY_CERT_LABEL: &str = "PQMESH AUTHORITY CERTIFICATE";
 const CA_DOMAIN: &[u8] = b"pqmesh ca certificate v1\0";
 const NODE_DOMAIN: &[u8] = b"pqmesh node certificate v1\0";
+const AUTHORITY_DOMAIN: &[u8] = b"pqmesh authority certificate v1\0";
 
 /// Limits that keep a certificate small enough for one handshake payload.
 pub const MAX_NAME_LEN: usize = 63;
@@ -61,6 +63,25 @@ pub struct NodeCertRequest {
     pub wg_public: WgPublicKey,
     pub noise_public: NoisePublicKey,
 }
+
+/// The root CA certifies an authority's signing key for a limited time, so
+/// the root key can stay offline and the online key can be rolled: node
+/// certificates and rosters are signed by the root or by a key certified here
+/// and listed in the current roster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthorityCertBody {
+    pub version: u8,
+    pub name: String,
+    pub network_id: String,
+    pub not_before: UnixTime,
+    pub not_after: UnixTime,
+    pub public_key: [u8; 32],
+    /// Fingerprint of the root CA certificate that signed this one.
+    pub issuer: Fingerprint,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuthorityCert(Signed<AuthorityCertBody>);
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CaCert(Signed<CaCertBody>);
@@ -206,7 +227,7 @@ impl CaCert {
     }
 
     /// Signs `body`-shaped content with this CA's key (used for rosters).
-    pub(crate) fn check_key(&self, key: &CaSigningKey) -> Result<(), CertError> {
+    pub fn check_key(&self, key: &CaSigningKey) -> Result<(), CertError> {
         if key.verifying_key() != self.0.body.public_key {
             return Err(CertError::Field {
                 field: "ca_key",
@@ -220,30 +241,13 @@ impl CaCert {
     pub fn issue(&self, key: &CaSigningKey, req: NodeCertRequest) -> Result<NodeCert, CertError> {
         self.check_key(key)?;
         let ca = &self.0.body;
-        if req.not_before < ca.not_before || req.not_after > ca.not_after {
-            return Err(CertError::Field {
-                field: "not_after",
-                reason: format!(
-                    "node validity {}..{} must lie inside the CA's {}..{}",
-                    req.not_before, req.not_after, ca.not_before, ca.not_after
-                ),
-            });
-        }
-        let body = NodeCertBody {
-            version: CERT_VERSION,
-            node_id: NodeId::derive(&req.wg_public, &req.noise_public),
-            name: req.name,
-            network_id: ca.network_id.clone(),
-            addresses: req.addresses,
-            groups: req.groups,
-            not_before: req.not_before,
-            not_after: req.not_after,
-            wg_public: req.wg_public,
-            noise_public: req.noise_public,
-            issuer: self.fingerprint(),
-        };
-        body.validate()?;
-        Ok(NodeCert(Signed::sign(NODE_DOMAIN, body, key)?))
+        issue_node(
+            key,
+            req,
+            &ca.network_id,
+            self.fingerprint(),
+            (ca.not_before, ca.not_after),
+        )
     }
 
     /// Checks that `cert` was signed by this CA (issuer and signature only;
@@ -251,6 +255,164 @@ impl CaCert {
     pub fn signed(&self, cert: &NodeCert) -> bool {
         cert.0.body.issuer == self.fingerprint() && cert.0.verify(&self.0.body.public_key)
     }
+
+    /// Certifies `public_key` as an authority signing key of this network for
+    /// `not_before..not_after`, which must lie inside the CA's own window.
+    pub fn certify_authority(
+        &self,
+        key: &CaSigningKey,
+        name: &str,
+        public_key: [u8; 32],
+        not_before: UnixTime,
+        not_after: UnixTime,
+    ) -> Result<AuthorityCert, CertError> {
+        self.check_key(key)?;
+        let ca = &self.0.body;
+        if not_before < ca.not_before || not_after > ca.not_after {
+            return Err(CertError::Field {
+                field: "not_after",
+                reason: format!(
+                    "authority validity {not_before}..{not_after} must lie inside the CA's {}..{}",
+                    ca.not_before, ca.not_after
+                ),
+            });
+        }
+        let body = AuthorityCertBody {
+            version: CERT_VERSION,
+            name: name.to_string(),
+            network_id: ca.network_id.clone(),
+            not_before,
+            not_after,
+            public_key,
+            issuer: self.fingerprint(),
+        };
+        body.validate()?;
+        Ok(AuthorityCert(Signed::sign(AUTHORITY_DOMAIN, body, key)?))
+    }
+}
+
+impl AuthorityCertBody {
+    fn validate(&self) -> Result<(), CertError> {
+        check_version(self.version)?;
+        check_label("name", &self.name)?;
+        check_label("network_id", &self.network_id)?;
+        check_window(self.not_before, self.not_after)
+    }
+}
+
+impl AuthorityCert {
+    /// Decodes and checks that `root` signed it for root's network.
+    pub fn from_bytes(bytes: &[u8], root: &CaCert) -> Result<Self, CertError> {
+        let signed = Signed::<AuthorityCertBody>::decode(AUTHORITY_DOMAIN, bytes)?;
+        signed.body.validate()?;
+        if signed.body.issuer != root.fingerprint() {
+            return Err(CertError::Field {
+                field: "issuer",
+                reason: format!(
+                    "authority certificate names CA {}, not {}",
+                    signed.body.issuer,
+                    root.fingerprint()
+                ),
+            });
+        }
+        if signed.body.network_id != root.body().network_id {
+            return Err(CertError::Field {
+                field: "network_id",
+                reason: format!(
+                    "authority certificate is for `{}`, the CA for `{}`",
+                    signed.body.network_id,
+                    root.body().network_id
+                ),
+            });
+        }
+        if !signed.verify(&root.body().public_key) {
+            return Err(CertError::BadSignature);
+        }
+        Ok(Self(signed))
+    }
+
+    pub fn from_text(text: &str, root: &CaCert) -> Result<Self, CertError> {
+        Self::from_bytes(&armor::decode(AUTHORITY_CERT_LABEL, text)?, root)
+    }
+
+    pub fn to_text(&self) -> String {
+        armor::encode(AUTHORITY_CERT_LABEL, &self.to_bytes())
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.0.to_bytes()
+    }
+
+    pub fn body(&self) -> &AuthorityCertBody {
+        &self.0.body
+    }
+
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.0.fingerprint()
+    }
+
+    pub fn is_valid_at(&self, now: UnixTime, skew: u64) -> bool {
+        now.saturating_add(skew) >= self.0.body.not_before
+            && now <= self.0.body.not_after.saturating_add(skew)
+    }
+
+    /// Issues a node certificate with this authority's key. The validity
+    /// window must lie inside the authority certificate's.
+    pub fn issue(&self, key: &CaSigningKey, req: NodeCertRequest) -> Result<NodeCert, CertError> {
+        let a = &self.0.body;
+        if key.verifying_key() != a.public_key {
+            return Err(CertError::Field {
+                field: "authority_key",
+                reason: "the private key does not belong to this authority certificate".into(),
+            });
+        }
+        issue_node(
+            key,
+            req,
+            &a.network_id,
+            self.fingerprint(),
+            (a.not_before, a.not_after),
+        )
+    }
+
+    /// Checks that `cert` was signed by this authority (issuer and signature).
+    pub fn signed(&self, cert: &NodeCert) -> bool {
+        cert.0.body.issuer == self.fingerprint() && cert.0.verify(&self.0.body.public_key)
+    }
+}
+
+/// Signs a node certificate for `network_id` under `issuer`, inside `window`.
+fn issue_node(
+    key: &CaSigningKey,
+    req: NodeCertRequest,
+    network_id: &str,
+    issuer: Fingerprint,
+    window: (UnixTime, UnixTime),
+) -> Result<NodeCert, CertError> {
+    if req.not_before < window.0 || req.not_after > window.1 {
+        return Err(CertError::Field {
+            field: "not_after",
+            reason: format!(
+                "node validity {}..{} must lie inside the issuer's {}..{}",
+                req.not_before, req.not_after, window.0, window.1
+            ),
+        });
+    }
+    let body = NodeCertBody {
+        version: CERT_VERSION,
+        node_id: NodeId::derive(&req.wg_public, &req.noise_public),
+        name: req.name,
+        network_id: network_id.to_string(),
+        addresses: req.addresses,
+        groups: req.groups,
+        not_before: req.not_before,
+        not_after: req.not_after,
+        wg_public: req.wg_public,
+        noise_public: req.noise_public,
+        issuer,
+    };
+    body.validate()?;
+    Ok(NodeCert(Signed::sign(NODE_DOMAIN, body, key)?))
 }
 
 impl NodeCert {
@@ -280,6 +442,12 @@ impl NodeCert {
 
     pub fn fingerprint(&self) -> Fingerprint {
         self.0.fingerprint()
+    }
+
+    /// Checks the signature with the issuer's public key (the caller found
+    /// the issuer by `body().issuer`).
+    pub fn verify_signature(&self, issuer_key: &[u8; 32]) -> bool {
+        self.0.verify(issuer_key)
     }
 }
 

@@ -73,8 +73,22 @@ pub enum RosterError {
     BadSignature,
     #[error("roster is for network `{found}`, this node is in `{expected}`")]
     WrongNetwork { expected: String, found: String },
-    #[error("roster member {index} ({name}) is not signed by the configured CA")]
+    #[error("roster member {index} ({name}) is not signed by the CA or a listed authority")]
     MemberNotFromCa { index: usize, name: String },
+    #[error("roster authority certificate {index}: {source}")]
+    Authority { index: usize, source: CertError },
+    #[error("roster is signed by {signer}, which is neither the CA nor a listed authority")]
+    UnknownSigner { signer: String },
+    #[error("roster signer {signer} was not valid at the roster's issue time {issued_at}")]
+    SignerExpired { signer: String, issued_at: UnixTime },
+    #[error(
+        "roster update from serial {from} does not apply to serial {current} (a gap or a replay; a snapshot is needed)"
+    )]
+    DeltaGap { current: u64, from: u64 },
+    #[error("roster update for serial {serial} was made from another roster than the one in use")]
+    DeltaBase { serial: u64 },
+    #[error("roster update: {0}")]
+    DeltaMalformed(String),
     #[error("roster member {index} ({name}) is for network `{found}`")]
     MemberWrongNetwork {
         index: usize,
@@ -125,6 +139,12 @@ pub enum TrustError {
     Expired { not_after: UnixTime, now: UnixTime },
     #[error("the CA certificate is outside its validity window (now {now})")]
     CaExpired { now: UnixTime },
+    #[error("peer certificate's issuing authority {issuer} expired at {not_after} (now {now})")]
+    IssuerExpired {
+        issuer: String,
+        not_after: UnixTime,
+        now: UnixTime,
+    },
     #[error("peer certificate {fingerprint} is revoked")]
     Revoked { fingerprint: String },
     #[error("peer's Noise static key is not the one in its certificate")]
@@ -163,6 +183,7 @@ impl TrustError {
             TrustError::SelfConnection => "self_connection",
             TrustError::UnexpectedPeer { .. } => "unexpected_peer",
             TrustError::RosterExpired { .. } => "roster_expired",
+            TrustError::IssuerExpired { .. } => "issuer_expired",
         }
     }
 }

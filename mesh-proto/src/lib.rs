@@ -8,6 +8,7 @@ pub mod armor;
 pub mod cert;
 pub mod channel;
 pub mod cookie;
+pub mod delta;
 pub mod error;
 pub mod exchange;
 #[cfg(test)]

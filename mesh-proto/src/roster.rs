@@ -11,39 +11,57 @@
 //! (plus the clock skew tolerated for certificates) [`Roster::check_fresh`]
 //! refuses it and [`crate::trust::Trust::verify_peer`] accepts no peer.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::cert::{CaCert, NodeCert};
-use crate::identity::{CaSigningKey, NodeId};
+use crate::cert::{AuthorityCert, CaCert, NodeCert};
+use crate::identity::{CaSigningKey, NodeId, NoisePublicKey, WgPublicKey};
 use crate::signed::{Fingerprint, Signed};
 use crate::{CodecError, RosterError, UnixTime, armor};
 
-/// 2: the body carries `not_after`. Version 1 rosters never expired and are
-/// refused with [`CodecError::Version`].
-pub const ROSTER_VERSION: u8 = 2;
+/// 3: the body lists authority certificates, names its signer and revokes
+/// nodes by id and keys. Older rosters are refused with
+/// [`CodecError::Version`].
+pub const ROSTER_VERSION: u8 = 3;
 pub const ROSTER_LABEL: &str = "PQMESH ROSTER";
-const ROSTER_DOMAIN: &[u8] = b"pqmesh roster v1\0";
+pub(crate) const ROSTER_DOMAIN: &[u8] = b"pqmesh roster v1\0";
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-struct MemberEntry {
-    cert: Vec<u8>,
-    wg_endpoint: Option<SocketAddr>,
-    keyd_endpoint: Option<SocketAddr>,
+pub(crate) struct MemberEntry {
+    pub(crate) cert: Vec<u8>,
+    pub(crate) wg_endpoint: Option<SocketAddr>,
+    pub(crate) keyd_endpoint: Option<SocketAddr>,
+}
+
+/// A node revoked as a whole: every certificate carrying this id or either
+/// key is refused, whatever its bytes (a re-encoded or renewed certificate
+/// has another fingerprint but the same keys).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RevokedNode {
+    pub node_id: NodeId,
+    pub wg_public: WgPublicKey,
+    pub noise_public: NoisePublicKey,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RosterBody {
-    version: u8,
-    network_id: String,
-    serial: u64,
-    issued_at: UnixTime,
-    not_after: UnixTime,
-    issuer: Fingerprint,
-    members: Vec<MemberEntry>,
-    revoked: Vec<Fingerprint>,
+    pub(crate) version: u8,
+    pub(crate) network_id: String,
+    pub(crate) serial: u64,
+    pub(crate) issued_at: UnixTime,
+    pub(crate) not_after: UnixTime,
+    /// The root CA: names the network's trust anchor.
+    pub(crate) issuer: Fingerprint,
+    /// Who signed this roster: the root CA or one of `authorities`.
+    pub(crate) signer: Fingerprint,
+    /// Authority certificates (signed by the root) whose keys may sign node
+    /// certificates and rosters while they are listed and valid.
+    pub(crate) authorities: Vec<Vec<u8>>,
+    pub(crate) members: Vec<MemberEntry>,
+    pub(crate) revoked: Vec<Fingerprint>,
+    pub(crate) revoked_nodes: Vec<RevokedNode>,
 }
 
 /// One member of the network and its underlay endpoints.
@@ -56,16 +74,50 @@ pub struct Member {
     pub keyd_endpoint: Option<SocketAddr>,
 }
 
+impl Member {
+    pub(crate) fn entry(&self) -> MemberEntry {
+        MemberEntry {
+            cert: self.cert.to_bytes(),
+            wg_endpoint: self.wg_endpoint,
+            keyd_endpoint: self.keyd_endpoint,
+        }
+    }
+}
+
+/// The key that signs a roster: the root CA's, or an authority's that the
+/// root certified.
+pub enum Signer<'a> {
+    Root(&'a CaSigningKey),
+    Authority(&'a AuthorityCert, &'a CaSigningKey),
+}
+
+/// What a roster says, before it is signed.
+#[derive(Clone, Debug, Default)]
+pub struct RosterContent {
+    pub serial: u64,
+    pub issued_at: UnixTime,
+    pub not_after: UnixTime,
+    pub authorities: Vec<AuthorityCert>,
+    pub members: Vec<Member>,
+    pub revoked: Vec<Fingerprint>,
+    pub revoked_nodes: Vec<RevokedNode>,
+}
+
 #[derive(Clone, Debug)]
 pub struct Roster {
     signed: Signed<RosterBody>,
+    authorities: Vec<AuthorityCert>,
     members: Vec<Member>,
     revoked: HashSet<Fingerprint>,
+    revoked_ids: HashSet<NodeId>,
+    revoked_wg: HashSet<WgPublicKey>,
+    revoked_noise: HashSet<NoisePublicKey>,
 }
 
 impl Roster {
-    /// Builds and signs a roster, valid until `not_after` (which must be
-    /// after `issued_at`). Members must be certificates of this CA.
+    /// Builds and signs a roster with the root CA's key, valid until
+    /// `not_after` (which must be after `issued_at`). Members must be
+    /// certificates of this CA. The offline tooling's way to make one.
     #[allow(clippy::too_many_arguments)]
     pub fn build(
         ca: &CaCert,
@@ -76,31 +128,49 @@ impl Roster {
         members: Vec<Member>,
         revoked: Vec<Fingerprint>,
     ) -> Result<Self, RosterError> {
-        ca.check_key(key).map_err(RosterError::Signing)?;
-        let body = RosterBody {
-            version: ROSTER_VERSION,
-            network_id: ca.body().network_id.clone(),
+        let content = RosterContent {
             serial,
             issued_at,
             not_after,
-            issuer: ca.fingerprint(),
-            members: members
-                .iter()
-                .map(|m| MemberEntry {
-                    cert: m.cert.to_bytes(),
-                    wg_endpoint: m.wg_endpoint,
-                    keyd_endpoint: m.keyd_endpoint,
-                })
-                .collect(),
+            members,
             revoked,
+            ..RosterContent::default()
+        };
+        Self::sign(ca, &Signer::Root(key), &content)
+    }
+
+    /// Signs `content` with `signer`, then verifies the result as a node
+    /// would: what is signed here is exactly what nodes will accept.
+    pub fn sign(
+        ca: &CaCert,
+        signer: &Signer<'_>,
+        content: &RosterContent,
+    ) -> Result<Self, RosterError> {
+        let body = body_of(ca, signer, content)?;
+        let key = match signer {
+            Signer::Root(key) => {
+                ca.check_key(key).map_err(RosterError::Signing)?;
+                *key
+            }
+            Signer::Authority(_, key) => *key,
         };
         let signed = Signed::sign(ROSTER_DOMAIN, body, key).map_err(RosterError::Signing)?;
-        Self::from_bytes(&signed.to_bytes(), ca)
+        Self::verify(signed, ca, None)
     }
 
     /// Decodes and fully verifies a roster against the configured CA.
     pub fn from_bytes(bytes: &[u8], ca: &CaCert) -> Result<Self, RosterError> {
-        let signed = decode(bytes)?;
+        Self::verify(decode(bytes)?, ca, None)
+    }
+
+    /// Checks every rule on a decoded roster. Member certificates whose exact
+    /// bytes `previous` already verified are not verified again (a delta
+    /// changes a few members of many), but their issuer must still be listed.
+    pub(crate) fn verify(
+        signed: Signed<RosterBody>,
+        ca: &CaCert,
+        previous: Option<&Roster>,
+    ) -> Result<Self, RosterError> {
         let body = &signed.body;
         if body.issuer != ca.fingerprint() {
             return Err(RosterError::WrongIssuer {
@@ -108,14 +178,41 @@ impl Roster {
                 found: body.issuer.to_hex(),
             });
         }
-        if !signed.verify(&ca.body().public_key) {
-            return Err(RosterError::BadSignature);
-        }
         if body.network_id != ca.body().network_id {
             return Err(RosterError::WrongNetwork {
                 expected: ca.body().network_id.clone(),
                 found: body.network_id.clone(),
             });
+        }
+        let authorities = body
+            .authorities
+            .iter()
+            .enumerate()
+            .map(|(index, bytes)| {
+                AuthorityCert::from_bytes(bytes, ca)
+                    .map_err(|source| RosterError::Authority { index, source })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let signer_key = if body.signer == ca.fingerprint() {
+            ca.body().public_key
+        } else {
+            let a = authorities
+                .iter()
+                .find(|a| a.fingerprint() == body.signer)
+                .ok_or_else(|| RosterError::UnknownSigner {
+                    signer: body.signer.to_hex(),
+                })?;
+            let b = a.body();
+            if body.issued_at < b.not_before || body.issued_at > b.not_after {
+                return Err(RosterError::SignerExpired {
+                    signer: a.fingerprint().to_hex(),
+                    issued_at: body.issued_at,
+                });
+            }
+            b.public_key
+        };
+        if !signed.verify(&signer_key) {
+            return Err(RosterError::BadSignature);
         }
         if body.not_after <= body.issued_at {
             return Err(RosterError::Validity {
@@ -123,10 +220,28 @@ impl Roster {
                 not_after: body.not_after,
             });
         }
+        let known: HashSet<&[u8]> = previous
+            .map(|p| {
+                p.signed
+                    .body
+                    .members
+                    .iter()
+                    .map(|e| e.cert.as_slice())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let issuers: HashMap<Fingerprint, [u8; 32]> = authorities
+            .iter()
+            .map(|a| (a.fingerprint(), a.body().public_key))
+            .chain([(ca.fingerprint(), ca.body().public_key)])
+            .collect();
         let members = decode_members(&body.members)?;
-        for (index, m) in members.iter().enumerate() {
+        for (index, (m, entry)) in members.iter().zip(&body.members).enumerate() {
             let c = m.cert.body();
-            if !ca.signed(&m.cert) {
+            let signed_by_issuer = issuers.get(&c.issuer).is_some_and(|key| {
+                known.contains(entry.cert.as_slice()) || m.cert.verify_signature(key)
+            });
+            if !signed_by_issuer {
                 return Err(RosterError::MemberNotFromCa {
                     index,
                     name: c.name.clone(),
@@ -142,10 +257,17 @@ impl Roster {
         }
         check_unique(&members)?;
         let revoked = body.revoked.iter().copied().collect();
+        let revoked_ids = body.revoked_nodes.iter().map(|r| r.node_id).collect();
+        let revoked_wg = body.revoked_nodes.iter().map(|r| r.wg_public).collect();
+        let revoked_noise = body.revoked_nodes.iter().map(|r| r.noise_public).collect();
         Ok(Self {
             signed,
+            authorities,
             members,
             revoked,
+            revoked_ids,
+            revoked_wg,
+            revoked_noise,
         })
     }
 
@@ -158,11 +280,15 @@ impl Roster {
     pub fn decode_unverified(bytes: &[u8]) -> Result<Self, RosterError> {
         let signed = decode(bytes)?;
         let members = decode_members(&signed.body.members)?;
-        let revoked = signed.body.revoked.iter().copied().collect();
+        let b = &signed.body;
         Ok(Self {
-            signed,
+            authorities: Vec::new(),
             members,
-            revoked,
+            revoked: b.revoked.iter().copied().collect(),
+            revoked_ids: b.revoked_nodes.iter().map(|r| r.node_id).collect(),
+            revoked_wg: b.revoked_nodes.iter().map(|r| r.wg_public).collect(),
+            revoked_noise: b.revoked_nodes.iter().map(|r| r.noise_public).collect(),
+            signed,
         })
     }
 
@@ -205,12 +331,37 @@ impl Roster {
         &self.signed.body.network_id
     }
 
+    /// The root CA's fingerprint.
     pub fn issuer(&self) -> Fingerprint {
         self.signed.body.issuer
     }
 
+    /// Who signed this roster: the root CA or a listed authority.
+    pub fn signer(&self) -> Fingerprint {
+        self.signed.body.signer
+    }
+
     pub fn fingerprint(&self) -> Fingerprint {
         self.signed.fingerprint()
+    }
+
+    pub fn authorities(&self) -> &[AuthorityCert] {
+        &self.authorities
+    }
+
+    /// The listed authority certificate with fingerprint `fp`.
+    pub fn authority(&self, fp: &Fingerprint) -> Option<&AuthorityCert> {
+        self.authorities.iter().find(|a| a.fingerprint() == *fp)
+    }
+
+    /// Was `cert` signed by the root CA or an authority this roster lists?
+    /// (Issuer and signature only; validity and revocation are checked by
+    /// [`crate::trust`].)
+    pub fn issued(&self, ca: &CaCert, cert: &NodeCert) -> bool {
+        ca.signed(cert)
+            || self
+                .authority(&cert.body().issuer)
+                .is_some_and(|a| a.signed(cert))
     }
 
     pub fn members(&self) -> &[Member] {
@@ -221,12 +372,44 @@ impl Roster {
         self.signed.body.revoked.iter()
     }
 
+    pub fn revoked_nodes(&self) -> &[RevokedNode] {
+        &self.signed.body.revoked_nodes
+    }
+
     pub fn member(&self, id: &NodeId) -> Option<&Member> {
         self.members.iter().find(|m| m.cert.body().node_id == *id)
     }
 
+    /// Is this exact certificate on the revocation list?
     pub fn is_revoked(&self, fp: &Fingerprint) -> bool {
         self.revoked.contains(fp)
+    }
+
+    /// Is `cert` revoked by its fingerprint, its node id or either key?
+    pub fn revokes(&self, cert: &NodeCert) -> bool {
+        let c = cert.body();
+        self.revoked.contains(&cert.fingerprint())
+            || self.revoked_ids.contains(&c.node_id)
+            || self.revoked_wg.contains(&c.wg_public)
+            || self.revoked_noise.contains(&c.noise_public)
+    }
+
+    /// The content this roster was signed from, to derive the next one.
+    pub fn content(&self) -> RosterContent {
+        let b = &self.signed.body;
+        RosterContent {
+            serial: b.serial,
+            issued_at: b.issued_at,
+            not_after: b.not_after,
+            authorities: self.authorities.clone(),
+            members: self.members.clone(),
+            revoked: b.revoked.clone(),
+            revoked_nodes: b.revoked_nodes.clone(),
+        }
+    }
+
+    pub(crate) fn signed(&self) -> &Signed<RosterBody> {
+        &self.signed
     }
 
     /// Rollback protection: may `offered` replace `current`? `Ok(true)` if it
@@ -251,9 +434,42 @@ impl Roster {
     }
 }
 
+/// The body `signer` signs for `content`.
+fn body_of(
+    ca: &CaCert,
+    signer: &Signer<'_>,
+    content: &RosterContent,
+) -> Result<RosterBody, RosterError> {
+    let signer = match signer {
+        Signer::Root(_) => ca.fingerprint(),
+        Signer::Authority(a, key) => {
+            if key.verifying_key() != a.body().public_key {
+                return Err(RosterError::Signing(crate::CertError::Field {
+                    field: "authority_key",
+                    reason: "the private key does not belong to this authority certificate".into(),
+                }));
+            }
+            a.fingerprint()
+        }
+    };
+    Ok(RosterBody {
+        version: ROSTER_VERSION,
+        network_id: ca.body().network_id.clone(),
+        serial: content.serial,
+        issued_at: content.issued_at,
+        not_after: content.not_after,
+        issuer: ca.fingerprint(),
+        signer,
+        authorities: content.authorities.iter().map(|a| a.to_bytes()).collect(),
+        members: content.members.iter().map(Member::entry).collect(),
+        revoked: content.revoked.clone(),
+        revoked_nodes: content.revoked_nodes.clone(),
+    })
+}
+
 /// Decodes the envelope, checking the body's version before its layout: an
 /// older roster gets the version error, not a confusing decode error.
-fn decode(bytes: &[u8]) -> Result<Signed<RosterBody>, RosterError> {
+pub(crate) fn decode(bytes: &[u8]) -> Result<Signed<RosterBody>, RosterError> {
     let version = Signed::<RosterBody>::body_version(bytes)?;
     if version != ROSTER_VERSION {
         return Err(CodecError::Version {
@@ -382,12 +598,15 @@ pub(crate) mod tests {
             issued_at: T0,
             not_after: T0 + DAY,
             issuer: ca.fingerprint(),
+            signer: ca.fingerprint(),
+            authorities: vec![],
             members: vec![MemberEntry {
                 cert: stranger.cert.to_bytes(),
                 wg_endpoint: None,
                 keyd_endpoint: None,
             }],
             revoked: vec![],
+            revoked_nodes: vec![],
         };
         let signed = Signed::sign(ROSTER_DOMAIN, body, &key).unwrap();
         assert!(matches!(
@@ -523,7 +742,7 @@ pub(crate) mod tests {
         let v1 = Signed::sign(ROSTER_DOMAIN, v1, &key).unwrap().to_bytes();
         let expect = RosterError::Codec(CodecError::Version {
             found: 1,
-            supported: 2,
+            supported: ROSTER_VERSION,
         });
         assert_eq!(Roster::from_bytes(&v1, &ca).unwrap_err(), expect);
         assert_eq!(Roster::decode_unverified(&v1).unwrap_err(), expect);
@@ -532,13 +751,13 @@ pub(crate) mod tests {
             .unwrap()
             .signed
             .body;
-        body.version = 3;
-        let v3 = Signed::sign(ROSTER_DOMAIN, body, &key).unwrap().to_bytes();
+        body.version = 4;
+        let v4 = Signed::sign(ROSTER_DOMAIN, body, &key).unwrap().to_bytes();
         assert_eq!(
-            Roster::from_bytes(&v3, &ca).unwrap_err(),
+            Roster::from_bytes(&v4, &ca).unwrap_err(),
             RosterError::Codec(CodecError::Version {
-                found: 3,
-                supported: 2
+                found: 4,
+                supported: ROSTER_VERSION
             })
         );
     }

@@ -116,6 +116,27 @@ impl<T: Serialize + DeserializeOwned> Signed<T> {
         )
     }
 
+    /// Rebuilds a signed value from a body and the signature made over its
+    /// encoding (a roster delta carries only the signature of the roster it
+    /// produces). Nothing is trusted until [`Signed::verify`] passes.
+    pub(crate) fn from_parts(
+        domain: &'static [u8],
+        body: T,
+        signature: [u8; 64],
+    ) -> Result<Self, CodecError> {
+        let body_bytes = postcard::to_stdvec(&body).map_err(CodecError::from)?;
+        Ok(Self {
+            body,
+            body_bytes,
+            signature,
+            domain,
+        })
+    }
+
+    pub(crate) fn signature(&self) -> [u8; 64] {
+        self.signature
+    }
+
     pub fn to_bytes(&self) -> Vec<u8> {
         let envelope = Envelope {
             body: self.body_bytes.clone(),

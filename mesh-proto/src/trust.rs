@@ -65,14 +65,28 @@ impl Trust {
             }
         })?;
         let body = cert.body();
-        let ca_fp = self.ca.fingerprint();
-        if body.issuer != ca_fp {
-            return Err(TrustError::UnknownCa {
-                expected: ca_fp.to_hex(),
-                found: body.issuer.to_hex(),
-            });
-        }
-        if !self.ca.signed(&cert) {
+        // The issuer is the root CA or an authority the current roster lists;
+        // an authority key counts only inside its own validity window.
+        let issuer_key = if body.issuer == self.ca.fingerprint() {
+            self.ca.body().public_key
+        } else {
+            let authority =
+                self.roster
+                    .authority(&body.issuer)
+                    .ok_or_else(|| TrustError::UnknownCa {
+                        expected: self.ca.fingerprint().to_hex(),
+                        found: body.issuer.to_hex(),
+                    })?;
+            if !authority.is_valid_at(now, skew) {
+                return Err(TrustError::IssuerExpired {
+                    issuer: body.issuer.to_hex(),
+                    not_after: authority.body().not_after,
+                    now,
+                });
+            }
+            authority.body().public_key
+        };
+        if !cert.verify_signature(&issuer_key) {
             return Err(TrustError::BadSignature);
         }
         let network = &self.ca.body().network_id;
@@ -108,7 +122,7 @@ impl Trust {
             });
         }
         let fingerprint = cert.fingerprint();
-        if self.roster.is_revoked(&fingerprint) {
+        if self.roster.revokes(&cert) {
             return Err(TrustError::Revoked {
                 fingerprint: fingerprint.to_hex(),
             });
