@@ -154,7 +154,8 @@ pub trait Store: Send {
     fn load(&self) -> Result<Loaded, StoreError>;
     /// Applies `batch` atomically and durably, or not at all.
     fn commit(&mut self, batch: &Batch) -> Result<(), StoreError>;
-    /// The deltas reaching serials from+1 ..= to, in order; Ok(None) if any of them is no longer kept (caller sends a snapshot instead).
+    /// The deltas reaching serials from+1 ..= to, in order; Ok(None) if any
+    /// of them is no longer kept (caller sends a snapshot instead).
     /// `from == to` gives an empty list; `from > to` gives None.
     fn deltas(&self, from: u64, to: u64) -> Result<Option<Vec<Vec<u8>>>, StoreError>;
 }
@@ -184,8 +185,10 @@ pub enum CorruptReason {
     Empty,
     #[error("unknown schema version {0} (this keyd reads version {SCHEMA_VERSION})")]
     UnknownVersion(u8),
-    #[error("cannot decode")]
-    Decode(#[source] postcard::Error),
+    // The postcard error is in the message rather than a source, so that the
+    // whole refusal reads in one line in StoreError::Corrupt's message.
+    #[error("cannot decode: {0}")]
+    Decode(postcard::Error),
     #[error("{0} bytes after the value")]
     TrailingBytes(usize),
     #[error("the record names key {0}, not the key it is stored under")]
@@ -235,7 +238,6 @@ pub enum StoreError {
     Corrupt {
         table: &'static str,
         key: String,
-        #[source]
         reason: CorruptReason,
     },
     #[error("store: serial conflict: the batch expects {expected:?}, the store holds {found:?}")]

@@ -338,6 +338,16 @@ fn a_corrupt_value_is_refused_naming_its_table_and_key() {
     assert_eq!((table, key.as_str()), ("tokens", "ab12"));
     assert!(matches!(reason, CorruptReason::Decode(_)), "{reason:?}");
 
+    let message = RedbStore::open(&path)
+        .unwrap()
+        .load()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        message.contains("table tokens, key ab12: cannot decode"),
+        "{message}"
+    );
+
     poke(&path, TOKENS, "ab12", &[99, 1, 2, 3]);
     let (table, key, reason) = corrupt(&path);
     assert_eq!((table, key.as_str()), ("tokens", "ab12"));
@@ -555,4 +565,10 @@ fn a_kill_9_at_any_point_leaves_the_store_consistent() {
         last = serial;
     }
     assert!(last >= rounds);
+}
+
+#[test]
+fn errors_cross_threads_for_anyhow() {
+    fn assert_error<T: std::error::Error + Send + Sync + 'static>() {}
+    assert_error::<StoreError>();
 }
