@@ -96,8 +96,12 @@ fn round_trip_and_data_both_ways() {
     let big: Vec<u8> = (0..5 * 1024 * 1024u32)
         .map(|i| (i * 31 + i / 7) as u8)
         .collect();
-    assert!(c.seal(&big).unwrap().len() > 80);
-    assert_eq!(carry(&mut c, &mut s, &big), big);
+    let chunks = c.seal(&big).unwrap();
+    assert_eq!(chunks.len(), big.len().div_ceil(MAX_CHUNK_PLAINTEXT - 1));
+    let opened: Vec<_> = chunks.iter().map(|x| s.open(x).unwrap()).collect();
+    let (last, init) = opened.split_last().unwrap();
+    assert!(init.iter().all(Option::is_none));
+    assert_eq!(last.as_ref().unwrap().as_slice(), &big[..]);
     assert_eq!(carry(&mut s, &mut c, &big), big);
     // The channel goes on after a chunked message.
     assert_eq!(carry(&mut s, &mut c, b"after"), b"after");
