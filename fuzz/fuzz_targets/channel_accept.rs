@@ -18,7 +18,7 @@
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use mesh_proto::channel::{
-    self, ChannelError, ClientHandshake, MAX_NOISE_MESSAGE, NOISE_PARAMS, ServerHandshake,
+    self, ChannelError, ClientHandshake, MAX_MESSAGE_LEN, NOISE_PARAMS, ServerHandshake,
 };
 use mesh_proto::identity::{NoisePrivateKey, X25519Secret};
 use mesh_proto::kem;
@@ -39,7 +39,7 @@ fn key(b: u8) -> NoisePrivateKey {
 }
 
 fn raw_message(hs: &mut snow::HandshakeState, payload: &[u8], read: Option<&[u8]>) -> Vec<u8> {
-    let mut buf = vec![0u8; MAX_NOISE_MESSAGE];
+    let mut buf = vec![0u8; MAX_MESSAGE_LEN];
     if let Some(msg) = read {
         hs.read_message(msg, &mut buf).expect("a real msg2");
     }
@@ -67,7 +67,7 @@ fn chunks(input: &Input) {
     let mut raw = hs.into_transport_mode().expect("transport");
     let mut closed = false;
     for plain in input.chunks.iter().take(64) {
-        let plain = &plain[..plain.len().min(MAX_NOISE_MESSAGE - 16)];
+        let plain = &plain[..plain.len().min(MAX_MESSAGE_LEN - 16)];
         let mut msg = vec![0u8; plain.len() + 16];
         let n = raw.write_message(plain, &mut msg).expect("encrypt");
         match ch.open(&msg[..n]) {

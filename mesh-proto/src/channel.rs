@@ -58,7 +58,7 @@ pub const SUITE: &str = "Noise_XKhfs_25519+ML-KEM-1024_ChaChaPoly_BLAKE2s";
 /// The same suite as snow's grammar names it.
 pub const NOISE_PARAMS: &str = "Noise_XKhfs_25519+Kyber1024_ChaChaPoly_BLAKE2s";
 /// Noise's own message size limit; also the frame limit on the wire.
-pub const MAX_NOISE_MESSAGE: usize = 65535;
+pub use crate::exchange::MAX_MESSAGE_LEN;
 /// The largest hello (msg3 payload) either side accepts.
 pub const MAX_HELLO_LEN: usize = 8 * 1024;
 /// What a msg3 adds to its hello: the encrypted static key (32 + 16) and the
@@ -69,7 +69,7 @@ pub const DEFAULT_MAX_MESSAGE: usize = 32 * 1024 * 1024;
 
 const TAG_LEN: usize = 16;
 /// The largest chunk plaintext (header included) one Noise message carries.
-const MAX_CHUNK_PLAINTEXT: usize = MAX_NOISE_MESSAGE - TAG_LEN;
+const MAX_CHUNK_PLAINTEXT: usize = MAX_MESSAGE_LEN - TAG_LEN;
 const START: u8 = 0x01;
 const END: u8 = 0x02;
 /// Flags byte, plus the total length on a first chunk.
@@ -192,7 +192,7 @@ fn write(
     step: Step,
     payload: &[u8],
 ) -> Result<Vec<u8>, ChannelError> {
-    let mut buf = vec![0u8; MAX_NOISE_MESSAGE];
+    let mut buf = vec![0u8; MAX_MESSAGE_LEN];
     let n = hs
         .write_message(payload, &mut buf)
         .map_err(|e| ChannelError::noise(step, e))?;
@@ -206,7 +206,7 @@ fn read(
     step: Step,
     msg: &[u8],
 ) -> Result<Zeroizing<Vec<u8>>, ChannelError> {
-    if msg.len() > MAX_NOISE_MESSAGE {
+    if msg.len() > MAX_MESSAGE_LEN {
         return Err(ChannelError::TooLong {
             step,
             len: msg.len(),
@@ -457,7 +457,7 @@ impl Channel {
         &mut self,
         noise_message: &[u8],
     ) -> Result<Option<Zeroizing<Vec<u8>>>, ChannelError> {
-        if noise_message.len() > MAX_NOISE_MESSAGE {
+        if noise_message.len() > MAX_MESSAGE_LEN {
             return Err(ChannelError::TooLong {
                 step: Step::Transport,
                 len: noise_message.len(),

@@ -37,7 +37,7 @@ fn carry(from: &mut Channel, to: &mut Channel, message: &[u8]) -> Vec<u8> {
     let last = chunks.len() - 1;
     let mut got = None;
     for (i, chunk) in chunks.iter().enumerate() {
-        assert!(chunk.len() <= MAX_NOISE_MESSAGE);
+        assert!(chunk.len() <= MAX_MESSAGE_LEN);
         let opened = to.open(chunk).unwrap();
         assert_eq!(opened.is_some(), i == last, "chunk {i} of {}", chunks.len());
         got = opened;
@@ -55,14 +55,14 @@ fn raw(
 }
 
 fn raw_write(hs: &mut snow::HandshakeState, payload: &[u8]) -> Vec<u8> {
-    let mut buf = vec![0u8; MAX_NOISE_MESSAGE];
+    let mut buf = vec![0u8; MAX_MESSAGE_LEN];
     let n = hs.write_message(payload, &mut buf).unwrap();
     buf.truncate(n);
     buf
 }
 
 fn raw_read(hs: &mut snow::HandshakeState, msg: &[u8]) -> Vec<u8> {
-    let mut buf = vec![0u8; MAX_NOISE_MESSAGE];
+    let mut buf = vec![0u8; MAX_MESSAGE_LEN];
     let n = hs.read_message(msg, &mut buf).unwrap();
     buf.truncate(n);
     buf
@@ -124,7 +124,7 @@ fn chunk_boundaries() {
         let m: Vec<u8> = (0..len).map(|i| i as u8).collect();
         let sealed = c.seal(&m).unwrap();
         assert_eq!(sealed.len(), chunks, "{len} bytes");
-        assert!(sealed.iter().all(|x| x.len() <= MAX_NOISE_MESSAGE));
+        assert!(sealed.iter().all(|x| x.len() <= MAX_MESSAGE_LEN));
         let mut got = None;
         for x in &sealed {
             got = s.open(x).unwrap();
@@ -396,7 +396,7 @@ fn reassembly_grows_with_what_arrived_not_what_was_announced() {
     assert!(s.open(&chunks[0]).unwrap().is_none());
     let p = s.partial.as_ref().unwrap();
     assert_eq!(p.total, 5 * 1024 * 1024);
-    assert!(p.buf.capacity() < 2 * MAX_NOISE_MESSAGE);
+    assert!(p.buf.capacity() < 2 * MAX_MESSAGE_LEN);
 }
 
 /// Sends a chunk plaintext the API never produces.
@@ -460,14 +460,14 @@ fn oversize_noise_messages_are_refused_before_decryption() {
     let k = keys();
     let (_, mut s, _, _) = establish(&k, b"");
     assert_eq!(
-        s.open(&vec![0; MAX_NOISE_MESSAGE + 1]).unwrap_err(),
+        s.open(&vec![0; MAX_MESSAGE_LEN + 1]).unwrap_err(),
         ChannelError::TooLong {
             step: Step::Transport,
-            len: MAX_NOISE_MESSAGE + 1
+            len: MAX_MESSAGE_LEN + 1
         }
     );
     assert!(matches!(
-        ServerHandshake::accept(NET, &k.authority, &vec![0; MAX_NOISE_MESSAGE + 1]),
+        ServerHandshake::accept(NET, &k.authority, &vec![0; MAX_MESSAGE_LEN + 1]),
         Err(ChannelError::TooLong {
             step: Step::Msg1,
             ..
