@@ -33,6 +33,23 @@ struct RawConfig {
     persistent_keepalive: Option<u16>,
     #[serde(default)]
     accept_unlisted_sources: bool,
+    /// Written by `keyd join`: where the roster comes from.
+    authority: Option<RawAuthority>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuthority {
+    endpoints: Vec<SocketAddr>,
+    public_key: String,
+}
+
+/// The authority this node subscribes to for roster updates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthorityLink {
+    pub endpoints: Vec<SocketAddr>,
+    /// Its Noise static key: the channel is pinned to it.
+    pub public_key: mesh_proto::identity::NoisePublicKey,
 }
 
 fn default_wg_port() -> u16 {
@@ -49,6 +66,18 @@ fn default_hard_lifetime() -> String {
 }
 fn default_skew() -> String {
     "300s".into()
+}
+
+fn authority(raw: RawAuthority) -> Result<AuthorityLink> {
+    if raw.endpoints.is_empty() {
+        bail!("`authority.endpoints`: name at least one address");
+    }
+    let public_key = mesh_proto::identity::NoisePublicKey::from_base64(&raw.public_key)
+        .map_err(|e| anyhow::anyhow!("`authority.public_key`: {e}"))?;
+    Ok(AuthorityLink {
+        endpoints: raw.endpoints,
+        public_key,
+    })
 }
 
 /// A validated configuration.
@@ -77,6 +106,9 @@ pub struct Config {
     /// Accept QUIC connections from addresses that are no member's keyd
     /// endpoint (members behind NAT). Off: such sources get no answer.
     pub accept_unlisted_sources: bool,
+    /// Set by `keyd join`: keyd subscribes here for roster updates and
+    /// writes each verified one to `roster`.
+    pub authority: Option<AuthorityLink>,
 }
 
 fn duration(field: &str, text: &str) -> Result<Duration> {
@@ -130,6 +162,7 @@ impl Config {
             max_clock_skew: duration("max_clock_skew", &raw.max_clock_skew)?,
             persistent_keepalive: raw.persistent_keepalive,
             accept_unlisted_sources: raw.accept_unlisted_sources,
+            authority: raw.authority.map(authority).transpose()?,
         };
         for (field, path) in [
             ("ca_cert", &config.ca_cert),
@@ -207,6 +240,15 @@ roster = "roster"
         assert!(e.contains("`roster`") && e.contains("missing"), "{e}");
         let e = err(MINIMAL.replace("interface = \"pq0\"\n", ""));
         assert!(e.contains("interface"), "{e}");
+        let e = err(format!(
+            "{MINIMAL}[authority]\nendpoints = [\"192.0.2.9:51830\"]\npublic_key = \"nope\"\n"
+        ));
+        assert!(e.contains("authority.public_key"), "{e}");
+        let e = err(format!(
+            "{MINIMAL}[authority]\nendpoints = []\npublic_key = \"{}\"\n",
+            mesh_proto::identity::NoisePublicKey([1; 32]).to_base64()
+        ));
+        assert!(e.contains("authority.endpoints"), "{e}");
         let e = err("this is not toml [".into());
         assert!(!e.is_empty());
     }

@@ -28,6 +28,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
 use crate::admission::{Admission, AdmissionConfig, ConnectionDecision, Refusal};
+use crate::authority::{client, wire};
 use crate::config::Config;
 use crate::dataplane::{DataPlane, PeerChange, PeerConfig};
 use crate::policy::{
@@ -92,6 +93,9 @@ enum Input {
 
 /// What responders and dialers read to build their exchange parameters.
 struct Snapshot {
+    /// This node's identity: its certificate changes when the authority
+    /// renews it.
+    identity: Arc<LocalIdentity>,
     roster: Arc<Roster>,
     max_epoch: u64,
     peer_epochs: PeerEpochs,
@@ -148,13 +152,7 @@ impl Shared {
     }
 
     fn log_limited(&self, key: &'static str, line: impl FnOnce() -> String) {
-        if let Verdict::Log { suppressed } = self.log.check(key, Instant::now()) {
-            if suppressed > 0 {
-                warn!("{} ({suppressed} similar suppressed)", line());
-            } else {
-                warn!("{}", line());
-            }
-        }
+        self.log.warn(key, line);
     }
 
     /// Counts and logs (at a bounded rate) a refused or failed exchange that
@@ -257,7 +255,7 @@ pub async fn run(config: Config, reset_state: bool) -> Result<()> {
     });
     admission.set_listed(listed_sources(policy.roster()));
     let (inputs, rx) = mpsc::channel(1024);
-    let (snapshot, _) = watch::channel(snapshot_of(&policy));
+    let (snapshot, _) = watch::channel(snapshot_of(&policy, &identity));
     let shared = Arc::new(Shared {
         config,
         identity,
@@ -277,7 +275,30 @@ pub async fn run(config: Config, reset_state: bool) -> Result<()> {
     });
     tokio::spawn(accept_loop(shared.clone()));
     tokio::spawn(watch_roster(shared.clone()));
+    if let Some(link) = &shared.config.authority {
+        let (tx, rx) = mpsc::channel(16);
+        let q = shared.config.quic_listen;
+        let follow = client::Follow {
+            to: client::AuthorityAddr {
+                network_id: shared.ca.body().network_id.clone(),
+                endpoints: link.endpoints.clone(),
+                key: link.public_key,
+            },
+            ca: shared.ca.clone(),
+            noise: shared.identity.noise_key.clone(),
+            me: shared.identity.node_id(),
+            report: wire::Endpoints {
+                wg: Some(SocketAddr::new(q.ip(), shared.config.wg_listen_port)),
+                keyd: Some(q),
+            },
+            held: shared.snapshot.borrow().roster.clone(),
+            log: SharedLogLimiter::default(),
+        };
+        tokio::spawn(client::follow(follow, tx));
+        tokio::spawn(take_authority_rosters(shared.clone(), rx));
+    }
     Driver {
+        identity: shared.identity.clone(),
         s: shared.clone(),
         policy,
         dataplane: DataPlane::for_interface(&shared.config.interface),
@@ -302,9 +323,10 @@ fn listed_sources(roster: &Roster) -> Vec<std::net::IpAddr> {
         .collect()
 }
 
-fn snapshot_of(policy: &MeshPolicy) -> Arc<Snapshot> {
+fn snapshot_of(policy: &MeshPolicy, identity: &Arc<LocalIdentity>) -> Arc<Snapshot> {
     let (max_epoch, per_peer) = policy.epochs();
     Arc::new(Snapshot {
+        identity: identity.clone(),
         roster: policy.roster().clone(),
         max_epoch,
         peer_epochs: PeerEpochs::new(per_peer),
@@ -314,6 +336,7 @@ fn snapshot_of(policy: &MeshPolicy) -> Arc<Snapshot> {
 /// The owner of the policy.
 struct Driver {
     s: Arc<Shared>,
+    identity: Arc<LocalIdentity>,
     policy: MeshPolicy,
     dataplane: DataPlane,
     wg_key: Arc<WgPrivateKey>,
@@ -329,7 +352,9 @@ impl Driver {
         loop {
             self.perform().await;
             self.log_events();
-            self.s.snapshot.send_replace(snapshot_of(&self.policy));
+            self.s
+                .snapshot
+                .send_replace(snapshot_of(&self.policy, &self.identity));
             if Instant::now() >= self.next_status {
                 self.write_status();
                 self.next_status = Instant::now() + Duration::from_secs(1);
@@ -367,6 +392,9 @@ impl Driver {
                 };
                 self.policy
                     .exchange_failed(Some(peer), failure, &format!("{label}: {error}"), now);
+            }
+            // The same roster again (from the file the subscription wrote).
+            Input::Roster(roster) if roster.fingerprint() == self.policy.roster().fingerprint() => {
             }
             Input::Roster(roster) => {
                 info!(
@@ -553,6 +581,7 @@ impl Driver {
                         "the data plane had lost its private key (restarted?): interface and peers restored"
                     )
                 }
+                PolicyEvent::CertificateRenewed { not_after } => self.adopt_certificate(not_after),
                 PolicyEvent::LocalStateChanged { state } => match state {
                     LocalState::Member => info!("this node is a valid member"),
                     other => error!(
@@ -560,6 +589,25 @@ impl Driver {
                     ),
                 },
             }
+        }
+    }
+
+    /// Takes the certificate the roster lists for this node: exchanges
+    /// present it from now on, and the certificate file gets it so that a
+    /// restart starts with it.
+    fn adopt_certificate(&mut self, not_after: mesh_proto::UnixTime) {
+        let cert = self.policy.my_cert().clone();
+        let text = cert.to_text();
+        self.identity = Arc::new(LocalIdentity {
+            cert,
+            noise_key: self.identity.noise_key.clone(),
+        });
+        info!("this node's certificate was renewed (valid until {not_after})");
+        if let Err(e) = files::write_document(&self.s.config.cert, &text) {
+            error!(
+                "cannot write the renewed certificate to {}: {e:#}",
+                self.s.config.cert.display()
+            );
         }
     }
 
@@ -660,7 +708,7 @@ fn label_of(e: &anyhow::Error) -> &'static str {
 
 fn params(s: &Shared, snap: &Snapshot, expected: Option<NodeId>) -> ExchangeParams {
     ExchangeParams {
-        identity: s.identity.clone(),
+        identity: snap.identity.clone(),
         trust: Trust {
             ca: s.ca.clone(),
             roster: snap.roster.clone(),
@@ -833,6 +881,32 @@ async fn serve_connection(s: Arc<Shared>, incoming: quinn::Incoming, remote: Soc
 #[derive(Debug, thiserror::Error)]
 #[error("refused before the exchange: {}", .0.label())]
 struct AdmissionRefused(Refusal);
+
+/// Rosters from the authority subscription (verified, in order, newer):
+/// written to the roster file first, so a restart starts from the newest,
+/// then given to the policy.
+async fn take_authority_rosters(s: Arc<Shared>, mut rx: mpsc::Receiver<Arc<Roster>>) {
+    while let Some(roster) = rx.recv().await {
+        if let Err(e) = files::write_document(&s.config.roster, &roster.to_text()) {
+            s.log_limited("roster_write", || {
+                format!(
+                    "cannot cache the roster in {}: {e:#}",
+                    s.config.roster.display()
+                )
+            });
+        }
+        let input = match roster.check_fresh(time::unix_now(), s.config.max_clock_skew.as_secs()) {
+            Ok(()) => Input::Roster(roster),
+            Err(e) => Input::RosterRefused {
+                rollback: false,
+                error: e.to_string(),
+            },
+        };
+        if s.inputs.send(input).await.is_err() {
+            return;
+        }
+    }
+}
 
 /// Reloads the roster when its file changes; only a verified, newer roster
 /// reaches the policy.

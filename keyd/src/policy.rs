@@ -274,6 +274,11 @@ pub enum PolicyEvent {
     LocalStateChanged {
         state: LocalState,
     },
+    /// The roster lists a new certificate for this node (renewed or
+    /// reissued by the authority, same keys): it is this node's now.
+    CertificateRenewed {
+        not_after: UnixTime,
+    },
 }
 
 /// Per-pair facts that survive restarts (state.rs writes them).
@@ -403,6 +408,11 @@ impl MeshPolicy {
         self.apply_roster(roster, now);
         self.actions.push_back(Action::Persist);
         self.reconcile(now);
+    }
+
+    /// This node's certificate as the policy holds it (the roster's newest).
+    pub fn my_cert(&self) -> &NodeCert {
+        &self.my_cert
     }
 
     /// What the data plane holds now.
@@ -815,6 +825,17 @@ impl MeshPolicy {
 
     fn apply_roster(&mut self, roster: Arc<Roster>, now: Now) {
         self.roster = roster.clone();
+        // A verified roster vouches for every certificate it lists; one for
+        // this node id carries this node's keys (the id derives from them).
+        if let Some(m) = roster.member(&self.me)
+            && m.cert != self.my_cert
+            && !roster.revokes(&m.cert)
+        {
+            self.my_cert = m.cert.clone();
+            self.events.push_back(PolicyEvent::CertificateRenewed {
+                not_after: m.cert.body().not_after,
+            });
+        }
         let listed: BTreeMap<NodeId, &Member> = roster
             .members()
             .iter()

@@ -132,6 +132,18 @@ impl SharedLogLimiter {
             .check(key, now)
     }
 
+    /// Logs `line()` as a warning if `key` is within its rate, saying how
+    /// many lines like it were suppressed since the last one.
+    pub fn warn(&self, key: &'static str, line: impl FnOnce() -> String) {
+        if let Verdict::Log { suppressed } = self.check(key, Instant::now()) {
+            if suppressed > 0 {
+                tracing::warn!("{} ({suppressed} similar suppressed)", line());
+            } else {
+                tracing::warn!("{}", line());
+            }
+        }
+    }
+
     /// [`LogLimiter::take_suppressed`].
     pub fn take_suppressed(&self) -> Vec<(&'static str, u64)> {
         self.0

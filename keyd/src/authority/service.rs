@@ -64,6 +64,8 @@ pub trait KeyFiles: Send {
 pub struct Published {
     pub serial: u64,
     pub delta: Arc<Vec<u8>>,
+    /// Nodes this change revokes: their subscriptions end after it.
+    pub cut: Vec<NodeId>,
 }
 
 /// What a node that holds `serial` needs.
@@ -861,6 +863,7 @@ impl Authority {
         let published = Published {
             serial: roster.serial(),
             delta: delta.clone(),
+            cut: change.revoke_nodes.iter().map(|r| r.node_id).collect(),
         };
         let mut pending = self.batch_for(tokens, nodes, meta, Some((roster, delta.to_vec())));
         pending.published = Some(published);

@@ -1,8 +1,10 @@
 //! `keyd` commands. Each submodule is one command group.
 
+mod authority;
 mod ca;
 mod cert;
 mod inspect;
+mod join;
 mod key;
 mod roster;
 mod run;
@@ -43,6 +45,11 @@ pub enum Command {
     Run(run::RunArgs),
     /// Show the running daemon's peers, key epochs and refusals.
     Status(run::StatusArgs),
+    /// The network's authority: enrollment and distribution.
+    #[command(subcommand)]
+    Authority(authority::AuthorityCommand),
+    /// Enroll this machine with a join token.
+    Join(join::JoinArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -54,6 +61,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Inspect(a) => inspect::run(a),
         Command::Run(a) => run::run(a),
         Command::Status(a) => run::status(a),
+        Command::Authority(c) => authority::run(c),
+        Command::Join(a) => join::run(a),
     }
 }
 

@@ -1,0 +1,647 @@
+//! `keyd authority run`: serves enrollment and subscriptions over QUIC and
+//! operator commands over a local socket.
+//!
+//! One thread owns the [`Authority`] (its store calls are synchronous and
+//! short) and takes requests in order; connection tasks only do I/O and the
+//! channel handshake. A subscriber is registered for deltas in the same step
+//! that computes its catch-up, so it misses none and gets none twice. Each
+//! subscriber forwards the deltas that follow the serial it last sent; one
+//! that lags (a slow reader) gets the current roster as a snapshot instead.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow};
+use mesh_proto::channel::ServerHandshake;
+use mesh_proto::identity::{NodeId, NoisePrivateKey, NoisePublicKey};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::sync::{broadcast, oneshot, watch};
+use tracing::{info, warn};
+
+use super::keys;
+use super::link::{self, Framed, Link};
+use super::service::{Authority, Catchup, Published, TokenSpec};
+use super::wire::{self, Hello, JoinRequest, Refusal, Reply, SubscribeRequest};
+use crate::admission::{Admission, AdmissionConfig, ConnectionDecision};
+use crate::ratelimit::SharedLogLimiter;
+use crate::text;
+use crate::time::unix_now;
+
+/// The whole handshake and the first reply must fit in this.
+const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
+/// A subscription with nothing to say sends a keepalive this often.
+const KEEPALIVE: Duration = Duration::from_secs(20);
+/// Deltas buffered for subscribers; one further behind gets a snapshot.
+const DELTA_BACKLOG: usize = 1024;
+
+/// Operator commands on the admin socket (one JSON object per line).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum AdminOp {
+    TokenCreate {
+        lifetime_secs: u64,
+        uses: u32,
+        #[serde(default)]
+        groups: Vec<String>,
+        #[serde(default)]
+        attributes: Vec<(String, String)>,
+        #[serde(default)]
+        name_pattern: Option<String>,
+    },
+    TokenList,
+    TokenRevoke {
+        id: String,
+    },
+    NodeList,
+    NodeRevoke {
+        node: String,
+    },
+    NodeRename {
+        node: String,
+        name: String,
+    },
+    /// Roll over to a signing key an operator certified offline and put in
+    /// the state directory.
+    AdoptKey {
+        fingerprint: String,
+    },
+    Status,
+}
+
+enum Request {
+    Enroll {
+        req: Box<JoinRequest>,
+        client: NoisePublicKey,
+        observed: SocketAddr,
+        reply: oneshot::Sender<Result<Reply, Refusal>>,
+    },
+    Subscribe {
+        req: SubscribeRequest,
+        client: NoisePublicKey,
+        observed: SocketAddr,
+        reply: oneshot::Sender<Result<Subscription, Refusal>>,
+    },
+    Admin {
+        op: AdminOp,
+        reply: oneshot::Sender<Result<Value, String>>,
+    },
+}
+
+struct Subscription {
+    node: NodeId,
+    catchup: Catchup,
+    /// The serial the catch-up brings the node to.
+    serial: u64,
+    deltas: broadcast::Receiver<Published>,
+}
+
+/// Counters shown by `keyd authority status`.
+#[derive(Default)]
+struct Counters {
+    labels: BTreeMap<&'static str, u64>,
+}
+
+struct Shared {
+    network_id: String,
+    noise_key: NoisePrivateKey,
+    requests: std::sync::mpsc::SyncSender<Request>,
+    current: watch::Receiver<(u64, Arc<Vec<u8>>)>,
+    admission: Mutex<Admission>,
+    counters: Mutex<Counters>,
+    subscribers: std::sync::atomic::AtomicUsize,
+    log: SharedLogLimiter,
+}
+
+impl Shared {
+    fn count(&self, label: &'static str) {
+        let mut c = self.counters.lock().unwrap_or_else(|p| p.into_inner());
+        *c.labels.entry(label).or_default() += 1;
+    }
+
+    fn admission(&self) -> std::sync::MutexGuard<'_, Admission> {
+        self.admission.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Asks the authority thread; `None` if it has stopped.
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Request) -> Option<T> {
+        let (tx, rx) = oneshot::channel();
+        // The queue is bounded: a full one means the authority is behind.
+        self.requests.try_send(make(tx)).ok()?;
+        rx.await.ok()
+    }
+}
+
+pub struct ServeConfig {
+    pub listen: SocketAddr,
+    pub admin_socket: PathBuf,
+    pub state_dir: PathBuf,
+    /// Connections from one address at once (nodes behind one NAT share it).
+    pub max_connections_per_source: usize,
+}
+
+/// Runs until the process is stopped.
+pub async fn serve(
+    authority: Authority,
+    noise_key: NoisePrivateKey,
+    cfg: ServeConfig,
+) -> Result<()> {
+    let endpoint = link::server_endpoint(cfg.listen)?;
+    let (deltas, _) = broadcast::channel(DELTA_BACKLOG);
+    let roster = authority.roster();
+    let (current_tx, current) = watch::channel((roster.serial(), Arc::new(roster.to_bytes())));
+    let (requests, rx) = std::sync::mpsc::sync_channel(4096);
+    let mut admission = Admission::new(AdmissionConfig {
+        accept_unlisted_sources: true,
+        max_connections_per_source: cfg.max_connections_per_source,
+        ..AdmissionConfig::default()
+    });
+    admission.set_listed(
+        authority
+            .nodes()
+            .filter_map(|n| n.observed_addr.map(|a| a.ip())),
+    );
+    let shared = Arc::new(Shared {
+        network_id: authority.ca().body().network_id.clone(),
+        noise_key,
+        requests,
+        current,
+        admission: Mutex::new(admission),
+        counters: Mutex::new(Counters::default()),
+        subscribers: std::sync::atomic::AtomicUsize::new(0),
+        log: SharedLogLimiter::default(),
+    });
+    info!(
+        "authority up: network {}, QUIC {}, roster serial {}, {} nodes, signing key {}",
+        shared.network_id,
+        cfg.listen,
+        authority.roster().serial(),
+        authority.nodes().count(),
+        authority.signer().fingerprint()
+    );
+    let state_dir = cfg.state_dir.clone();
+    let s2 = shared.clone();
+    std::thread::Builder::new()
+        .name("authority".into())
+        .spawn(move || owner(authority, rx, deltas, current_tx, s2, state_dir))
+        .context("cannot start the authority thread")?;
+    tokio::spawn(super::admin::listen(
+        cfg.admin_socket,
+        shared_admin(shared.clone()),
+    ));
+    while let Some(incoming) = endpoint.accept().await {
+        let remote = incoming.remote_address();
+        let decision = shared.admission().connection(
+            remote.ip(),
+            incoming.remote_address_validated(),
+            Instant::now(),
+        );
+        match decision {
+            ConnectionDecision::Accept => {
+                tokio::spawn(connection(shared.clone(), incoming, remote));
+            }
+            ConnectionDecision::Retry => {
+                let _ = incoming.retry();
+            }
+            ConnectionDecision::Refuse(r) => {
+                incoming.ignore();
+                shared.count(r.label());
+                shared.log.warn(r.label(), || {
+                    format!("connection from {remote} refused: {}", r.label())
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What the admin socket calls.
+pub type AdminHandle =
+    Arc<dyn Fn(AdminOp) -> tokio::task::JoinHandle<Result<Value, String>> + Send + Sync>;
+
+fn shared_admin(s: Arc<Shared>) -> AdminHandle {
+    Arc::new(move |op| {
+        let s = s.clone();
+        tokio::spawn(async move {
+            s.ask(|reply| Request::Admin { op, reply })
+                .await
+                .unwrap_or_else(|| Err("the authority is busy or stopping".into()))
+        })
+    })
+}
+
+/// The thread that owns the authority.
+fn owner(
+    mut a: Authority,
+    rx: std::sync::mpsc::Receiver<Request>,
+    deltas: broadcast::Sender<Published>,
+    current: watch::Sender<(u64, Arc<Vec<u8>>)>,
+    s: Arc<Shared>,
+    state_dir: PathBuf,
+) {
+    let publish = |a: &Authority, p: Vec<Published>| {
+        if p.is_empty() {
+            return;
+        }
+        for d in p {
+            s.count("deltas_published");
+            let _ = deltas.send(d);
+        }
+        let r = a.roster();
+        current.send_replace((r.serial(), Arc::new(r.to_bytes())));
+    };
+    let mut next_tick = Instant::now();
+    loop {
+        let wait = next_tick.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(wait) {
+            Ok(Request::Enroll {
+                req,
+                client,
+                observed,
+                reply,
+            }) => {
+                let result = a.enroll(&req, client, observed, unix_now()).map(|e| {
+                    publish(&a, e.published.into_iter().collect());
+                    Reply::Enrolled {
+                        ca: a.ca().to_bytes(),
+                        cert: e.cert.to_bytes(),
+                        roster: a.roster().to_bytes(),
+                    }
+                });
+                let _ = reply.send(result);
+            }
+            Ok(Request::Subscribe {
+                req,
+                client,
+                observed,
+                reply,
+            }) => {
+                let result = a.member_for(&client).and_then(|node| {
+                    let catchup = a.catch_up(req.serial, req.roster).map_err(|e| {
+                        warn!("catch-up for {node}: {e}");
+                        Refusal::Internal
+                    })?;
+                    let sub = Subscription {
+                        node,
+                        catchup,
+                        serial: a.roster().serial(),
+                        deltas: deltas.subscribe(),
+                    };
+                    match a.report_endpoints(&node, req.endpoints, observed, unix_now()) {
+                        Ok(p) => publish(&a, p.into_iter().collect()),
+                        Err(e) => warn!("endpoints of {node}: {e}"),
+                    }
+                    Ok(sub)
+                });
+                let _ = reply.send(result);
+            }
+            Ok(Request::Admin { op, reply }) => {
+                let result = admin(&mut a, op, &state_dir, &s);
+                match result {
+                    Ok((value, p)) => {
+                        publish(&a, p);
+                        let _ = reply.send(Ok(value));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(format!("{e:#}")));
+                    }
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+        }
+        if Instant::now() >= next_tick {
+            next_tick = Instant::now() + Duration::from_secs(1);
+            match a.handle_timeout(unix_now()) {
+                Ok(p) => publish(&a, p),
+                Err(e) => s
+                    .log
+                    .warn("timeout", || format!("renewal/refresh failed: {e}")),
+            }
+            s.admission()
+                .set_listed(a.nodes().filter_map(|n| n.observed_addr.map(|x| x.ip())));
+        }
+    }
+}
+
+fn node_json(n: &super::store::NodeRecord) -> Value {
+    let cert = mesh_proto::cert::NodeCert::from_bytes(&n.cert).ok();
+    json!({
+        "name": n.name,
+        "node_id": NodeId(n.node_id).to_string(),
+        "addresses": n.addresses,
+        "groups": n.groups,
+        "attributes": n.attributes.iter().map(|(k, v)| json!({"name": k, "value": v})).collect::<Vec<_>>(),
+        "wg_endpoint": n.wg_endpoint,
+        "keyd_endpoint": n.keyd_endpoint,
+        "observed": n.observed_addr,
+        "enrolled_at": n.enrolled_at,
+        "token": n.token_id,
+        "cert_not_after": cert.as_ref().map(|c| c.body().not_after),
+        "cert_fingerprint": cert.as_ref().map(|c| c.fingerprint().to_hex()),
+        "revoked_at": n.revoked_at,
+    })
+}
+
+fn token_json(t: &super::store::TokenRecord, now: u64) -> Value {
+    let state = if t.revoked_at.is_some() {
+        "revoked"
+    } else if now >= t.expires_at {
+        "expired"
+    } else if t.uses >= t.max_uses {
+        "used"
+    } else {
+        "usable"
+    };
+    json!({
+        "id": t.id,
+        "state": state,
+        "created_at": t.created_at,
+        "expires_at": t.expires_at,
+        "uses": t.uses,
+        "max_uses": t.max_uses,
+        "groups": t.groups,
+        "attributes": t.attributes.iter().map(|(k, v)| json!({"name": k, "value": v})).collect::<Vec<_>>(),
+        "name_pattern": t.name_pattern,
+        "revoked_at": t.revoked_at,
+    })
+}
+
+fn admin(
+    a: &mut Authority,
+    op: AdminOp,
+    state_dir: &std::path::Path,
+    s: &Shared,
+) -> Result<(Value, Vec<Published>)> {
+    let now = unix_now();
+    Ok(match op {
+        AdminOp::TokenCreate {
+            lifetime_secs,
+            uses,
+            groups,
+            attributes,
+            name_pattern,
+        } => {
+            let (token, record) = a.create_token(
+                TokenSpec {
+                    lifetime: lifetime_secs,
+                    uses,
+                    groups,
+                    attributes,
+                    name_pattern,
+                },
+                now,
+            )?;
+            info!(id = %record.id, uses, "join token created");
+            let mut v = token_json(&record, now);
+            v["token"] = Value::String(token.encode().to_string());
+            (v, vec![])
+        }
+        AdminOp::TokenList => (
+            Value::Array(a.tokens().map(|t| token_json(t, now)).collect()),
+            vec![],
+        ),
+        AdminOp::TokenRevoke { id } => {
+            let t = a.revoke_token(&id, now)?;
+            info!(id = %t.id, "join token revoked");
+            (token_json(&t, now), vec![])
+        }
+        AdminOp::NodeList => (Value::Array(a.nodes().map(node_json).collect()), vec![]),
+        AdminOp::NodeRevoke { node } => {
+            let id = a.find_node(&node)?;
+            let p = a.revoke_node(&id, now)?;
+            let n = a.nodes().find(|n| NodeId(n.node_id) == id).map(node_json);
+            (n.unwrap_or(Value::Null), p.into_iter().collect())
+        }
+        AdminOp::NodeRename { node, name } => {
+            let id = a.find_node(&node)?;
+            let p = a.rename_node(&id, &name, now)?;
+            let n = a.nodes().find(|n| NodeId(n.node_id) == id).map(node_json);
+            (n.unwrap_or(Value::Null), p.into_iter().collect())
+        }
+        AdminOp::AdoptKey { fingerprint } => {
+            let key = keys::load_all(state_dir, a.ca())?
+                .into_iter()
+                .find(|k| k.cert.fingerprint().to_hex().starts_with(&fingerprint))
+                .ok_or_else(|| {
+                    anyhow!("no authority key {fingerprint} in {}", state_dir.display())
+                })?;
+            let p = a.roll_to(key, now)?;
+            (
+                json!({"signer": a.signer().fingerprint().to_hex(), "serial": a.roster().serial()}),
+                p,
+            )
+        }
+        AdminOp::Status => {
+            let counters = s
+                .counters
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .labels
+                .clone();
+            let (conns, handshakes) = s.admission().in_progress();
+            let v = json!({
+                "network": a.ca().body().network_id,
+                "serial": a.roster().serial(),
+                "roster_not_after": a.roster().not_after(),
+                "members": a.roster().members().len(),
+                "nodes": a.nodes().count(),
+                "revoked_nodes": a.roster().revoked_nodes().len(),
+                "tokens": a.tokens().count(),
+                "signer": a.signer().fingerprint().to_hex(),
+                "signer_not_after": a.signer().body().not_after,
+                "subscribers": s.subscribers.load(std::sync::atomic::Ordering::Relaxed),
+                "connections": conns,
+                "handshakes": handshakes,
+                "counters": counters,
+            });
+            (v, vec![])
+        }
+    })
+}
+
+/// Gives admission slots back however the task ends.
+struct Slots(Arc<Shared>, std::net::IpAddr, bool);
+
+impl Drop for Slots {
+    fn drop(&mut self) {
+        let mut a = self.0.admission();
+        a.connection_closed(self.1);
+        if self.2 {
+            a.handshake_done();
+        }
+    }
+}
+
+async fn connection(s: Arc<Shared>, incoming: quinn::Incoming, remote: SocketAddr) {
+    let mut slots = Slots(s.clone(), remote.ip(), false);
+    let result = async {
+        let conn = tokio::time::timeout(HANDSHAKE_DEADLINE, incoming)
+            .await
+            .map_err(|_| anyhow!("QUIC handshake did not finish"))??;
+        let (link, hello) = tokio::time::timeout(HANDSHAKE_DEADLINE, async {
+            let mut stream = Framed::new(conn.accept_bi().await.context("waiting for a stream")?);
+            let msg1 = stream.read_required().await?;
+            // The public-key work is bounded per source and in total.
+            s.admission()
+                .handshake(remote.ip(), Instant::now())
+                .map_err(|r| anyhow!("refused: {}", r.label()))?;
+            slots.2 = true;
+            let (hs, msg2) = ServerHandshake::accept(&s.network_id, &s.noise_key, &msg1)?;
+            stream.write(&msg2).await?;
+            let msg3 = stream.read_required().await?;
+            let (channel, client, hello) = hs.finish(&msg3)?;
+            let hello: Hello = wire::decode(&hello)?;
+            anyhow::Ok((Link { stream, channel }, (client, hello)))
+        })
+        .await
+        .map_err(|_| anyhow!("the channel handshake did not finish in time"))??;
+        s.admission().handshake_done();
+        slots.2 = false;
+        let (client, hello) = hello;
+        match hello {
+            Hello::Join(req) => enroll(&s, link, req, client, remote).await,
+            Hello::Subscribe(req) => subscribe(&s, link, req, client, remote).await,
+        }
+    }
+    .await;
+    if let Err(e) = result {
+        s.count("connection_failed");
+        s.log.warn("connection", || {
+            format!(
+                "connection from {remote}: {}",
+                text::error(&format!("{e:#}"))
+            )
+        });
+    }
+}
+
+async fn enroll(
+    s: &Shared,
+    mut link: Link,
+    req: JoinRequest,
+    client: NoisePublicKey,
+    remote: SocketAddr,
+) -> Result<()> {
+    let name = text::name(&req.name);
+    let reply = s
+        .ask(|reply| Request::Enroll {
+            req: Box::new(req),
+            client,
+            observed: remote,
+            reply,
+        })
+        .await
+        .unwrap_or(Err(Refusal::Busy));
+    match &reply {
+        Ok(_) => s.count("enrolled"),
+        Err(r) => {
+            s.count(r.label());
+            s.log.warn(r.label(), || {
+                format!("enrollment of {name} from {remote} refused: {r}")
+            });
+        }
+    }
+    let msg = match reply {
+        Ok(r) => r,
+        Err(r) => Reply::Refused(r),
+    };
+    link.send(&wire::encode(&msg)).await?;
+    let _ = link.stream.send.finish();
+    let _ = tokio::time::timeout(HANDSHAKE_DEADLINE, link.stream.send.stopped()).await;
+    Ok(())
+}
+
+/// Counts a live subscription for as long as it runs.
+struct Live<'a>(&'a Shared);
+
+impl Drop for Live<'_> {
+    fn drop(&mut self) {
+        self.0
+            .subscribers
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+async fn subscribe(
+    s: &Shared,
+    mut link: Link,
+    req: SubscribeRequest,
+    client: NoisePublicKey,
+    remote: SocketAddr,
+) -> Result<()> {
+    let sub = s
+        .ask(|reply| Request::Subscribe {
+            req,
+            client,
+            observed: remote,
+            reply,
+        })
+        .await
+        .unwrap_or(Err(Refusal::Busy));
+    let mut sub = match sub {
+        Ok(sub) => sub,
+        Err(r) => {
+            s.count(r.label());
+            s.log.warn(r.label(), || {
+                format!("subscription from {remote} refused: {r}")
+            });
+            link.send(&wire::encode(&Reply::Refused(r))).await?;
+            let _ = link.stream.send.finish();
+            return Ok(());
+        }
+    };
+    s.subscribers
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let _live = Live(s);
+    match std::mem::replace(&mut sub.catchup, Catchup::UpToDate) {
+        Catchup::UpToDate => {}
+        Catchup::Deltas(list) => {
+            for d in list {
+                link.send(&wire::encode(&Reply::Delta(d))).await?;
+            }
+        }
+        Catchup::Snapshot(r) => link.send(&wire::encode(&Reply::Snapshot(r))).await?,
+    }
+    let mut sent = sub.serial;
+    let node = sub.node;
+    loop {
+        let next = tokio::select! {
+            d = sub.deltas.recv() => d,
+            _ = tokio::time::sleep(KEEPALIVE) => {
+                link.send(&wire::encode(&Reply::Keepalive)).await?;
+                continue;
+            }
+            // The node hung up (or sent something it must not).
+            r = link.receive() => {
+                r?;
+                return Ok(());
+            }
+        };
+        match next {
+            Ok(p) if p.serial <= sent => {}
+            Ok(p) if p.serial == sent + 1 => {
+                link.send(&wire::encode(&Reply::Delta(p.delta.to_vec())))
+                    .await?;
+                sent = p.serial;
+                if p.cut.contains(&node) {
+                    // It now knows it is revoked; it gets nothing more.
+                    let _ = link.stream.send.finish();
+                    return Ok(());
+                }
+            }
+            // Lagged, or a gap: the current roster instead.
+            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                let (serial, bytes) = s.current.borrow().clone();
+                s.count("snapshots_after_lag");
+                link.send(&wire::encode(&Reply::Snapshot(bytes.to_vec())))
+                    .await?;
+                sent = serial;
+            }
+            Err(broadcast::error::RecvError::Closed) => return Ok(()),
+        }
+    }
+}
