@@ -9,6 +9,9 @@ MESH_PIDS=()
 KEYD_PIDS=()
 MESH_N=0
 MESH_GC_THRESH3=""
+# Node i's overlay address is $MESH_OVERLAY.i (scripts/lib/authority.sh
+# sets it to the authority's pool).
+MESH_OVERLAY=10.99.0
 
 mesh_ns() { echo "pqd$MESH_TAG-$1"; }
 mesh_if() { echo "pq${MESH_TAG}n$1"; }
@@ -28,21 +31,10 @@ mesh_down() {
   MESH_PIDS=() KEYD_PIDS=()
 }
 
-# mesh_up N ROTATION: builds the network, identities and roster, starts daemons.
-mesh_up() {
-  local n=$1 rotation=$2 keyd=${KEYD:-$PWD/target/release/keyd} meshnode=${MESH_NODE:-$PWD/target/release/mesh-node}
-  MESH_N=$n
-  # Every namespace's ARP entries count against one kernel-wide neighbour
-  # table (gc_thresh3, 1024 by default): the bridge namespace alone holds
-  # N entries and each node N-1, so past ~32 nodes the table overflows
-  # ("neighbor table overflow") and pings fail. Raised for the mesh's
-  # lifetime, put back by mesh_down.
-  local need=$(( 4 * n * n ))
-  local cur; cur=$(cat /proc/sys/net/ipv4/neigh/default/gc_thresh3)
-  if [ "$cur" -lt "$need" ]; then
-    MESH_GC_THRESH3=$cur
-    echo "$need" > /proc/sys/net/ipv4/neigh/default/gc_thresh3
-  fi
+# mesh_net N: the bridge namespace and N node namespaces on it
+# (underlay 192.168.77.i/24).
+mesh_net() {
+  local n=$1
   local lan=pqdl$MESH_TAG
   ip netns add "$lan"
   ip -n "$lan" link add br0 type bridge
@@ -59,6 +51,24 @@ mesh_up() {
     ip -n "$ns" link set eth0 up
     ip -n "$ns" link set lo up
   done
+}
+
+# mesh_up N ROTATION: builds the network, identities and roster, starts daemons.
+mesh_up() {
+  local n=$1 rotation=$2 keyd=${KEYD:-$PWD/target/release/keyd} meshnode=${MESH_NODE:-$PWD/target/release/mesh-node}
+  MESH_N=$n
+  # Every namespace's ARP entries count against one kernel-wide neighbour
+  # table (gc_thresh3, 1024 by default): the bridge namespace alone holds
+  # N entries and each node N-1, so past ~32 nodes the table overflows
+  # ("neighbor table overflow") and pings fail. Raised for the mesh's
+  # lifetime, put back by mesh_down.
+  local need=$(( 4 * n * n ))
+  local cur; cur=$(cat /proc/sys/net/ipv4/neigh/default/gc_thresh3)
+  if [ "$cur" -lt "$need" ]; then
+    MESH_GC_THRESH3=$cur
+    echo "$need" > /proc/sys/net/ipv4/neigh/default/gc_thresh3
+  fi
+  mesh_net "$n"
   "$keyd" ca create --network demo --name demo-ca --dir "$MESH_WORK/ca" >/dev/null
   local members=()
   for i in $(seq 1 "$n"); do
@@ -105,7 +115,7 @@ mesh_wait_complete() {
     for i in $(seq 1 "$MESH_N"); do
       for j in $(seq 1 "$MESH_N"); do
         [ "$i" = "$j" ] && continue
-        ip netns exec "$(mesh_ns "$i")" ping -c 1 -W 1 -q "10.99.0.$j" >/dev/null 2>&1 || { ok=0; break 2; }
+        ip netns exec "$(mesh_ns "$i")" ping -c 1 -W 1 -q "$MESH_OVERLAY.$j" >/dev/null 2>&1 || { ok=0; break 2; }
       done
     done
     if [ $ok = 1 ]; then MESH_COMPLETE_AT=$(date +%s.%N); return 0; fi

@@ -248,19 +248,27 @@ async fn subscription(
         f.held.serial()
     );
     loop {
-        let offered = match next_reply(&mut link, SILENCE).await? {
+        let (offered, how) = match next_reply(&mut link, SILENCE).await? {
             Reply::Keepalive => continue,
             Reply::Refused(r) => return Err(Refused(r).into()),
             Reply::Snapshot(bytes) => {
                 let r = Roster::from_bytes(&bytes, &f.ca)?;
                 match Roster::check_update(Some(&f.held), &r)? {
-                    true => r,
+                    true => (r, "snapshot"),
                     false => continue,
                 }
             }
-            Reply::Delta(bytes) => f.held.apply(&RosterDelta::from_bytes(&bytes)?, &f.ca)?,
+            Reply::Delta(bytes) => (
+                f.held.apply(&RosterDelta::from_bytes(&bytes)?, &f.ca)?,
+                "delta",
+            ),
             other => bail!("unexpected message on a subscription: {}", kind(&other)),
         };
+        info!(
+            "authority: roster serial {} -> {} by {how}",
+            f.held.serial(),
+            offered.serial()
+        );
         let offered = Arc::new(offered);
         f.held = offered.clone();
         if out.send(offered.clone()).await.is_err() {
@@ -271,3 +279,7 @@ async fn subscription(
         }
     }
 }
+
+#[cfg(test)]
+#[path = "client_tests.rs"]
+mod tests;
