@@ -844,3 +844,65 @@ fn a_peer_whose_certificate_is_not_valid_yet_is_dialled_when_it_becomes_valid() 
         assert_eq!(sim.dials(), vec![later.body().node_id]);
     }
 }
+
+/// The same node's keys and name in a new certificate (what the authority's
+/// renewal does).
+fn renewed(w: &World, c: &NodeCert, not_after: u64) -> NodeCert {
+    let b = c.body();
+    w.ca.issue(
+        &w.key,
+        NodeCertRequest {
+            name: b.name.clone(),
+            addresses: b.addresses.clone(),
+            groups: b.groups.clone(),
+            not_before: T0 - 60,
+            not_after,
+            wg_public: b.wg_public,
+            noise_public: b.noise_public,
+        },
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_renewed_certificate_in_the_roster_becomes_this_nodes_own() {
+    let mut w = World::new(2);
+    let me = w.certs[0].clone();
+    let peer = w.certs[1].clone();
+    let mut sim = Sim::new(&me, w.all(), BTreeMap::new());
+    sim.events();
+    assert_eq!(sim.policy.local_state(), LocalState::Member);
+    let new = renewed(&w, &me, T0 + 20 * DAY);
+    let roster = w.roster(&[&new, &peer], &[]);
+    sim.policy.set_roster(roster, sim.now);
+    assert_eq!(sim.policy.my_cert(), &new);
+    assert!(
+        sim.events().iter().any(|e| matches!(
+            e,
+            PolicyEvent::CertificateRenewed { not_after } if *not_after == T0 + 20 * DAY
+        )),
+        "the driver is told, to write the file"
+    );
+    assert_eq!(sim.policy.local_state(), LocalState::Member);
+    // Past the old certificate's end the node is still a member.
+    sim.at(2 * DAY);
+    assert_eq!(sim.policy.local_state(), LocalState::Member);
+}
+
+#[test]
+fn a_revoked_certificate_for_this_node_is_not_adopted() {
+    let mut w = World::new(2);
+    let me = w.certs[0].clone();
+    let peer = w.certs[1].clone();
+    let mut sim = Sim::new(&me, w.all(), BTreeMap::new());
+    sim.events();
+    let new = renewed(&w, &me, T0 + 20 * DAY);
+    let roster = w.roster(&[&new, &peer], &[&new]);
+    sim.policy.set_roster(roster, sim.now);
+    assert_eq!(sim.policy.my_cert(), &me);
+    assert!(
+        !sim.events()
+            .iter()
+            .any(|e| matches!(e, PolicyEvent::CertificateRenewed { .. }))
+    );
+}

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use mesh_proto::armor;
-use mesh_proto::cert::{CA_CERT_LABEL, CaCert, NODE_CERT_LABEL, NodeCert};
+use mesh_proto::cert::{
+    AUTHORITY_CERT_LABEL, AuthorityCert, CA_CERT_LABEL, CaCert, NODE_CERT_LABEL, NodeCert,
+};
 use mesh_proto::roster::{ROSTER_LABEL, Roster};
 use serde_json::{Value, json};
 
@@ -51,6 +53,10 @@ fn node_json(c: &NodeCert, ca: Option<&CaCert>, now: u64) -> Value {
     let b = c.body();
     let signature = match ca {
         Some(ca) if ca.signed(c) => "ok",
+        // Its issuer's key is in the roster that lists the authority.
+        Some(ca) if b.issuer != ca.fingerprint() => {
+            "issued by an authority: check the roster that lists it (keyd inspect ROSTER --ca-cert)"
+        }
         Some(_) => "NOT SIGNED BY THIS CA",
         None => "not checked (pass --ca-cert)",
     };
@@ -72,6 +78,22 @@ fn node_json(c: &NodeCert, ca: Option<&CaCert>, now: u64) -> Value {
     })
 }
 
+fn authority_json(a: &AuthorityCert, now: u64) -> Value {
+    let b = a.body();
+    json!({
+        "kind": "authority-certificate",
+        "name": b.name,
+        "network_id": b.network_id,
+        "fingerprint": a.fingerprint().to_hex(),
+        "public_key": b.public_key.iter().map(|x| format!("{x:02x}")).collect::<String>(),
+        "not_before": time::rfc3339(b.not_before),
+        "not_after": time::rfc3339(b.not_after),
+        "status": validity(b.not_before, b.not_after, now),
+        "issuer": b.issuer.to_hex(),
+        "signature": "ok",
+    })
+}
+
 fn roster_json(r: &Roster, checked: bool, now: u64) -> Value {
     json!({
         "kind": "roster",
@@ -81,7 +103,9 @@ fn roster_json(r: &Roster, checked: bool, now: u64) -> Value {
         "not_after": time::rfc3339(r.not_after()),
         "status": if now > r.not_after() { "EXPIRED" } else { "valid" },
         "issuer": r.issuer().to_hex(),
+        "signer": r.signer().to_hex(),
         "fingerprint": r.fingerprint().to_hex(),
+        "authorities": r.authorities().iter().map(|a| authority_json(a, now)).collect::<Vec<_>>(),
         "signature": if checked { "ok" } else { "not checked (pass --ca-cert)" },
         "members": r.members().iter().map(|m| {
             let mut v = node_json(&m.cert, None, now);
@@ -91,6 +115,7 @@ fn roster_json(r: &Roster, checked: bool, now: u64) -> Value {
             v
         }).collect::<Vec<_>>(),
         "revoked": r.revoked().map(|f| f.to_hex()).collect::<Vec<_>>(),
+        "revoked_nodes": r.revoked_nodes().iter().map(|n| n.node_id.to_string()).collect::<Vec<_>>(),
     })
 }
 
@@ -155,6 +180,16 @@ pub fn run(a: InspectArgs) -> Result<()> {
                 &Roster::decode_unverified(&bytes).with_context(ctx)?,
                 false,
                 now,
+            ),
+        },
+        AUTHORITY_CERT_LABEL => match &ca {
+            Some(ca) => authority_json(
+                &AuthorityCert::from_bytes(&bytes, ca).with_context(ctx)?,
+                now,
+            ),
+            None => bail!(
+                "{}: an authority certificate is checked against its root: pass --ca-cert",
+                a.file.display()
             ),
         },
         other => bail!(
