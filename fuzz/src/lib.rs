@@ -364,6 +364,37 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
                 with_mode(2, w.ca.to_text().as_bytes()),
             ]
         }
+        "delta" => {
+            use mesh_proto::delta::RosterChange;
+            use mesh_proto::roster::{RevokedNode, Signer};
+            let b = w.b.identity.cert.body();
+            let moved = RosterChange {
+                upsert: vec![Member {
+                    wg_endpoint: Some(([192, 0, 2, 9], 51820).into()),
+                    ..member(&w.b, 51821)
+                }],
+                ..RosterChange::default()
+            };
+            let revoke = RosterChange {
+                remove: vec![b.node_id],
+                revoke_nodes: vec![RevokedNode {
+                    node_id: b.node_id,
+                    wg_public: b.wg_public,
+                    noise_public: b.noise_public,
+                }],
+                ..RosterChange::default()
+            };
+            [moved, revoke]
+                .iter()
+                .map(|c| {
+                    w.roster
+                        .next(&w.ca, &Signer::Root(&w.key), c, T0 + 1, T0 + 7 * DAY)
+                        .expect("delta")
+                        .1
+                        .to_bytes()
+                })
+                .collect()
+        }
         "roster" => {
             let roster = w.roster.to_bytes();
             vec![
