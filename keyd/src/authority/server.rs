@@ -254,6 +254,7 @@ fn owner(
         current.send_replace((r.serial(), Arc::new(r.to_bytes())));
     };
     let mut next_tick = Instant::now();
+    let mut listed_at = 0;
     loop {
         let wait = next_tick.saturating_duration_since(Instant::now());
         match rx.recv_timeout(wait) {
@@ -321,8 +322,12 @@ fn owner(
                     .log
                     .warn("timeout", || format!("renewal/refresh failed: {e}")),
             }
-            s.admission()
-                .set_listed(a.nodes().filter_map(|n| n.observed_addr.map(|x| x.ip())));
+            // The connection cap grows with the network (see Admission).
+            if a.roster().serial() != listed_at {
+                listed_at = a.roster().serial();
+                s.admission()
+                    .set_listed(a.nodes().filter_map(|n| n.observed_addr.map(|x| x.ip())));
+            }
         }
     }
 }

@@ -133,6 +133,10 @@ pub struct Authority {
     tokens: BTreeMap<String, TokenRecord>,
     nodes: BTreeMap<NodeId, NodeRecord>,
     by_noise: HashMap<NoisePublicKey, NodeId>,
+    /// When the certificates next need a look for renewal (0: at the next
+    /// call), so an idle authority does not parse every certificate each
+    /// second.
+    next_renewal_scan: UnixTime,
 }
 
 /// The in-memory effect of a batch, applied once the store has it.
@@ -270,6 +274,7 @@ impl Authority {
             tokens: tokens.into_iter().map(|t| (t.id.clone(), t)).collect(),
             nodes,
             by_noise,
+            next_renewal_scan: 0,
         }
     }
 
@@ -682,13 +687,11 @@ impl Authority {
         if let Some(p) = self.maybe_rollover(now)? {
             out.extend(p);
         }
-        let due: Vec<NodeRecord> = self
-            .nodes
-            .values()
-            .filter(|n| n.revoked_at.is_none())
-            .filter(|n| NodeCert::from_bytes(&n.cert).is_ok_and(|c| self.renewal_due(&c, now)))
-            .cloned()
-            .collect();
+        let due = if now >= self.next_renewal_scan {
+            self.renewals_due(now)
+        } else {
+            Vec::new()
+        };
         if !due.is_empty() {
             info!(count = due.len(), "renewing node certificates");
             out.extend(self.reissue(due, now)?);
@@ -783,17 +786,36 @@ impl Authority {
         Ok(out)
     }
 
+    /// The active nodes whose certificates are due; sets when to look next
+    /// (the earliest renewal ahead, and at least hourly).
+    fn renewals_due(&mut self, now: UnixTime) -> Vec<NodeRecord> {
+        let mut due = Vec::new();
+        let mut next = now.saturating_add(3600);
+        for n in self.nodes.values().filter(|n| n.revoked_at.is_none()) {
+            let Ok(c) = NodeCert::from_bytes(&n.cert) else {
+                continue;
+            };
+            if self.renewal_due(&c, now) {
+                due.push(n.clone());
+            } else {
+                let at = renewal_time(&c);
+                if at > now {
+                    next = next.min(at);
+                }
+            }
+        }
+        self.next_renewal_scan = next;
+        due
+    }
+
     /// Past two thirds of its life, and a new certificate would last longer
     /// (near the end of the signing key's life it would not: then only a
     /// rollover helps).
     fn renewal_due(&self, cert: &NodeCert, now: UnixTime) -> bool {
-        let b = cert.body();
-        let life = b.not_after.saturating_sub(b.not_before);
         let new_end = now
             .saturating_add(self.params.cert_lifetime)
             .min(self.signer.cert.body().not_after);
-        now >= b.not_before.saturating_add(life / RENEW_AT.1 * RENEW_AT.0)
-            && new_end > b.not_after.saturating_add(BACKDATE)
+        now >= renewal_time(cert) && new_end > cert.body().not_after.saturating_add(BACKDATE)
     }
 
     /// New certificates for `nodes` (same keys and addresses), in one update.
@@ -906,6 +928,9 @@ impl Authority {
         for t in b.put_tokens {
             self.tokens.insert(t.id.clone(), t);
         }
+        if !b.put_nodes.is_empty() {
+            self.next_renewal_scan = 0;
+        }
         for n in b.put_nodes {
             self.by_noise
                 .insert(NoisePublicKey(n.noise_public), NodeId(n.node_id));
@@ -916,6 +941,13 @@ impl Authority {
         }
         Ok(p.published)
     }
+}
+
+/// Two thirds into a certificate's life.
+fn renewal_time(cert: &NodeCert) -> UnixTime {
+    let b = cert.body();
+    let life = b.not_after.saturating_sub(b.not_before);
+    b.not_before.saturating_add(life / RENEW_AT.1 * RENEW_AT.0)
 }
 
 /// A reported endpoint with an unspecified address (the node listens on
