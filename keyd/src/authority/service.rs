@@ -808,14 +808,14 @@ impl Authority {
         due
     }
 
-    /// Past two thirds of its life, and a new certificate would last longer
+    /// Past two thirds of its life, and a new certificate would end later
     /// (near the end of the signing key's life it would not: then only a
-    /// rollover helps).
+    /// rollover helps, and renewing again would change nothing).
     fn renewal_due(&self, cert: &NodeCert, now: UnixTime) -> bool {
         let new_end = now
             .saturating_add(self.params.cert_lifetime)
             .min(self.signer.cert.body().not_after);
-        now >= renewal_time(cert) && new_end > cert.body().not_after.saturating_add(BACKDATE)
+        now >= renewal_time(cert) && new_end > cert.body().not_after
     }
 
     /// New certificates for `nodes` (same keys and addresses), in one update.
@@ -943,11 +943,13 @@ impl Authority {
     }
 }
 
-/// Two thirds into a certificate's life.
+/// Two thirds into a certificate's life, counted from when it was issued
+/// (its `not_before` is back-dated for slow clocks).
 fn renewal_time(cert: &NodeCert) -> UnixTime {
     let b = cert.body();
-    let life = b.not_after.saturating_sub(b.not_before);
-    b.not_before.saturating_add(life / RENEW_AT.1 * RENEW_AT.0)
+    let issued = b.not_before.saturating_add(BACKDATE).min(b.not_after);
+    let life = b.not_after - issued;
+    issued.saturating_add(life / RENEW_AT.1 * RENEW_AT.0)
 }
 
 /// A reported endpoint with an unspecified address (the node listens on

@@ -491,3 +491,27 @@ fn rename_reissues_the_certificate() {
     );
     assert_eq!(a.find_node("new").unwrap(), e.node_id);
 }
+
+#[test]
+fn short_lived_certificates_are_renewed_before_they_expire() {
+    let mut w = world();
+    let mut a = w.open(false, T0);
+    a.params.cert_lifetime = 30;
+    w.start_following(&a);
+    let (t, _) = a.create_token(spec(1), T0).unwrap();
+    let e = enroll(&mut a, &t, &machine(), "n1", 1, T0).unwrap();
+    w.follow(&a, e.published);
+    assert_eq!(e.cert.body().not_after, T0 + 30);
+    assert!(a.handle_timeout(T0 + 19).unwrap().is_empty());
+    let p = a.handle_timeout(T0 + 20).unwrap();
+    w.follow(&a, p);
+    let c = w.follower.member(&e.node_id).unwrap().cert.clone();
+    assert_eq!(c.body().not_after, T0 + 50, "renewed at 2/3, before expiry");
+    assert!(a.handle_timeout(T0 + 21).unwrap().is_empty());
+    let p = a.handle_timeout(T0 + 40).unwrap();
+    w.follow(&a, p);
+    assert_eq!(
+        w.follower.member(&e.node_id).unwrap().cert.body().not_after,
+        T0 + 70
+    );
+}
