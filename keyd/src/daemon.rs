@@ -68,6 +68,9 @@ pub struct Status {
     pub refusals: BTreeMap<String, u64>,
     pub roster_rollbacks_refused: u64,
     pub rosters_refused: u64,
+    /// The subscription to the authority, when the node has one.
+    #[serde(default)]
+    pub authority: Option<client::LinkStatus>,
     #[serde(flatten)]
     pub counters: Counters,
 }
@@ -117,6 +120,8 @@ struct Shared {
     jars: Mutex<HashMap<NodeId, CookieJar>>,
     /// For the tasks that face the network (the driver has its own).
     log: SharedLogLimiter,
+    /// The authority subscription's state, when there is one.
+    link: Option<client::SharedLinkStatus>,
 }
 
 impl Shared {
@@ -255,6 +260,10 @@ pub async fn run(config: Config, reset_state: bool) -> Result<()> {
     });
     admission.set_listed(listed_sources(policy.roster()));
     let (inputs, rx) = mpsc::channel(1024);
+    let link = config
+        .authority
+        .as_ref()
+        .map(|_| client::SharedLinkStatus::default());
     let (snapshot, _) = watch::channel(snapshot_of(&policy, &identity));
     let shared = Arc::new(Shared {
         config,
@@ -272,6 +281,7 @@ pub async fn run(config: Config, reset_state: bool) -> Result<()> {
         )),
         jars: Mutex::new(HashMap::new()),
         log: SharedLogLimiter::default(),
+        link,
     });
     tokio::spawn(accept_loop(shared.clone()));
     tokio::spawn(watch_roster(shared.clone()));
@@ -293,6 +303,7 @@ pub async fn run(config: Config, reset_state: bool) -> Result<()> {
             },
             held: shared.snapshot.borrow().roster.clone(),
             log: SharedLogLimiter::default(),
+            status: shared.link.clone().unwrap_or_default(),
         };
         tokio::spawn(client::follow(follow, tx));
         tokio::spawn(take_authority_rosters(shared.clone(), rx));
@@ -666,6 +677,11 @@ impl Driver {
             },
             roster_rollbacks_refused: self.rollbacks,
             rosters_refused: self.rosters_refused,
+            authority: self
+                .s
+                .link
+                .as_ref()
+                .map(|l| l.lock().unwrap_or_else(|p| p.into_inner()).clone()),
             counters: self.policy.counters().clone(),
         };
         if let Ok(json) = serde_json::to_string_pretty(&status)

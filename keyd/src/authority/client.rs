@@ -164,6 +164,26 @@ fn kind(r: &Reply) -> &'static str {
     }
 }
 
+/// The subscription as `keyd status` shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LinkStatus {
+    pub subscribed: bool,
+    pub updates_by_delta: u64,
+    pub updates_by_snapshot: u64,
+    /// Subscriptions that failed or ended (each followed by a reconnect).
+    pub failures: u64,
+    pub last_error: Option<String>,
+    /// Unix seconds of the last roster update received.
+    pub last_update_at: Option<u64>,
+}
+
+/// Shared between the subscription task and the status writer.
+pub type SharedLinkStatus = Arc<std::sync::Mutex<LinkStatus>>;
+
+fn update(status: &SharedLinkStatus, f: impl FnOnce(&mut LinkStatus)) {
+    f(&mut status.lock().unwrap_or_else(|p| p.into_inner()));
+}
+
 /// What the subscription needs from the daemon.
 pub struct Follow {
     pub to: AuthorityAddr,
@@ -174,6 +194,7 @@ pub struct Follow {
     /// The roster the node holds now.
     pub held: Arc<Roster>,
     pub log: SharedLogLimiter,
+    pub status: SharedLinkStatus,
 }
 
 /// Keeps a subscription, reconnecting with backoff; sends every verified,
@@ -269,6 +290,14 @@ async fn subscription(
             f.held.serial(),
             offered.serial()
         );
+        update(&f.status, |s| {
+            if how == "delta" {
+                s.updates_by_delta += 1;
+            } else {
+                s.updates_by_snapshot += 1;
+            }
+            s.last_update_at = Some(crate::time::unix_now());
+        });
         let offered = Arc::new(offered);
         f.held = offered.clone();
         if out.send(offered.clone()).await.is_err() {

@@ -82,6 +82,25 @@ pub fn status(a: StatusArgs) -> Result<()> {
             time::rfc3339(s.roster_not_after)
         );
     }
+    if let Some(a) = &s.authority {
+        let last = a.last_update_at.map_or("never".into(), |t| {
+            format!("{}s ago", now.saturating_sub(t))
+        });
+        println!(
+            "authority: {}, updates {} by delta and {} by snapshot, last {last}, {} reconnects{}",
+            if a.subscribed {
+                "subscribed"
+            } else {
+                "NOT CONNECTED (the mesh runs on the cached roster)"
+            },
+            a.updates_by_delta,
+            a.updates_by_snapshot,
+            a.failures,
+            a.last_error
+                .as_ref()
+                .map_or(String::new(), |e| format!(" (last: {e})"))
+        );
+    }
     if !s.dataplane_reachable {
         println!("WARNING: the data plane could not be read; the table shows keyd's view");
     }
