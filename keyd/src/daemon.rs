@@ -404,9 +404,15 @@ impl Driver {
                 self.policy
                     .exchange_failed(Some(peer), failure, &format!("{label}: {error}"), now);
             }
-            // The same roster again (from the file the subscription wrote).
-            Input::Roster(roster) if roster.fingerprint() == self.policy.roster().fingerprint() => {
-            }
+            // Two sources (the authority subscription, and the roster file it
+            // writes) can deliver the same roster twice, or an older one
+            // after a newer: only a newer one is taken. Each source checked
+            // for rollback itself, against what it saw.
+            Input::Roster(roster)
+                if !matches!(
+                    Roster::check_update(Some(self.policy.roster()), &roster),
+                    Ok(true)
+                ) => {}
             Input::Roster(roster) => {
                 info!(
                     "roster serial {} -> {}",
