@@ -31,9 +31,10 @@ fn check(bytes: &[u8]) {
         assert!(r.member(&m.cert.body().node_id).is_some());
     }
     let _ = r.revoked().count();
-    let _ = Roster::check_update(Some(&w.roster), &r);
-    let _ = Roster::check_update(Some(&r), &w.roster);
-    let _ = Roster::check_update(None, &r);
+    let now = pqmesh_fuzz::T0;
+    let _ = Roster::check_update(Some(&w.roster), &r, now, 300);
+    let _ = Roster::check_update(Some(&r), &w.roster, now, 300);
+    let _ = Roster::check_update(None, &r, now, 300);
 }
 
 fuzz_target!(|data: &[u8]| {

@@ -210,6 +210,7 @@ pub async fn run(config: Config, reset_state: bool) -> Result<()> {
     let skew = config.max_clock_skew.as_secs();
     roster
         .check_fresh(time::unix_now(), skew)
+        .and_then(|()| roster.check_signer(None, time::unix_now(), skew))
         .with_context(|| format!("roster {}", config.roster.display()))?;
     let persisted = state::load(&config.state_dir, reset_state)?;
     match &persisted {
@@ -304,6 +305,7 @@ pub async fn run(config: Config, reset_state: bool) -> Result<()> {
             held: shared.snapshot.borrow().roster.clone(),
             log: SharedLogLimiter::default(),
             status: shared.link.clone().unwrap_or_default(),
+            max_clock_skew: shared.config.max_clock_skew.as_secs(),
         };
         tokio::spawn(client::follow(follow, tx));
         tokio::spawn(take_authority_rosters(shared.clone(), rx));
@@ -410,7 +412,12 @@ impl Driver {
             // for rollback itself, against what it saw.
             Input::Roster(roster)
                 if !matches!(
-                    Roster::check_update(Some(self.policy.roster()), &roster),
+                    Roster::check_update(
+                        Some(self.policy.roster()),
+                        &roster,
+                        now.unix,
+                        self.s.config.max_clock_skew.as_secs()
+                    ),
                     Ok(true)
                 ) => {}
             Input::Roster(roster) => {
@@ -947,7 +954,12 @@ async fn watch_roster(s: Arc<Shared>) {
                 rollback: false,
                 error: format!("{e:#}"),
             },
-            Ok(offered) => match Roster::check_update(Some(&current), &offered) {
+            Ok(offered) => match Roster::check_update(
+                Some(&current),
+                &offered,
+                time::unix_now(),
+                s.config.max_clock_skew.as_secs(),
+            ) {
                 Ok(true) => {
                     match offered.check_fresh(time::unix_now(), s.config.max_clock_skew.as_secs()) {
                         Ok(()) => Input::Roster(Arc::new(offered)),

@@ -648,4 +648,167 @@ mod tests {
             Err(TrustError::IssuerExpired { .. })
         ));
     }
+
+    fn authority_from(
+        n: &Net,
+        name: &str,
+        not_before: UnixTime,
+        not_after: UnixTime,
+    ) -> (CaSigningKey, AuthorityCert) {
+        let key = CaSigningKey::generate().unwrap();
+        let cert =
+            n.ca.certify_authority(
+                &n.root_key,
+                name,
+                key.verifying_key(),
+                not_before,
+                not_after,
+            )
+            .unwrap();
+        (key, cert)
+    }
+
+    /// A roster a thief signs with `key`, listing its certificate and
+    /// dropping every revocation, back-dated into the key's window.
+    fn forged(held: &Roster, n: &Net, cert: &AuthorityCert, key: &CaSigningKey) -> Roster {
+        let mut content = held.content();
+        content.serial = held.serial() + 1_000_000;
+        content.issued_at = cert.body().not_before + 1;
+        content.not_after = T0 + 3650 * DAY;
+        content.authorities = vec![cert.clone()];
+        content.revoked_nodes.clear();
+        // Members issued by other keys would not verify: keep the thief's own.
+        content
+            .members
+            .retain(|m| m.cert.body().issuer == cert.fingerprint());
+        Roster::sign(&n.ca, &Signer::Authority(cert, key), &content).unwrap()
+    }
+
+    #[test]
+    fn an_expired_authority_key_cannot_sign_a_roster_nodes_take() {
+        let mut n = net();
+        let held = n.first(2);
+        // A key the root certified long ago, expired since; its thief
+        // back-dates a roster into its window. On its own the roster
+        // verifies (it vouches for its own signer)...
+        let (old_key, old) = authority_from(&n, "old", T0 - DAY, T0 - DAY + 3600);
+        let bad = forged(&held, &n, &old, &old_key);
+        assert!(Roster::from_bytes(&bad.to_bytes(), &n.ca).is_ok());
+        // ...but no node takes it in place of what it holds, nor at start.
+        assert!(matches!(
+            Roster::check_update(Some(&held), &bad, T0, 300),
+            Err(RosterError::SignerNotValidNow { .. })
+        ));
+        assert!(matches!(
+            bad.check_signer(None, T0, 300),
+            Err(RosterError::SignerNotValidNow { .. })
+        ));
+    }
+
+    #[test]
+    fn a_dropped_authority_key_signs_nothing_after_the_drop() {
+        let mut n = net();
+        let r1 = n.first(2);
+        let old = (
+            n.auth.clone(),
+            CaSigningKey::from_text(&n.auth_key.to_text()).unwrap(),
+        );
+        // Rolled over: A2 listed, signs, reissues, drops A1.
+        let (k2, a2) = authority_from(&n, "auth-2", T0 - 10, T0 + 180 * DAY);
+        let (r2, _) = n.next(
+            &r1,
+            &RosterChange {
+                authorities: Some(vec![n.auth.clone(), a2.clone()]),
+                ..RosterChange::default()
+            },
+        );
+        let s2 = Signer::Authority(&a2, &k2);
+        let reissued = r2
+            .members()
+            .iter()
+            .map(|m| renewed(m, &a2, &k2, T0 + 30 * DAY))
+            .collect();
+        let (r3, _) = r2
+            .next(
+                &n.ca,
+                &s2,
+                &RosterChange {
+                    upsert: reissued,
+                    ..RosterChange::default()
+                },
+                T0 + 2,
+                T0 + DAY,
+            )
+            .unwrap();
+        let (r4, _) = r3
+            .next(
+                &n.ca,
+                &s2,
+                &RosterChange {
+                    authorities: Some(vec![a2.clone()]),
+                    ..RosterChange::default()
+                },
+                T0 + 3,
+                T0 + DAY,
+            )
+            .unwrap();
+        // Each step passes the signer rule for a node following along.
+        for (held, next) in [(&r1, &r2), (&r2, &r3), (&r3, &r4)] {
+            assert_eq!(
+                Roster::check_update(Some(held), next, T0 + 4, 300),
+                Ok(true)
+            );
+        }
+        // The old key is still inside its validity, but dropped: a roster
+        // its thief signs is refused by a node that saw the drop.
+        let bad = forged(&r1, &n, &old.0, &old.1);
+        assert!(matches!(
+            Roster::check_update(Some(&r4), &bad, T0 + 5, 300),
+            Err(RosterError::SignerNotTrusted { .. })
+        ));
+    }
+
+    #[test]
+    fn a_node_that_slept_through_rollovers_takes_the_newest_key() {
+        let mut n = net();
+        let held = n.first(2);
+        // While it slept, the root certified a key after its roster was
+        // issued, and everything else changed.
+        let (k3, a3) = authority_from(&n, "auth-3", T0 + 100, T0 + 180 * DAY);
+        let reissued = held
+            .members()
+            .iter()
+            .map(|m| {
+                let c = m.cert.body();
+                let cert = a3
+                    .issue(
+                        &k3,
+                        crate::cert::NodeCertRequest {
+                            name: c.name.clone(),
+                            addresses: c.addresses.clone(),
+                            groups: c.groups.clone(),
+                            not_before: T0 + 100,
+                            not_after: T0 + 30 * DAY,
+                            wg_public: c.wg_public,
+                            noise_public: c.noise_public,
+                        },
+                    )
+                    .unwrap();
+                Member { cert, ..m.clone() }
+            })
+            .collect();
+        let content = RosterContent {
+            serial: 40,
+            issued_at: T0 + 200,
+            not_after: T0 + DAY,
+            authorities: vec![a3.clone()],
+            members: reissued,
+            ..RosterContent::default()
+        };
+        let snapshot = Roster::sign(&n.ca, &Signer::Authority(&a3, &k3), &content).unwrap();
+        assert_eq!(
+            Roster::check_update(Some(&held), &snapshot, T0 + 300, 300),
+            Ok(true)
+        );
+    }
 }

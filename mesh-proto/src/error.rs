@@ -82,6 +82,19 @@ pub enum RosterError {
     #[error("roster signer {signer} was not valid at the roster's issue time {issued_at}")]
     SignerExpired { signer: String, issued_at: UnixTime },
     #[error(
+        "roster signer {signer} is valid {not_before}..{not_after}, not now ({now}): an expired or future authority key signs nothing"
+    )]
+    SignerNotValidNow {
+        signer: String,
+        not_before: UnixTime,
+        not_after: UnixTime,
+        now: UnixTime,
+    },
+    #[error(
+        "roster signer {signer} is not an authority the roster in use (serial {held}) lists, nor one certified since: a dropped key signs nothing"
+    )]
+    SignerNotTrusted { signer: String, held: u64 },
+    #[error(
         "roster update from serial {from} does not apply to serial {current} (a gap or a replay; a snapshot is needed)"
     )]
     DeltaGap { current: u64, from: u64 },

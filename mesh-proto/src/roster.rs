@@ -413,24 +413,80 @@ impl Roster {
     }
 
     /// Rollback protection: may `offered` replace `current`? `Ok(true)` if it
-    /// is newer, `Ok(false)` if it is the same roster again.
-    pub fn check_update(current: Option<&Roster>, offered: &Roster) -> Result<bool, RosterError> {
-        let Some(current) = current else {
-            return Ok(true);
-        };
-        match offered.serial().cmp(&current.serial()) {
-            std::cmp::Ordering::Less => Err(RosterError::Rollback {
-                current: current.serial(),
-                offered: offered.serial(),
-            }),
-            std::cmp::Ordering::Equal if offered.fingerprint() == current.fingerprint() => {
-                Ok(false)
+    /// is newer (and its signer passes [`Roster::check_signer`]), `Ok(false)`
+    /// if it is the same roster again.
+    pub fn check_update(
+        current: Option<&Roster>,
+        offered: &Roster,
+        now: UnixTime,
+        max_clock_skew: u64,
+    ) -> Result<bool, RosterError> {
+        if let Some(current) = current {
+            match offered.serial().cmp(&current.serial()) {
+                std::cmp::Ordering::Less => {
+                    return Err(RosterError::Rollback {
+                        current: current.serial(),
+                        offered: offered.serial(),
+                    });
+                }
+                std::cmp::Ordering::Equal if offered.fingerprint() == current.fingerprint() => {
+                    return Ok(false);
+                }
+                std::cmp::Ordering::Equal => {
+                    return Err(RosterError::SerialReuse {
+                        serial: offered.serial(),
+                    });
+                }
+                std::cmp::Ordering::Greater => {}
             }
-            std::cmp::Ordering::Equal => Err(RosterError::SerialReuse {
-                serial: offered.serial(),
-            }),
-            std::cmp::Ordering::Greater => Ok(true),
         }
+        offered.check_signer(current, now, max_clock_skew)?;
+        Ok(true)
+    }
+
+    /// May this roster's signer replace `held`? A roster vouches for its own
+    /// authorities, so on its own it would let any key the root ever
+    /// certified sign again, its issue time back-dated into that key's
+    /// window. Hence: the root may always sign; an authority key only while
+    /// it is valid now (± skew), and only if the held roster lists it or the
+    /// root certified it after the held roster was issued (a node that slept
+    /// through rollovers). A key the operator dropped, or one that expired,
+    /// signs nothing a node takes.
+    pub fn check_signer(
+        &self,
+        held: Option<&Roster>,
+        now: UnixTime,
+        max_clock_skew: u64,
+    ) -> Result<(), RosterError> {
+        let signer = self.signer();
+        if signer == self.issuer() {
+            return Ok(());
+        }
+        let Some(a) = self.authority(&signer) else {
+            // Verification found it listed; a roster decoded without
+            // verification has no authorities and is never trusted.
+            return Err(RosterError::UnknownSigner {
+                signer: signer.to_hex(),
+            });
+        };
+        if !a.is_valid_at(now, max_clock_skew) {
+            return Err(RosterError::SignerNotValidNow {
+                signer: signer.to_hex(),
+                not_before: a.body().not_before,
+                not_after: a.body().not_after,
+                now,
+            });
+        }
+        if let Some(held) = held
+            && held.authority(&signer).is_none()
+            && a.body().not_before <= held.issued_at()
+        {
+            return Err(RosterError::SignerNotTrusted {
+                signer: signer.to_hex(),
+                held: held.serial(),
+            });
+        }
+        Ok(())
     }
 }
 
@@ -642,20 +698,20 @@ pub(crate) mod tests {
         let r4 = Roster::build(&ca, &key, 4, T0, T0 + DAY, m.clone(), vec![]).unwrap();
         let r6 = Roster::build(&ca, &key, 6, T0, T0 + DAY, m.clone(), vec![]).unwrap();
         let r5b = Roster::build(&ca, &key, 5, T0 + 1, T0 + 1 + DAY, m, vec![]).unwrap();
-        assert_eq!(Roster::check_update(None, &r4), Ok(true));
+        assert_eq!(Roster::check_update(None, &r4, T0, 0), Ok(true));
         assert_eq!(
-            Roster::check_update(Some(&r5), &r4),
+            Roster::check_update(Some(&r5), &r4, T0, 0),
             Err(RosterError::Rollback {
                 current: 5,
                 offered: 4
             })
         );
-        assert_eq!(Roster::check_update(Some(&r5), &r5), Ok(false));
+        assert_eq!(Roster::check_update(Some(&r5), &r5, T0, 0), Ok(false));
         assert_eq!(
-            Roster::check_update(Some(&r5), &r5b),
+            Roster::check_update(Some(&r5), &r5b, T0, 0),
             Err(RosterError::SerialReuse { serial: 5 })
         );
-        assert_eq!(Roster::check_update(Some(&r5), &r6), Ok(true));
+        assert_eq!(Roster::check_update(Some(&r5), &r6, T0, 0), Ok(true));
     }
 
     #[test]

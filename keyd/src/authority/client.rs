@@ -29,6 +29,9 @@ const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
 const SILENCE: Duration = Duration::from_secs(45);
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Clock skew tolerated when checking what enrollment returns (keyd run's
+/// default `max_clock_skew`).
+const JOIN_CLOCK_SKEW: u64 = 300;
 
 /// The authority said no; `keyd join` exits with its reason.
 #[derive(Debug, thiserror::Error)]
@@ -135,6 +138,9 @@ pub async fn join(
         );
     }
     let roster = Roster::from_bytes(&roster, &ca).context("the roster sent")?;
+    roster
+        .check_signer(None, crate::time::unix_now(), JOIN_CLOCK_SKEW)
+        .context("the roster sent")?;
     let cert = NodeCert::from_bytes(&cert).context("the certificate sent")?;
     let b = cert.body();
     if b.wg_public != wg_public || b.noise_public != noise.public_key() {
@@ -195,6 +201,7 @@ pub struct Follow {
     pub held: Arc<Roster>,
     pub log: SharedLogLimiter,
     pub status: SharedLinkStatus,
+    pub max_clock_skew: u64,
 }
 
 /// Keeps a subscription, reconnecting with backoff; sends every verified,
@@ -272,19 +279,23 @@ async fn subscription(
         let (offered, how) = match next_reply(&mut link, SILENCE).await? {
             Reply::Keepalive => continue,
             Reply::Refused(r) => return Err(Refused(r).into()),
-            Reply::Snapshot(bytes) => {
-                let r = Roster::from_bytes(&bytes, &f.ca)?;
-                match Roster::check_update(Some(&f.held), &r)? {
-                    true => (r, "snapshot"),
-                    false => continue,
-                }
-            }
+            Reply::Snapshot(bytes) => (Roster::from_bytes(&bytes, &f.ca)?, "snapshot"),
             Reply::Delta(bytes) => (
                 f.held.apply(&RosterDelta::from_bytes(&bytes)?, &f.ca)?,
                 "delta",
             ),
             other => bail!("unexpected message on a subscription: {}", kind(&other)),
         };
+        // Rollback and signer rules, for deltas too: a delta's result is a
+        // roster like any other.
+        if !Roster::check_update(
+            Some(&f.held),
+            &offered,
+            crate::time::unix_now(),
+            f.max_clock_skew,
+        )? {
+            continue;
+        }
         info!(
             "authority: roster serial {} -> {} by {how}",
             f.held.serial(),

@@ -35,6 +35,8 @@ use crate::time::unix_now;
 const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
 /// A subscription with nothing to say sends a keepalive this often.
 const KEEPALIVE: Duration = Duration::from_secs(20);
+/// The largest message the authority reassembles from a node.
+const MAX_FROM_NODE: usize = 4096;
 /// Deltas buffered for subscribers; one further behind gets a snapshot.
 const DELTA_BACKLOG: usize = 1024;
 
@@ -498,9 +500,21 @@ async fn connection(s: Arc<Shared>, incoming: quinn::Incoming, remote: SocketAdd
             let (hs, msg2) = ServerHandshake::accept(&s.network_id, &s.noise_key, &msg1)?;
             stream.write(&msg2).await?;
             let msg3 = stream.read_required().await?;
-            let (channel, client, hello) = hs.finish(&msg3)?;
-            let hello: Hello = wire::decode(&hello)?;
-            anyhow::Ok((Link { stream, channel }, (client, hello)))
+            let (mut channel, client, hello) = hs.finish(&msg3)?;
+            // Nodes send nothing after the hello: a small limit, so that an
+            // enrolled node cannot make the authority buffer much.
+            channel.set_max_message(MAX_FROM_NODE);
+            let mut link = Link { stream, channel };
+            let hello: Hello = match wire::decode(&hello) {
+                Ok(h) => h,
+                Err(e) => {
+                    let _ = link
+                        .send(&wire::encode(&Reply::Refused(Refusal::Malformed)))
+                        .await;
+                    return Err(anyhow!(e).context("the hello does not decode"));
+                }
+            };
+            anyhow::Ok((link, (client, hello)))
         })
         .await
         .map_err(|_| anyhow!("the channel handshake did not finish in time"))??;

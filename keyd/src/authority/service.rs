@@ -379,8 +379,8 @@ impl Authority {
 
     /// Enrolls the machine that proved `noise_public` in the channel and
     /// sent `req`, seen from `observed`. A machine that is already enrolled
-    /// with these keys and name gets its enrollment again (its first answer
-    /// may have been lost), without using the token again.
+    /// with these keys and name by this token gets its enrollment again
+    /// (its first answer may have been lost), without using the token again.
     pub fn enroll(
         &mut self,
         req: &JoinRequest,
@@ -388,6 +388,25 @@ impl Authority {
         observed: SocketAddr,
         now: UnixTime,
     ) -> Result<Enrolled, Refusal> {
+        let id = NodeId::derive(&req.wg_public, &noise_public);
+        // The answer to an enrollment may be lost: the same machine asking
+        // again with the same token (now perhaps used up or expired) gets
+        // the same enrollment. Only with the token's secret, so that this
+        // reveals nothing to anyone else.
+        let known = self.tokens.get(&req.token_id.to_hex());
+        if let (Some(token), Some(existing)) = (known, self.nodes.get(&id))
+            && req.token_secret.matches(&token.secret_hash)
+            && existing.token_id == token.id
+            && existing.name == req.name
+            && existing.revoked_at.is_none()
+        {
+            let cert = NodeCert::from_bytes(&existing.cert).map_err(|_| Refusal::Internal)?;
+            return Ok(Enrolled {
+                node_id: id,
+                cert,
+                published: None,
+            });
+        }
         let token = self.check_token(req, now)?;
         check_label("name", &req.name).map_err(|_| Refusal::NameInvalid)?;
         if let Some(p) = &token.name_pattern
@@ -395,11 +414,11 @@ impl Authority {
         {
             return Err(Refusal::NameNotAllowed);
         }
-        let id = NodeId::derive(&req.wg_public, &noise_public);
         if self.is_revoked_key(&id, &req.wg_public, &noise_public) {
             return Err(Refusal::NodeRevoked);
         }
         if let Some(existing) = self.nodes.get(&id) {
+            // Enrolled already (by another token): the same answer again.
             if existing.name == req.name {
                 let cert = NodeCert::from_bytes(&existing.cert).map_err(|_| Refusal::Internal)?;
                 return Ok(Enrolled {

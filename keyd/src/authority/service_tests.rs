@@ -515,3 +515,28 @@ fn short_lived_certificates_are_renewed_before_they_expire() {
         T0 + 70
     );
 }
+
+#[test]
+fn a_machine_whose_answer_was_lost_gets_it_again_with_its_used_up_token() {
+    let w = world();
+    let mut a = w.open(false, T0);
+    let (t, _) = a.create_token(spec(1), T0).unwrap();
+    let m = machine();
+    let first = enroll(&mut a, &t, &m, "n1", 1, T0).unwrap();
+    let serial = a.roster().serial();
+    // The answer never arrived; the machine retries, even after expiry.
+    let again = enroll(&mut a, &t, &m, "n1", 1, T0 + 2 * HOUR).unwrap();
+    assert_eq!(again.cert, first.cert);
+    assert!(again.published.is_none());
+    assert_eq!(a.roster().serial(), serial, "nothing changed");
+    // Another machine with the used token is still refused, and so is this
+    // one under another name.
+    assert_eq!(
+        enroll(&mut a, &t, &machine(), "n2", 2, T0).unwrap_err(),
+        Refusal::TokenUsed
+    );
+    assert_eq!(
+        enroll(&mut a, &t, &m, "n9", 1, T0).unwrap_err(),
+        Refusal::TokenUsed
+    );
+}

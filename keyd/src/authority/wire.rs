@@ -18,8 +18,6 @@ use super::token::{TokenId, TokenSecret};
 
 /// QUIC ALPN of the authority service.
 pub const ALPN: &[u8] = b"pqmesh-authority/1";
-/// The largest hello a node sends (msg3 payload).
-pub const MAX_HELLO: usize = 4096;
 /// The largest reply a node accepts: a snapshot of a 10,000-node roster is
 /// about 4 MB.
 pub const MAX_REPLY: usize = 64 * 1024 * 1024;

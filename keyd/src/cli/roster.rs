@@ -168,7 +168,8 @@ fn build(a: BuildArgs) -> Result<()> {
     let roster = Roster::build(&ca, &key, serial, issued_at, not_after, members, revoked)
         .map_err(valid_context)?;
     if let Some(p) = &previous {
-        Roster::check_update(Some(p), &roster)?;
+        // Root-signed: the signer rule passes whatever the time.
+        Roster::check_update(Some(p), &roster, issued_at, 0)?;
     }
     write(&a.out, &roster)
 }
