@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use mesh_proto::cert::{CaCert, NodeCert};
 use mesh_proto::channel::ClientHandshake;
+use mesh_proto::cookie::{self, CookieJar};
 use mesh_proto::delta::RosterDelta;
 use mesh_proto::identity::{NodeId, NoisePrivateKey, NoisePublicKey, WgPublicKey};
 use mesh_proto::roster::Roster;
@@ -70,10 +71,21 @@ async fn open(
             tokio::time::timeout(HANDSHAKE_DEADLINE, async {
                 let mut stream = Framed::new(conn.open_bi().await?);
                 let (hs, msg1) = ClientHandshake::start(&to.network_id, local, &to.key)?;
-                stream.write(&msg1).await?;
-                let msg2 = stream.read_required().await.with_context(|| {
+                // mac1 keyed by the authority's key; a cookie when it asks.
+                let mut jar = CookieJar::default();
+                let now = std::time::Instant::now();
+                let mut sealed = jar.seal(&to.key, &msg1, now);
+                stream.write(&sealed).await?;
+                let no_answer = || {
                     format!("{addr} did not answer the channel handshake (another authority key or network?)")
-                })?;
+                };
+                let mut msg2 = stream.read_required().await.with_context(no_answer)?;
+                if msg2.len() == cookie::COOKIE_REPLY_LEN {
+                    jar.accept_reply(&to.key, &sealed, &msg2, now)?;
+                    sealed = jar.seal(&to.key, &msg1, now);
+                    stream.write(&sealed).await?;
+                    msg2 = stream.read_required().await.with_context(no_answer)?;
+                }
                 let (mut channel, msg3) = hs.finish(&msg2, &wire::encode(hello))?;
                 channel.set_max_message(MAX_REPLY);
                 stream.write(&msg3).await?;

@@ -163,6 +163,8 @@ impl Net {
             report: Endpoints::default(),
             held: Arc::new(held.clone()),
             log: SharedLogLimiter::default(),
+            status: SharedLinkStatus::default(),
+            max_clock_skew: 300,
         }
     }
 }
@@ -197,8 +199,13 @@ fn evil(scripts: Vec<Vec<Reply>>) -> Evil {
                 .ok_or_else(|| anyhow!("endpoint closed"))?;
             let conn = incoming.await?;
             let mut stream = Framed::new(conn.accept_bi().await?);
-            let msg1 = stream.read_required().await?;
-            let (hs, msg2) = ServerHandshake::accept(NETWORK, &noise, &msg1)?;
+            // The node seals msg1 with mac1/mac2; this authority does not
+            // bother checking them.
+            let sealed = stream.read_required().await?;
+            let msg1 = &sealed[..sealed
+                .len()
+                .saturating_sub(mesh_proto::cookie::SEALED_OVERHEAD)];
+            let (hs, msg2) = ServerHandshake::accept(NETWORK, &noise, msg1)?;
             stream.write(&msg2).await?;
             let msg3 = stream.read_required().await?;
             let (channel, _client, hello) = hs.finish(&msg3)?;

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
 use mesh_proto::channel::ServerHandshake;
+use mesh_proto::cookie::{self, CookieChecker, CookieError, Verdict};
 use mesh_proto::identity::{NodeId, NoisePrivateKey, NoisePublicKey};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -116,9 +117,29 @@ struct Shared {
     counters: Mutex<Counters>,
     subscribers: std::sync::atomic::AtomicUsize,
     log: SharedLogLimiter,
+    cookies: Mutex<CookieChecker>,
 }
 
 impl Shared {
+    /// mac1 and cookies on a sealed msg1 (see mesh_proto::cookie).
+    fn gate<'a>(&self, sealed: &'a [u8], source: SocketAddr, under_load: bool) -> Verdict<'a> {
+        let (Ok(nonce), Ok(secret)) = (
+            mesh_proto::identity::random_bytes::<{ cookie::NONCE_LEN }>(),
+            mesh_proto::identity::random_bytes::<32>(),
+        ) else {
+            return Verdict::Refuse(CookieError::BadReply);
+        };
+        let mut checker = self.cookies.lock().unwrap_or_else(|p| p.into_inner());
+        checker.check(
+            sealed,
+            source,
+            under_load,
+            Instant::now(),
+            || *secret,
+            *nonce,
+        )
+    }
+
     fn count(&self, label: &'static str) {
         let mut c = self.counters.lock().unwrap_or_else(|p| p.into_inner());
         *c.labels.entry(label).or_default() += 1;
@@ -166,6 +187,7 @@ pub async fn serve(
             .nodes()
             .filter_map(|n| n.observed_addr.map(|a| a.ip())),
     );
+    let noise_public = noise_key.public_key();
     let shared = Arc::new(Shared {
         network_id: authority.ca().body().network_id.clone(),
         noise_key,
@@ -175,6 +197,11 @@ pub async fn serve(
         counters: Mutex::new(Counters::default()),
         subscribers: std::sync::atomic::AtomicUsize::new(0),
         log: SharedLogLimiter::default(),
+        cookies: Mutex::new(CookieChecker::new(
+            &noise_public,
+            *mesh_proto::identity::random_bytes::<32>().context("no randomness for cookies")?,
+            Instant::now(),
+        )),
     });
     info!(
         "authority up: network {}, QUIC {}, roster serial {}, {} nodes, signing key {}",
@@ -491,7 +518,23 @@ async fn connection(s: Arc<Shared>, incoming: quinn::Incoming, remote: SocketAdd
             .map_err(|_| anyhow!("QUIC handshake did not finish"))??;
         let (link, hello) = tokio::time::timeout(HANDSHAKE_DEADLINE, async {
             let mut stream = Framed::new(conn.accept_bi().await.context("waiting for a stream")?);
-            let msg1 = stream.read_required().await?;
+            // mac1 first: only a host that knows the authority's key (from
+            // a token or a node's configuration) gets any public-key work;
+            // under load it must also prove its address with a cookie.
+            let mut replies = 0;
+            let msg1 = loop {
+                let sealed = stream.read_required().await?;
+                let under_load = s.admission().under_load();
+                match s.gate(&sealed, remote, under_load) {
+                    Verdict::Accept(msg1) => break msg1.to_vec(),
+                    Verdict::CookieReply(reply) if replies == 0 => {
+                        replies += 1;
+                        stream.write(&reply).await?;
+                    }
+                    Verdict::CookieReply(_) => return Err(anyhow!(CookieError::BadReply)),
+                    Verdict::Refuse(e) => return Err(anyhow!(e)),
+                }
+            };
             // The public-key work is bounded per source and in total.
             s.admission()
                 .handshake(remote.ip(), Instant::now())
@@ -528,8 +571,17 @@ async fn connection(s: Arc<Shared>, incoming: quinn::Incoming, remote: SocketAdd
     }
     .await;
     if let Err(e) = result {
-        s.count("connection_failed");
-        s.log.warn("connection", || {
+        // A specific label where there is one (bad_mac1, decrypt, ...).
+        let label = e
+            .downcast_ref::<CookieError>()
+            .map(CookieError::label)
+            .or_else(|| {
+                e.downcast_ref::<mesh_proto::channel::ChannelError>()
+                    .map(|c| c.label())
+            })
+            .unwrap_or("connection_failed");
+        s.count(label);
+        s.log.warn(label, || {
             format!(
                 "connection from {remote}: {}",
                 text::error(&format!("{e:#}"))
@@ -569,9 +621,16 @@ async fn enroll(
         Err(r) => Reply::Refused(r),
     };
     link.send(&wire::encode(&msg)).await?;
+    last_word(&mut link).await;
+    Ok(())
+}
+
+/// Ends the stream after the last message and waits (bounded) until the
+/// node has it: returning at once would close the connection, and QUIC
+/// drops what the peer has not acknowledged yet.
+async fn last_word(link: &mut Link) {
     let _ = link.stream.send.finish();
     let _ = tokio::time::timeout(HANDSHAKE_DEADLINE, link.stream.send.stopped()).await;
-    Ok(())
 }
 
 /// Counts a live subscription for as long as it runs.
@@ -609,7 +668,7 @@ async fn subscribe(
                 format!("subscription from {remote} refused: {r}")
             });
             link.send(&wire::encode(&Reply::Refused(r))).await?;
-            let _ = link.stream.send.finish();
+            last_word(&mut link).await;
             return Ok(());
         }
     };
@@ -648,7 +707,7 @@ async fn subscribe(
                 sent = p.serial;
                 if p.cut.contains(&node) {
                     // It now knows it is revoked; it gets nothing more.
-                    let _ = link.stream.send.finish();
+                    last_word(&mut link).await;
                     return Ok(());
                 }
             }
@@ -664,3 +723,7 @@ async fn subscribe(
         }
     }
 }
+
+#[cfg(test)]
+#[path = "server_tests.rs"]
+mod tests;
