@@ -6,10 +6,9 @@
 //! * `roster/apply_{add,revoke}/N`: a node applies that delta and verifies
 //!   the result; `roster/snapshot/N`: a node verifies a whole roster (what a
 //!   node that missed deltas gets). Delta and snapshot sizes are printed.
-//! * `authority/{enroll,revoke}/N`: `Authority::enroll` and
-//!   `Authority::revoke_node` over a RedbStore in a temporary directory,
-//!   store commit (fsync) included. Each iteration adds or revokes one more
-//!   node, so the membership drifts by the iteration count (printed).
+//! * `authority/{enroll,revoke}/N` (printed, timed by hand): 30 calls of
+//!   `Authority::enroll` and of `Authority::revoke_node` over a RedbStore in
+//!   a temporary directory, store commit (fsync) included.
 //!
 //! Members are synthetic: real keys, certificates issued by the authority's
 //! signing key, made in memory rather than by `keyd join`.
@@ -25,9 +24,9 @@
 use std::hint::black_box;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use criterion::{BatchSize, Criterion, SamplingMode};
+use criterion::{Criterion, SamplingMode};
 use keyd::authority::keys::{self, DirKeyFiles};
 use keyd::authority::pool::address_at;
 use keyd::authority::service::{Authority, Params, SigningKey, TokenSpec};
@@ -99,7 +98,13 @@ fn net() -> Net {
     let ca = CaCert::create(&root, "root", "bench", t - DAY, t + 3650 * DAY).unwrap();
     let auth_key = CaSigningKey::generate().unwrap();
     let auth = ca
-        .certify_authority(&root, "auth", auth_key.verifying_key(), t - DAY, t + 90 * DAY)
+        .certify_authority(
+            &root,
+            "auth",
+            auth_key.verifying_key(),
+            t - DAY,
+            t + 90 * DAY,
+        )
         .unwrap();
     Net { ca, auth, auth_key }
 }
@@ -192,7 +197,10 @@ fn roster_benches(c: &mut Criterion) {
             d_add.to_bytes().len(),
             d_revoke.to_bytes().len()
         );
-        assert_eq!(r.apply(&d_add, &net.ca).unwrap().to_bytes(), after_add.to_bytes());
+        assert_eq!(
+            r.apply(&d_add, &net.ca).unwrap().to_bytes(),
+            after_add.to_bytes()
+        );
         assert_eq!(
             r.apply(&d_revoke, &net.ca).unwrap().to_bytes(),
             after_revoke.to_bytes()
@@ -278,8 +286,13 @@ fn populate_enroll(a: &mut Authority, first: usize, n: usize) {
     let mut last = Instant::now();
     for i in first..first + n {
         let m = machine(i);
-        a.enroll(&join_request(&token, &m), m.noise.public_key(), m.underlay(40000), now())
-            .unwrap();
+        a.enroll(
+            &join_request(&token, &m),
+            m.noise.public_key(),
+            m.underlay(40000),
+            now(),
+        )
+        .unwrap();
         if i % 1000 == 0 || i == first + n - 1 {
             eprintln!(
                 "populate: {i} members, {:.1} s, last enroll {:.1} ms",
@@ -408,48 +421,65 @@ fn authority_with(n: usize) -> (tempfile::TempDir, Authority) {
     (dir, a)
 }
 
-fn authority_benches(c: &mut Criterion) {
-    let mut g = c.benchmark_group("authority");
-    g.sample_size(10)
-        .sampling_mode(SamplingMode::Flat)
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3));
+/// Median and max of `samples` (ms).
+fn spread(mut samples: Vec<f64>) -> String {
+    samples.sort_by(f64::total_cmp);
+    let median = samples[samples.len() / 2];
+    let max = samples[samples.len() - 1];
+    format!(
+        "median {median:.2} ms, max {max:.2} ms (n={})",
+        samples.len()
+    )
+}
+
+/// Timed by hand rather than by criterion: each call changes the state
+/// (one more member, one more revocation), so a fixed, small number of
+/// calls keeps the membership at N (+ OPS) instead of drifting with
+/// criterion's iteration count. Each kind starts on a fresh store.
+fn authority_benches() {
+    const OPS: usize = 30;
     for n in SIZES {
         let (_dir, mut a) = authority_with(n);
-        let (token, _) = a.create_token(token_spec(1_000_000), now()).unwrap();
-        let mut next = n + 1;
-        g.bench_function(format!("enroll/{n}"), |b| {
-            b.iter_batched(
-                || {
-                    next += 1;
-                    machine(next)
-                },
-                |m| {
-                    let e = a
-                        .enroll(&join_request(&token, &m), m.noise.public_key(), m.underlay(40000), now())
-                        .unwrap();
-                    black_box(e.published.map(|p| p.delta.len()))
-                },
-                BatchSize::PerIteration,
-            )
-        });
-        println!("enroll N={n}: {} members after the benchmark", a.roster().members().len());
-        let ids: Vec<NodeId> = a.roster().members().iter().map(|m| m.cert.body().node_id).collect();
-        let mut k = 0;
-        let mut delta_len = 0;
-        g.bench_function(format!("revoke/{n}"), |b| {
-            b.iter(|| {
-                k += 1;
-                let p = a.revoke_node(&ids[k], now()).unwrap();
-                delta_len = p.map_or(0, |p| p.delta.len());
-            })
-        });
+        let (token, _) = a.create_token(token_spec(OPS as u32), now()).unwrap();
+        let mut times = Vec::with_capacity(OPS);
+        let mut delta = 0;
+        for i in 0..OPS {
+            let m = machine(n + 1 + i);
+            let req = join_request(&token, &m);
+            let t = Instant::now();
+            let e = a
+                .enroll(&req, m.noise.public_key(), m.underlay(40000), now())
+                .unwrap();
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+            delta = e.published.map_or(0, |p| p.delta.len());
+        }
         println!(
-            "revoke N={n}: {k} nodes revoked by the benchmark; last delta {delta_len} B, roster {} B",
+            "authority/enroll/{n}: {} over a RedbStore, commit included; delta {delta} B, snapshot {} B",
+            spread(times),
+            a.roster().to_bytes().len()
+        );
+        drop(a);
+        let (_dir, mut a) = authority_with(n);
+        let ids: Vec<NodeId> = a
+            .roster()
+            .members()
+            .iter()
+            .take(OPS)
+            .map(|m| m.cert.body().node_id)
+            .collect();
+        let mut times = Vec::with_capacity(OPS);
+        for id in &ids {
+            let t = Instant::now();
+            let p = a.revoke_node(id, now()).unwrap();
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+            delta = p.map_or(0, |p| p.delta.len());
+        }
+        println!(
+            "authority/revoke/{n}: {} over a RedbStore, commit included; delta {delta} B, snapshot {} B",
+            spread(times),
             a.roster().to_bytes().len()
         );
     }
-    g.finish();
 }
 
 /// bench/authority/run's populate mode (see the module comment).
@@ -479,6 +509,6 @@ fn main() {
     }
     let mut c = Criterion::default().configure_from_args();
     roster_benches(&mut c);
-    authority_benches(&mut c);
     c.final_summary();
+    authority_benches();
 }
