@@ -17,7 +17,6 @@ use crate::authority::wire::Endpoints;
 
 struct Running {
     dir: tempfile::TempDir,
-    port: u16,
 }
 
 /// Starts an authority on 127.0.0.1 in this test's runtime.
@@ -74,7 +73,7 @@ async fn start() -> Running {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    Running { dir, port }
+    Running { dir }
 }
 
 impl Running {

@@ -46,6 +46,9 @@ use serde::{Deserialize, Serialize};
 /// The schema version every stored value starts with.
 pub const SCHEMA_VERSION: u8 = 1;
 
+/// redb's page cache.
+const STORE_CACHE: usize = 8 * 1024 * 1024;
+
 /// The store file's mode: it holds token hashes and the whole membership.
 pub const FILE_MODE: u32 = 0o600;
 
@@ -349,7 +352,10 @@ impl RedbStore {
             file.set_permissions(Permissions::from_mode(FILE_MODE))
                 .map_err(|e| io_err("chmod 0600", e))?;
         }
+        // The authority keeps its whole state in memory: redb's page cache
+        // (1 GiB by default) would only hold a second copy of it.
         let db = redb::Builder::new()
+            .set_cache_size(STORE_CACHE)
             .create_file(file)
             .map_err(|e| match e {
                 redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Locked {
