@@ -178,6 +178,8 @@ fn flag(key: &str, v: &str) -> Result<bool, UapiError> {
 }
 
 /// Parses one request, up to and including its terminating empty line.
+/// A `set` is parsed by [`SetParser`] and its items collected, so this and
+/// the streaming server read the format the same way.
 pub fn parse_request(text: &str) -> Result<Request, UapiError> {
     let Some((text, _)) = text.split_once("\n\n") else {
         return match text.split('\n').next() {
@@ -187,37 +189,132 @@ pub fn parse_request(text: &str) -> Result<Request, UapiError> {
             )),
         };
     };
-    // Put back the terminating empty line that split_once consumed.
-    let mut lines = text.split('\n').chain(std::iter::once(""));
+    let mut lines = text.split('\n');
     let first = lines.next().unwrap_or_default();
-    let set = match first {
-        "get=1" => {
-            return match lines.next() {
-                Some("") => Ok(Request::Get),
-                Some(other) => Err(UapiError::UnknownKey(other.to_string())),
-                None => Err(UapiError::Unterminated),
-            };
+    match first {
+        "get=1" => match lines.next() {
+            None => Ok(Request::Get),
+            Some(other) => Err(UapiError::UnknownKey(other.to_string())),
+        },
+        "set=1" => {
+            let mut parser = SetParser::new();
+            let mut req = SetRequest::default();
+            for line in lines {
+                if let Some(item) = parser.line(line)? {
+                    collect(&mut req, item);
+                }
+            }
+            collect(&mut req, parser.end());
+            Ok(Request::Set(req))
         }
-        "set=1" => parse_set(lines)?,
-        other => return Err(UapiError::UnknownOperation(other.to_string())),
-    };
-    Ok(Request::Set(set))
+        other => Err(UapiError::UnknownOperation(other.to_string())),
+    }
 }
 
-fn parse_set<'a>(lines: impl Iterator<Item = &'a str>) -> Result<SetRequest, UapiError> {
-    let mut req = SetRequest::default();
-    for line in lines {
-        if line.is_empty() {
-            return Ok(req);
+/// Adds one streamed item to a whole request. A continuation is merged
+/// into its peer as applying it would: its values win, and its own
+/// `replace_allowed_ips=true` drops the prefixes of the earlier parts.
+fn collect(req: &mut SetRequest, item: SetItem) {
+    match item {
+        SetItem::Device(d) => {
+            req.private_key = d.private_key;
+            req.listen_port = d.listen_port;
+            req.fwmark = d.fwmark;
+            req.replace_peers = d.replace_peers;
         }
+        SetItem::Peer(p) => req.peers.push(p),
+        SetItem::PeerContinued(more) => {
+            let Some(p) = req.peers.last_mut() else {
+                // SetParser never continues a peer it has not emitted.
+                req.peers.push(more);
+                return;
+            };
+            p.remove |= more.remove;
+            p.update_only |= more.update_only;
+            if more.preshared_key.is_some() {
+                p.preshared_key = more.preshared_key;
+            }
+            p.endpoint = more.endpoint.or(p.endpoint);
+            p.persistent_keepalive_interval = more
+                .persistent_keepalive_interval
+                .or(p.persistent_keepalive_interval);
+            if more.replace_allowed_ips {
+                p.replace_allowed_ips = true;
+                p.allowed_ips.clear();
+            }
+            p.allowed_ips.extend_from_slice(&more.allowed_ips);
+        }
+    }
+}
+
+/// The device-level part of a `set=1`: the lines before the first
+/// `public_key=`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceSet {
+    /// An all-zero key removes the private key.
+    pub private_key: Option<Key>,
+    pub listen_port: Option<u16>,
+    /// 0 removes the mark.
+    pub fwmark: Option<u32>,
+    pub replace_peers: bool,
+}
+
+/// One unit of a streamed `set=1`, in request order: exactly one
+/// [`SetItem::Device`] first, then the peers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SetItem {
+    Device(DeviceSet),
+    /// A peer's lines, up to [`MAX_ALLOWED_IPS_PER_ITEM`] prefixes.
+    Peer(PeerSet),
+    /// More lines of the peer emitted just before, after it reached
+    /// [`MAX_ALLOWED_IPS_PER_ITEM`] prefixes. Applied on top of it: it never
+    /// creates the peer nor resets what it does not name, and its own
+    /// `replace_allowed_ips=true` clears the prefixes of the earlier parts.
+    PeerContinued(PeerSet),
+}
+
+/// Prefixes one [`SetItem`] holds at most, so that a peer with a million
+/// `allowed_ip=` lines costs the parser no more than any other peer.
+pub const MAX_ALLOWED_IPS_PER_ITEM: usize = 1024;
+
+/// A `set=1` request parsed line by line, holding at most one peer: feed it
+/// the lines after `set=1` (without their `\n`) with [`SetParser::line`]
+/// and call [`SetParser::end`] at the terminating empty line. Memory is
+/// bounded by one item, whatever the size of the request.
+#[derive(Debug, Default)]
+pub struct SetParser {
+    /// The device lines, until the first `public_key=` emits them.
+    device: Option<DeviceSet>,
+    /// The peer being read, emitted at the next `public_key=` or the end.
+    peer: Option<PeerSet>,
+    /// `peer` continues one already emitted.
+    continued: bool,
+}
+
+impl SetParser {
+    pub fn new() -> Self {
+        SetParser {
+            device: Some(DeviceSet::default()),
+            peer: None,
+            continued: false,
+        }
+    }
+
+    /// One non-empty line. Returns an item when this line completes one
+    /// (the device part at the first `public_key=`, a peer at the next).
+    /// After an error the request is refused; stop feeding the parser.
+    pub fn line(&mut self, line: &str) -> Result<Option<SetItem>, UapiError> {
         let (k, v) = line
             .split_once('=')
             .ok_or_else(|| UapiError::NotKeyValue(line.to_string()))?;
         if k == "public_key" {
-            req.peers.push(PeerSet::new(Key::from_hex(k, v)?));
-            continue;
+            let next = PeerSet::new(Key::from_hex(k, v)?);
+            let done = self.take();
+            self.peer = Some(next);
+            return Ok(done);
         }
-        let Some(peer) = req.peers.last_mut() else {
+        let Some(peer) = self.peer.as_mut() else {
+            let req = self.device.get_or_insert_with(DeviceSet::default);
             match k {
                 "private_key" => req.private_key = Some(Key::from_hex(k, v)?),
                 "listen_port" => req.listen_port = Some(value(k, v)?),
@@ -235,7 +332,7 @@ fn parse_set<'a>(lines: impl Iterator<Item = &'a str>) -> Result<SetRequest, Uap
                 "protocol_version" => check_version(v)?,
                 _ => return Err(UapiError::UnknownKey(k.to_string())),
             }
-            continue;
+            return Ok(None);
         };
         match k {
             "remove" => peer.remove = flag(k, v)?,
@@ -247,17 +344,43 @@ fn parse_set<'a>(lines: impl Iterator<Item = &'a str>) -> Result<SetRequest, Uap
             }
             "replace_allowed_ips" => peer.replace_allowed_ips = flag(k, v)?,
             "allowed_ip" => {
-                peer.allowed_ips
-                    .push(v.parse().map_err(|_| UapiError::InvalidValue {
-                        key: k.to_string(),
-                        value: v.to_string(),
-                    })?)
+                let prefix: IpPrefix = value(k, v)?;
+                if peer.allowed_ips.len() < MAX_ALLOWED_IPS_PER_ITEM {
+                    peer.allowed_ips.push(prefix);
+                    return Ok(None);
+                }
+                let mut more = PeerSet::new(peer.public_key.clone());
+                more.allowed_ips.push(prefix);
+                let done = self.take();
+                self.peer = Some(more);
+                self.continued = true;
+                return Ok(done);
             }
             "protocol_version" => check_version(v)?,
             _ => return Err(UapiError::UnknownKey(k.to_string())),
         }
+        Ok(None)
     }
-    Err(UapiError::Unterminated)
+
+    /// The terminating empty line: the last item (the device part when the
+    /// request names no peer).
+    pub fn end(mut self) -> SetItem {
+        self.take()
+            .unwrap_or_else(|| SetItem::Device(DeviceSet::default()))
+    }
+
+    /// The item held: the device part first, then the peer being read.
+    fn take(&mut self) -> Option<SetItem> {
+        if let Some(device) = self.device.take() {
+            return Some(SetItem::Device(device));
+        }
+        let peer = self.peer.take()?;
+        Some(if std::mem::take(&mut self.continued) {
+            SetItem::PeerContinued(peer)
+        } else {
+            SetItem::Peer(peer)
+        })
+    }
 }
 
 fn check_version(v: &str) -> Result<(), UapiError> {
@@ -518,7 +641,164 @@ mod tests {
         assert!(!err.to_string().contains(&secret[..20]), "{err}");
     }
 
+    fn items(lines: &[String]) -> Result<Vec<SetItem>, UapiError> {
+        let mut parser = SetParser::new();
+        let mut out = Vec::new();
+        for l in lines {
+            out.extend(parser.line(l)?);
+        }
+        out.push(parser.end());
+        Ok(out)
+    }
+
+    #[test]
+    fn the_stream_emits_the_device_part_first_then_each_peer_at_the_next_key() {
+        let lines = [
+            format!("private_key={}", key(1).to_hex()),
+            "replace_peers=true".into(),
+            format!("public_key={}", key(2).to_hex()),
+            "allowed_ip=10.0.0.2/32".into(),
+            format!("public_key={}", key(3).to_hex()),
+            "remove=true".into(),
+        ];
+        let mut parser = SetParser::new();
+        assert_eq!(parser.line(&lines[0]), Ok(None));
+        assert_eq!(parser.line(&lines[1]), Ok(None));
+        let Ok(Some(SetItem::Device(d))) = parser.line(&lines[2]) else {
+            panic!("the first public_key= emits the device part")
+        };
+        assert_eq!(d.private_key, Some(key(1)));
+        assert!(d.replace_peers);
+        assert_eq!(parser.line(&lines[3]), Ok(None));
+        let Ok(Some(SetItem::Peer(p))) = parser.line(&lines[4]) else {
+            panic!("the next public_key= emits the peer before it")
+        };
+        assert_eq!((p.public_key, p.allowed_ips.len()), (key(2), 1));
+        assert_eq!(parser.line(&lines[5]), Ok(None));
+        let SetItem::Peer(last) = parser.end() else {
+            panic!("the end emits the last peer")
+        };
+        assert!(last.remove);
+        // No peer at all: the end emits the device part.
+        let mut parser = SetParser::new();
+        assert_eq!(parser.line("listen_port=7"), Ok(None));
+        assert_eq!(
+            parser.end(),
+            SetItem::Device(DeviceSet {
+                listen_port: Some(7),
+                ..DeviceSet::default()
+            })
+        );
+    }
+
+    #[test]
+    fn a_peer_with_many_prefixes_is_emitted_in_bounded_parts_and_reads_back_whole() {
+        let n = 2 * MAX_ALLOWED_IPS_PER_ITEM + 5;
+        let prefixes: Vec<IpPrefix> = (0..n)
+            .map(|i| format!("10.{}.{}.0/24", i / 256, i % 256).parse().unwrap())
+            .collect();
+        let mut peer = PeerSet::new(key(2));
+        peer.replace_allowed_ips = true;
+        peer.endpoint = Some("192.0.2.1:1".parse().unwrap());
+        peer.allowed_ips = prefixes.clone();
+        let req = SetRequest {
+            peers: vec![peer.clone(), PeerSet::new(key(3))],
+            ..SetRequest::default()
+        };
+        let text = format_set_request(&req);
+        let lines: Vec<String> = text.trim_end().lines().skip(1).map(String::from).collect();
+        let got = items(&lines).unwrap();
+        // Device, 3 parts of the first peer, the second peer.
+        assert_eq!(got.len(), 5, "{:?}", &got[..1]);
+        let SetItem::Peer(first) = &got[1] else {
+            panic!("first part")
+        };
+        assert_eq!(first.allowed_ips.len(), MAX_ALLOWED_IPS_PER_ITEM);
+        assert!(first.replace_allowed_ips && first.endpoint.is_some());
+        for part in &got[2..4] {
+            let SetItem::PeerContinued(more) = part else {
+                panic!("continuation: {part:?}")
+            };
+            assert_eq!(more.public_key, key(2));
+            assert!(more.allowed_ips.len() <= MAX_ALLOWED_IPS_PER_ITEM);
+            assert!(!more.replace_allowed_ips && more.endpoint.is_none());
+        }
+        assert!(matches!(&got[4], SetItem::Peer(p) if p.public_key == key(3)));
+        assert_eq!(parse_request(&text), Ok(Request::Set(req)));
+    }
+
+    #[test]
+    fn replace_allowed_ips_in_a_continuation_drops_the_earlier_parts() {
+        let mut text = format!("set=1\npublic_key={}\n", key(2).to_hex());
+        for i in 0..=MAX_ALLOWED_IPS_PER_ITEM {
+            text += &format!("allowed_ip=10.0.{}.{}/32\n", i / 256, i % 256);
+        }
+        text += "replace_allowed_ips=true\nallowed_ip=10.9.9.9/32\n\n";
+        let Ok(Request::Set(set)) = parse_request(&text) else {
+            panic!("parses")
+        };
+        let p = &set.peers[0];
+        assert!(p.replace_allowed_ips);
+        let want: Vec<IpPrefix> = ["10.0.4.0/32", "10.9.9.9/32"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        assert_eq!(p.allowed_ips, want);
+    }
+
+    #[test]
+    fn an_error_mid_stream_names_its_line_after_the_items_before_it() {
+        let lines = [
+            format!("public_key={}", key(2).to_hex()),
+            format!("public_key={}", key(3).to_hex()),
+            "allowed_ip=10.0.0.300/32".into(),
+        ];
+        let mut parser = SetParser::new();
+        assert!(matches!(
+            parser.line(&lines[0]),
+            Ok(Some(SetItem::Device(_)))
+        ));
+        assert!(matches!(parser.line(&lines[1]), Ok(Some(SetItem::Peer(_)))));
+        let err = parser.line(&lines[2]).unwrap_err();
+        assert_eq!(err.errno(), EINVAL);
+        assert!(err.to_string().contains("10.0.0.300"), "{err}");
+        assert_eq!(
+            parser.line(""),
+            Err(UapiError::NotKeyValue(String::new())),
+            "the empty line is `end`, not a line"
+        );
+    }
+
     proptest! {
+        /// Whatever the lines, each item holds at most one peer's worth of
+        /// prefixes, and the device part comes first, exactly once.
+        #[test]
+        fn items_are_bounded_and_ordered(
+            lines in proptest::collection::vec(
+                prop_oneof![
+                    Just(format!("public_key={}", "11".repeat(32))),
+                    Just(format!("public_key={}", "22".repeat(32))),
+                    (0u8..=255).prop_map(|b| format!("allowed_ip=10.0.0.{b}/32")),
+                    Just("listen_port=5".to_string()),
+                    Just("remove=true".to_string()),
+                    Just("replace_allowed_ips=true".to_string()),
+                ],
+                0..3000,
+            )
+        ) {
+            if let Ok(got) = items(&lines) {
+                prop_assert!(matches!(got[0], SetItem::Device(_)));
+                for item in &got[1..] {
+                    match item {
+                        SetItem::Device(_) => prop_assert!(false, "device part twice"),
+                        SetItem::Peer(p) | SetItem::PeerContinued(p) => {
+                            prop_assert!(p.allowed_ips.len() <= MAX_ALLOWED_IPS_PER_ITEM)
+                        }
+                    }
+                }
+            }
+        }
+
         #[test]
         fn garbage_never_panics(text in "\\PC{0,300}") {
             let _ = parse_request(&text);
