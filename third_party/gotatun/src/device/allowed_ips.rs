@@ -56,6 +56,13 @@ impl<D> AllowedIps<D> {
         self.ips.longest_match(key).map(|(_net, data)| data)
     }
 
+    /// The data stored for exactly `network` (host bits ignored), not for a network that covers
+    /// it (pqmesh patch 6).
+    pub fn get_exact(&self, network: IpNetwork) -> Option<&D> {
+        let network = ip_network::IpNetwork::new_truncate(network.ip(), network.prefix()).ok()?;
+        self.ips.exact_match(network)
+    }
+
     pub fn remove(&mut self, predicate: &dyn Fn(&D) -> bool) {
         self.ips.retain(|_, v| !predicate(v));
     }

@@ -13,9 +13,12 @@
 use std::{collections::HashSet, net::SocketAddr, sync::Arc, time::Duration};
 
 use ipnetwork::IpNetwork;
+use tokio::sync::Mutex;
 use x25519_dalek::{PublicKey, StaticSecret};
 
 use crate::device::Error;
+use crate::device::allowed_ips::AllowedIps;
+use crate::device::peer_state::{PeerState, canonical};
 use crate::device::{Connection, Device, DeviceState, DeviceTransports, Peer, Reconfigure};
 use crate::noise::TimerParams;
 
@@ -144,6 +147,50 @@ impl PeerMut {
     }
 }
 
+/// Whether `network` (exactly, not a covering network) routes to `peer`.
+fn routes_to(
+    peers_by_ip: &AllowedIps<Arc<Mutex<PeerState>>>,
+    network: IpNetwork,
+    peer: &Arc<Mutex<PeerState>>,
+) -> bool {
+    peers_by_ip
+        .get_exact(network)
+        .is_some_and(|owner| Arc::ptr_eq(owner, peer))
+}
+
+/// pqmesh patch 6: keeping `peers_by_ip` and the peers' lists of allowed IPs in step, in time
+/// proportional to the networks concerned.
+impl<T: DeviceTransports> DeviceState<T> {
+    /// `networks` are about to route to another peer: each leaves the list of the peer it
+    /// routes to now, as in the kernel and wireguard-go, where a peer's allowed IPs are the
+    /// networks that route to it.
+    ///
+    /// Called with the device's write lock held, so no packet holds a peer's lock; should one
+    /// be held anyway, that peer keeps the network in its list, and every reader skips it
+    /// because it no longer routes there (see [`PeerState::allowed_ips`]).
+    pub(super) fn take_from_owners(&self, networks: &[IpNetwork]) {
+        for &network in networks {
+            let Some(owner) = self.peers_by_ip.get_exact(network) else {
+                continue;
+            };
+            if let Ok(mut owner) = owner.try_lock() {
+                owner.forget_allowed_ip(canonical(network));
+            }
+        }
+    }
+
+    /// Remove from `peers_by_ip` the networks of `peer` (whose locked state is `state`) that
+    /// still route to it, and empty its list: O(its own networks), where a `retain` over the
+    /// trie is O(all networks of all peers).
+    pub(super) fn unroute_peer(&mut self, peer: &Arc<Mutex<PeerState>>, state: &mut PeerState) {
+        for network in state.allowed_ips.drain(..) {
+            if routes_to(&self.peers_by_ip, network, peer) {
+                self.peers_by_ip.remove_network(network);
+            }
+        }
+    }
+}
+
 impl<T: DeviceTransports> DeviceRead<'_, T> {
     /// Return the private key on the device
     pub fn private_key(&self) -> Option<&StaticSecret> {
@@ -196,7 +243,12 @@ impl<T: DeviceTransports> DeviceRead<'_, T> {
                 peer: Peer {
                     public_key: *pubkey,
                     preshared_key: p.tunnel.preshared_key(),
-                    allowed_ips: p.allowed_ips.iter().map(|(_, net)| net).collect(),
+                    allowed_ips: p
+                        .allowed_ips
+                        .iter()
+                        .copied()
+                        .filter(|net| routes_to(&self.device.peers_by_ip, *net, peer))
+                        .collect(),
                     endpoint: p.endpoint.addr,
                     keepalive: p.tunnel.persistent_keepalive(),
                     #[cfg(feature = "daita")]
@@ -230,6 +282,7 @@ impl<T: DeviceTransports> DeviceWrite<'_, T> {
         if self.device.peers.contains_key(&peer.public_key) {
             return false;
         }
+        self.device.take_from_owners(&peer.allowed_ips);
         self.device.add_peer(peer);
         true
     }
@@ -250,6 +303,7 @@ impl<T: DeviceTransports> DeviceWrite<'_, T> {
         }
 
         for peer in peers {
+            self.device.take_from_owners(&peer.allowed_ips);
             self.device.add_peer(peer);
         }
         true
@@ -351,33 +405,31 @@ impl<T: DeviceTransports> DeviceWrite<'_, T> {
             existing_peer.endpoint.addr = addr;
         }
 
+        // pqmesh patch 6: only this peer's own networks are touched, found through its list,
+        // where gotatun walked the whole device trie (quadratic over a large `wg setconf`).
+        // Networks another peer took while this peer's lock was busy leave the list now.
+        let peers_by_ip = &self.device.peers_by_ip;
+        existing_peer
+            .allowed_ips
+            .retain(|net| routes_to(peers_by_ip, *net, &existing_peer_arc));
+
         if clear_allowed_ips {
-            existing_peer.allowed_ips.clear();
+            self.device
+                .unroute_peer(&existing_peer_arc, &mut existing_peer);
         }
 
         for allowed_ip in add_allowed_ips {
-            existing_peer
-                .allowed_ips
-                .insert(allowed_ip.network(), allowed_ip.prefix(), ());
-        }
-
-        // Update device.peers_by_ip by clearing all entries that refer to this peer and
-        // adding them again.
-        let mut remove_list = vec![];
-        for (peer, ip_network) in self.device.peers_by_ip.iter() {
-            if Arc::ptr_eq(&existing_peer_arc, peer) {
-                remove_list.push(ip_network);
+            let network = canonical(allowed_ip);
+            if routes_to(&self.device.peers_by_ip, network, &existing_peer_arc) {
+                continue; // already this peer's, and listed
             }
-        }
-        for network in remove_list {
-            self.device.peers_by_ip.remove_network(network);
-        }
-        for (_, allowed_ip) in existing_peer.allowed_ips.iter() {
+            self.device.take_from_owners(&[network]);
             self.device.peers_by_ip.insert(
-                allowed_ip.network(),
-                allowed_ip.prefix(),
+                network.network(),
+                network.prefix(),
                 Arc::clone(&existing_peer_arc),
             );
+            existing_peer.allowed_ips.push(network);
         }
 
         true
@@ -606,5 +658,144 @@ impl<T: DeviceTransports> Device<T> {
     #[cfg(target_os = "linux")]
     pub async fn set_fwmark(&self, mark: u32) -> Result<(), Error> {
         self.write(async |device| device.set_fwmark(mark)).await?
+    }
+}
+
+/// pqmesh patch 6: a peer's allowed IPs are the networks that route to it.
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use ipnetwork::IpNetwork;
+    use x25519_dalek::{PublicKey, StaticSecret};
+
+    use crate::device::Peer;
+    use crate::device::tests::mock::{self, MockDevice};
+
+    fn net(s: &str) -> IpNetwork {
+        s.parse().expect("test network")
+    }
+
+    fn key() -> PublicKey {
+        PublicKey::from(&StaticSecret::random())
+    }
+
+    /// What `peers()` lists, per peer.
+    async fn listed(device: &MockDevice) -> HashMap<PublicKey, Vec<IpNetwork>> {
+        device
+            .device
+            .peers()
+            .await
+            .into_iter()
+            .map(|p| (p.peer.public_key, p.peer.allowed_ips))
+            .collect()
+    }
+
+    /// The peer's own list, as stored (not filtered by the device's routing).
+    async fn stored(device: &MockDevice, public_key: &PublicKey) -> Vec<IpNetwork> {
+        let state = device.device.inner.read().await;
+        let peer = state.peers.get(public_key).expect("peer exists");
+        peer.lock().await.allowed_ips.clone()
+    }
+
+    /// Which peer, if any, `network` (exactly) routes to.
+    async fn owner(device: &MockDevice, network: &str) -> Option<PublicKey> {
+        let state = device.device.inner.read().await;
+        let routed = state.peers_by_ip.get_exact(net(network))?;
+        state
+            .peers
+            .iter()
+            .find(|(_, p)| std::sync::Arc::ptr_eq(p, routed))
+            .map(|(k, _)| *k)
+    }
+
+    #[tokio::test]
+    async fn a_network_another_peer_takes_leaves_the_previous_owner() {
+        let (_alice, mut bob, _eve) = mock::device_pair().await;
+        let (k1, k2) = (key(), key());
+        let p1 = Peer::new(k1).with_allowed_ips([net("10.1.0.0/24"), net("10.2.0.1/32")]);
+        assert!(bob.device.add_peer(p1).await.unwrap());
+
+        // add_peer takes a network from its owner.
+        let p2 = Peer::new(k2).with_allowed_ip(net("10.1.0.0/24"));
+        assert!(bob.device.add_peer(p2).await.unwrap());
+        assert_eq!(stored(&bob, &k1).await, [net("10.2.0.1/32")]);
+        assert_eq!(listed(&bob).await[&k2], [net("10.1.0.0/24")]);
+        assert_eq!(owner(&bob, "10.1.0.0/24").await, Some(k2));
+
+        // modify_peer takes one too, stores it without host bits and only once.
+        let modified = bob
+            .device
+            .modify_peer(&k1, |m| {
+                m.add_allowed_ips([net("10.1.0.9/24"), net("10.1.0.0/24"), net("10.2.0.1/32")]);
+            })
+            .await
+            .unwrap();
+        assert!(modified);
+        assert_eq!(
+            stored(&bob, &k1).await,
+            [net("10.2.0.1/32"), net("10.1.0.0/24")]
+        );
+        assert_eq!(stored(&bob, &k2).await, []);
+        assert_eq!(owner(&bob, "10.1.0.0/24").await, Some(k1));
+
+        // Clearing removes exactly this peer's routes.
+        bob.device
+            .modify_peer(&k1, |m| {
+                m.clear_allowed_ips();
+                m.add_allowed_ip(net("10.3.0.0/16"));
+            })
+            .await
+            .unwrap();
+        assert_eq!(listed(&bob).await[&k1], [net("10.3.0.0/16")]);
+        assert_eq!(owner(&bob, "10.1.0.0/24").await, None);
+        assert_eq!(owner(&bob, "10.2.0.1/32").await, None);
+        assert_eq!(owner(&bob, "10.3.0.0/16").await, Some(k1));
+
+        // Removing a peer removes its routes and no other peer's.
+        bob.device
+            .modify_peer(&k2, |m| m.add_allowed_ip(net("10.4.0.0/16")))
+            .await
+            .unwrap();
+        assert!(bob.device.remove_peer(&k1).await.unwrap());
+        assert_eq!(owner(&bob, "10.3.0.0/16").await, None);
+        assert_eq!(owner(&bob, "10.4.0.0/16").await, Some(k2));
+    }
+
+    /// If the previous owner's lock is busy when its network is taken, the network stays in its
+    /// list, is never listed for it, and leaves at its next modification without being taken
+    /// back.
+    #[tokio::test]
+    async fn a_network_taken_while_its_owner_is_busy_is_not_listed_nor_taken_back() {
+        let (_alice, mut bob, _eve) = mock::device_pair().await;
+        let (k1, k2) = (key(), key());
+        let taken = net("10.5.0.0/16");
+        let p1 = Peer::new(k1).with_allowed_ips([taken, net("10.6.0.0/16")]);
+        bob.device.add_peer(p1).await.unwrap();
+        bob.device.add_peer(Peer::new(k2)).await.unwrap();
+        {
+            let mut state = bob.device.inner.write().await;
+            let p1 = std::sync::Arc::clone(&state.peers[&k1]);
+            let p2 = std::sync::Arc::clone(&state.peers[&k2]);
+            let busy = p1
+                .try_lock()
+                .expect("nothing else holds it under the write lock");
+            state.take_from_owners(&[taken]);
+            drop(busy);
+            state
+                .peers_by_ip
+                .insert(taken.network(), taken.prefix(), std::sync::Arc::clone(&p2));
+            p2.try_lock().expect("free").allowed_ips.push(taken);
+        }
+        assert!(stored(&bob, &k1).await.contains(&taken));
+        assert_eq!(listed(&bob).await[&k1], [net("10.6.0.0/16")]);
+        assert_eq!(listed(&bob).await[&k2], [taken]);
+
+        bob.device
+            .modify_peer(&k1, |m| m.set_keepalive(Some(25)))
+            .await
+            .unwrap();
+        assert_eq!(stored(&bob, &k1).await, [net("10.6.0.0/16")]);
+        assert_eq!(owner(&bob, "10.5.0.0/16").await, Some(k2));
     }
 }
