@@ -13,6 +13,7 @@
 //! WireGuard device implementation with support for peers, handshakes, and packet routing.
 pub(crate) mod allowed_ips;
 mod builder;
+pub mod parallel;
 pub mod configure;
 #[cfg(feature = "daita")]
 pub mod daita;

@@ -21,7 +21,7 @@ pub mod index_table;
 /// Rate limiting for handshake initiation packets.
 pub mod rate_limiter;
 
-mod session;
+pub(crate) mod session;
 mod timers;
 
 use rand::{RngCore, SeedableRng, rngs::StdRng};
@@ -69,8 +69,10 @@ impl From<WireGuardError> for TunnResult {
 pub struct Tunn<R: RngCore + Send = StdRng> {
     /// The handshake currently in progress.
     handshake: handshake::Handshake,
-    /// The [`N_SESSIONS`] most recent sessions.
-    sessions: [Option<session::Session>; N_SESSIONS],
+    /// The [`N_SESSIONS`] most recent sessions. Shared (pqmesh patch 6) so
+    /// that parallel crypto can seal and open outside the peer's lock; an
+    /// empty slot costs 8 bytes, not a session's 1 KB.
+    sessions: [Option<Arc<session::Session>>; N_SESSIONS],
     /// Index of the most recently used session.
     current: usize,
     /// Counter for slot selection when inserting new sessions.
@@ -346,7 +348,52 @@ impl<R: RngCore + Send> Tunn<R> {
     /// If the slot was occupied, the old session (and its [`Index`](index_table::Index)) is dropped,
     /// which automatically frees the index from the shared table.
     fn put_session(&mut self, slot: usize, session: session::Session) {
-        self.sessions[slot % N_SESSIONS] = Some(session);
+        self.sessions[slot % N_SESSIONS] = Some(Arc::new(session));
+    }
+
+    /// Reserves `n` sending counters on the current session for a batch
+    /// that will be sealed in parallel (pqmesh patch 6), and accounts for it
+    /// as `encapsulate_with_session` does per packet: `bytes` of sealed
+    /// packets, `data` if any of them carries data. `None` without a usable
+    /// session: the caller takes the per-packet path (queue + handshake).
+    pub(crate) fn begin_send(
+        &mut self,
+        n: usize,
+        bytes: usize,
+        data: bool,
+    ) -> Option<(Arc<session::Session>, u64, u64)> {
+        let session = self.sessions[self.current % N_SESSIONS].clone()?;
+        let (base, granted) = session.reserve_counters(n as u64)?;
+        self.timer_tick(TimerName::TimeLastPacketSent);
+        if data {
+            self.timer_tick(TimerName::TimeLastDataPacketSent);
+        }
+        self.tx_bytes += bytes;
+        Some((session, base, granted))
+    }
+
+    /// The session with receiver index `idx` and its slot, to open a batch
+    /// of its packets in parallel (pqmesh patch 6).
+    pub(crate) fn session_for_receive(&self, idx: u32) -> Option<(usize, Arc<session::Session>)> {
+        self.sessions
+            .iter()
+            .enumerate()
+            .find_map(|(i, s)| {
+                s.as_ref()
+                    .filter(|s| s.receiving_index.value() == idx)
+                    .map(|s| (i, Arc::clone(s)))
+            })
+    }
+
+    /// Accounts for one packet opened and marked on `slot`'s session, in
+    /// arrival order, as `decapsulate_with_session` and `handle_data` do.
+    pub(crate) fn commit_receive(&mut self, slot: usize, bytes: usize, data: bool) {
+        self.set_current_session(slot);
+        self.timer_tick(TimerName::TimeLastPacketReceived);
+        self.rx_bytes += bytes;
+        if data {
+            self.timer_tick(TimerName::TimeLastDataPacketReceived);
+        }
     }
 
     /// Decrypt a data packet, and return a [`TunnResult::WriteToTunnel`] (`Ipv4` or `Ipv6`) if
@@ -506,7 +553,7 @@ impl<R: RngCore + Send> Tunn<R> {
 /// A literal interpretation would imply keeping track of the route MTU for each peer.
 /// Using the MTU from the TUN device instead is a simpler, more reasonable, approach.
 /// `wireguard-go` uses this same method.
-fn pad_to_x16(mut packet: Packet, tun_mtu: &mut MtuWatcher) -> Packet {
+pub(crate) fn pad_to_x16(mut packet: Packet, tun_mtu: &mut MtuWatcher) -> Packet {
     if packet.len().is_multiple_of(16) {
         return packet;
     }

@@ -180,7 +180,7 @@ impl ReceivingKeyCounterValidator {
 }
 
 impl Session {
-    pub(super) fn new(
+    pub(crate) fn new(
         local_index: Index,
         sending_index: u32,
         receiving_key: [u8; 32],
@@ -221,19 +221,47 @@ impl Session {
         self.sending_key_counter.store(value, Ordering::Relaxed);
     }
 
+    /// Reserves up to `n` consecutive sending counters (pqmesh patch 6,
+    /// parallel crypto): returns the first and how many were granted, fewer
+    /// than `n` near `REJECT_AFTER_MESSAGES`, `None` at it. Counters are
+    /// handed out in order on the thread that reads the batch; the seals may
+    /// then run anywhere, in any order.
+    pub(crate) fn reserve_counters(&self, n: u64) -> Option<(u64, u64)> {
+        let mut current = self.sending_key_counter.load(Ordering::Relaxed);
+        loop {
+            // Check before incrementing so an exhausted counter is never
+            // advanced (and thus can never wrap to a used value).
+            if current >= REJECT_AFTER_MESSAGES || n == 0 {
+                return None;
+            }
+            let granted = n.min(REJECT_AFTER_MESSAGES - current);
+            match self.sending_key_counter.compare_exchange_weak(
+                current,
+                current + granted,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Some((current, granted)),
+                Err(now) => current = now,
+            }
+        }
+    }
+
     /// Encapsulate `packet` into a [`WgData`].
     ///
     /// Returns `Err(packet)` (the original, un-encapsulated packet) once the sending counter has
     /// reached `REJECT_AFTER_MESSAGES`: the session must then be replaced by a fresh handshake
     /// before more transport data can be sent, so the AEAD nonce can never wrap.
     pub(super) fn format_packet_data(&self, packet: Packet) -> Result<Packet<WgData>, Packet> {
-        // Check before incrementing so an exhausted counter is never advanced (and thus can never
-        // wrap back around to a previously used value).
-        if self.sending_key_counter.load(Ordering::Relaxed) >= REJECT_AFTER_MESSAGES {
+        let Some((counter, _)) = self.reserve_counters(1) else {
             return Err(packet);
-        }
-        let sending_key_counter = self.sending_key_counter.fetch_add(1, Ordering::Relaxed);
+        };
+        Ok(self.seal(counter, packet))
+    }
 
+    /// Seals `packet` under `counter`, which [`Self::reserve_counters`]
+    /// gave out for exactly this packet.
+    pub(crate) fn seal(&self, sending_key_counter: u64, packet: Packet) -> Packet<WgData> {
         let plaintext_len = packet.len();
         let len = WgData::OVERHEAD + plaintext_len;
 
@@ -281,14 +309,28 @@ impl Session {
             unreachable!("is a wireguard data packet");
         };
 
-        Ok(packet)
+        packet
     }
 
     /// Decapsulate `packet` and return the decrypted data.
     pub(super) fn receive_packet_data(
         &self,
-        mut packet: Packet<WgData>,
+        packet: Packet<WgData>,
     ) -> Result<Packet, WireGuardError> {
+        let (counter, packet) = self.open(packet)?;
+        // After decryption is done, check counter again, and mark as received
+        self.mark(counter)?;
+        Ok(packet)
+    }
+
+    /// Checks the index and the counter (without marking it) and decrypts
+    /// (pqmesh patch 6: this part may run on any thread, in any order). The
+    /// caller must then [`Self::mark`] the counter, in arrival order, before
+    /// it uses the packet: only that refuses a replay for good.
+    pub(crate) fn open(
+        &self,
+        mut packet: Packet<WgData>,
+    ) -> Result<(u64, Packet), WireGuardError> {
         if packet.header.receiver_idx.get() != self.receiving_index.value() {
             return Err(WireGuardError::WrongIndex);
         }
@@ -322,10 +364,13 @@ impl Session {
         let buf = packet.buf_mut();
         buf.advance(WgDataHeader::LEN);
         buf.truncate(decrypted_len);
+        Ok((counter, packet))
+    }
 
-        // After decryption is done, check counter again, and mark as received
-        self.receiving_counter_mark(counter)?;
-        Ok(packet)
+    /// Marks an authenticated packet's counter as received; refuses it if
+    /// it was received already (a replay that raced through [`Self::open`]).
+    pub(crate) fn mark(&self, counter: u64) -> Result<(), WireGuardError> {
+        self.receiving_counter_mark(counter)
     }
 
     /// Returns the estimated downstream packet loss for this session
