@@ -20,6 +20,11 @@ pub const EIO: i32 = 5;
 pub const EPROTO: i32 = 71;
 pub const EADDRINUSE: i32 = 98;
 
+/// The longest line a server reads (without its `\n`). The longest valid
+/// one, a key, is under 100 bytes; a server refuses longer ones with
+/// [`UapiError::LineTooLong`] instead of buffering them.
+pub const MAX_LINE_BYTES: usize = 4096;
+
 /// Why a request was refused; every variant names the offending line.
 /// [`UapiError::errno`] is positive; [`format_errno`] negates it on the wire.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -38,13 +43,17 @@ pub enum UapiError {
     ProtocolVersion(String),
     #[error("request has no terminating empty line")]
     Unterminated,
+    #[error("a line longer than {MAX_LINE_BYTES} bytes")]
+    LineTooLong,
 }
 
 impl UapiError {
     /// The errno the protocol answers with.
     pub fn errno(&self) -> i32 {
         match self {
-            UapiError::UnknownOperation(_) | UapiError::Unterminated => EPROTO,
+            UapiError::UnknownOperation(_) | UapiError::Unterminated | UapiError::LineTooLong => {
+                EPROTO
+            }
             _ => EINVAL,
         }
     }
