@@ -119,6 +119,13 @@ impl Admission {
         self.connection_cap = self.config.max_connections.max(2 * self.listed.len());
     }
 
+    /// Raises the connection cap to at least `n` (the authority: one
+    /// subscription per enrolled node, whatever addresses they share).
+    /// Call it after [`Self::set_listed`], which sets the cap afresh.
+    pub fn raise_connection_cap(&mut self, n: usize) {
+        self.connection_cap = self.connection_cap.max(n);
+    }
+
     /// From half the handshake cap on, new work must prove its address.
     pub fn under_load(&self) -> bool {
         self.handshakes * 2 >= self.config.max_handshakes

@@ -188,7 +188,7 @@ fn load_roster(c: &Config, ca: &CaCert) -> Result<Roster> {
 /// Loads everything, checks it, and runs until stopped.
 pub async fn run(config: Config, reset_state: bool) -> Result<()> {
     let ca = Arc::new(crate::cli::load_ca_cert(&config.ca_cert)?);
-    let cert = NodeCert::from_text(&files::read_text(&config.cert)?)
+    let mut cert = NodeCert::from_text(&files::read_text(&config.cert)?)
         .with_context(|| format!("`cert` {}", config.cert.display()))?;
     let wg_key = WgPrivateKey::from_text(&files::read_secret(&config.wg_key)?)
         .with_context(|| format!("`wg_key` {}", config.wg_key.display()))?;
@@ -200,6 +200,19 @@ pub async fn run(config: Config, reset_state: bool) -> Result<()> {
         bail!("the keys in `wg_key`/`noise_key` are not the ones `cert` certifies");
     }
     let roster = load_roster(&config, &ca)?;
+    // The roster may list a newer certificate for this node than the file
+    // (renewed, or reissued by a signing-key rollover, just before a crash):
+    // a verified roster vouches for it, and it carries these keys.
+    if let Some(m) = roster.member(&cert.body().node_id)
+        && m.cert != cert
+        && !roster.revokes(&m.cert)
+    {
+        info!("taking the newer certificate the roster lists for this node");
+        cert = m.cert.clone();
+        if let Err(e) = files::write_document(&config.cert, &cert.to_text()) {
+            warn!("cannot write it to {}: {e:#}", config.cert.display());
+        }
+    }
     if !roster.issued(&ca, &cert) {
         bail!(
             "`cert` {} is not signed by `ca_cert` {} or an authority its roster lists",
@@ -208,10 +221,23 @@ pub async fn run(config: Config, reset_state: bool) -> Result<()> {
         );
     }
     let skew = config.max_clock_skew.as_secs();
-    roster
+    let usable = roster
         .check_fresh(time::unix_now(), skew)
-        .and_then(|()| roster.check_signer(None, time::unix_now(), skew))
-        .with_context(|| format!("roster {}", config.roster.display()))?;
+        .and_then(|()| roster.check_signer(None, time::unix_now(), skew));
+    match usable {
+        Ok(()) => {}
+        // Fail closed, not stopped: with an authority to follow, the node
+        // starts without peers and takes the next roster the authority
+        // sends (a VM powered off for longer than a roster lives).
+        Err(e) if config.authority.is_some() => warn!(
+            "roster {}: {e}; no peers until the authority sends a newer one",
+            config.roster.display()
+        ),
+        Err(e) => {
+            return Err(anyhow::Error::new(e)
+                .context(format!("roster {}", config.roster.display())));
+        }
+    }
     let persisted = state::load(&config.state_dir, reset_state)?;
     match &persisted {
         Some(s) => s.check_roster(&roster)?,

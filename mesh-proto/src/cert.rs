@@ -21,6 +21,12 @@ const CA_DOMAIN: &[u8] = b"pqmesh ca certificate v1\0";
 const NODE_DOMAIN: &[u8] = b"pqmesh node certificate v1\0";
 const AUTHORITY_DOMAIN: &[u8] = b"pqmesh authority certificate v1\0";
 
+/// How far an authority certificate's `not_before` is set before the moment
+/// the root certifies it (clocks a little behind). A node counts a key as
+/// certified after a roster was issued if `not_before + AUTHORITY_BACKDATE`
+/// is later than the roster's issue time (`Roster::check_signer`).
+pub const AUTHORITY_BACKDATE: UnixTime = 60;
+
 /// Limits that keep a certificate small enough for one handshake payload.
 pub const MAX_NAME_LEN: usize = 63;
 pub const MAX_GROUPS: usize = 32;

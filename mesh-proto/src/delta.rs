@@ -811,4 +811,29 @@ mod tests {
             Ok(true)
         );
     }
+
+    #[test]
+    fn a_key_certified_just_after_the_held_roster_counts_despite_its_backdate() {
+        let mut n = net();
+        let held = n.first(2);
+        // Certified 10 s after the held roster was issued, its not_before
+        // back-dated by AUTHORITY_BACKDATE: before the roster's issue time.
+        let certified = held.issued_at() + 10;
+        let not_before = certified - crate::cert::AUTHORITY_BACKDATE;
+        assert!(not_before <= held.issued_at());
+        let (k, a) = authority_from(&n, "auth-x", not_before, T0 + 180 * DAY);
+        let content = RosterContent {
+            serial: held.serial() + 3,
+            issued_at: certified + 5,
+            not_after: T0 + DAY,
+            authorities: vec![a.clone()],
+            members: vec![],
+            ..RosterContent::default()
+        };
+        let snapshot = Roster::sign(&n.ca, &Signer::Authority(&a, &k), &content).unwrap();
+        assert_eq!(
+            Roster::check_update(Some(&held), &snapshot, certified + 10, 300),
+            Ok(true)
+        );
+    }
 }

@@ -479,7 +479,10 @@ impl Roster {
         }
         if let Some(held) = held
             && held.authority(&signer).is_none()
-            && a.body().not_before <= held.issued_at()
+            && a.body()
+                .not_before
+                .saturating_add(crate::cert::AUTHORITY_BACKDATE)
+                <= held.issued_at()
         {
             return Err(RosterError::SignerNotTrusted {
                 signer: signer.to_hex(),

@@ -68,7 +68,8 @@ async fn serve(stream: UnixStream, handle: AdminHandle) -> Result<()> {
         },
         Err(e) => json!({"ok": false, "error": format!("malformed request: {e}")}),
     };
-    let mut out = serde_json::to_vec(&answer)?;
+    // A token-create answer holds the token's secret.
+    let mut out = zeroize::Zeroizing::new(serde_json::to_vec(&answer)?);
     out.push(b'\n');
     write.write_all(&out).await?;
     Ok(())
@@ -89,7 +90,7 @@ pub fn request(dir: &Path, op: &AdminOp) -> Result<Value> {
     let mut req = serde_json::to_vec(op)?;
     req.push(b'\n');
     stream.write_all(&req)?;
-    let mut line = String::new();
+    let mut line = zeroize::Zeroizing::new(String::new());
     std::io::BufReader::new(stream.take(64 * 1024 * 1024)).read_line(&mut line)?;
     let v: Value = serde_json::from_str(&line).context("the authority's answer is not JSON")?;
     if v["ok"] == Value::Bool(true) {

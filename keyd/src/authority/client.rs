@@ -86,7 +86,9 @@ async fn open(
                     stream.write(&sealed).await?;
                     msg2 = stream.read_required().await.with_context(no_answer)?;
                 }
-                let (mut channel, msg3) = hs.finish(&msg2, &wire::encode(hello))?;
+                // A join's hello holds the token's secret.
+                let hello = zeroize::Zeroizing::new(wire::encode(hello));
+                let (mut channel, msg3) = hs.finish(&msg2, &hello)?;
                 channel.set_max_message(MAX_REPLY);
                 stream.write(&msg3).await?;
                 anyhow::Ok(Link { stream, channel })

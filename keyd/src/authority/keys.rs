@@ -12,7 +12,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use mesh_proto::cert::AuthorityCert;
+use mesh_proto::cert::{AUTHORITY_BACKDATE, AuthorityCert};
 use mesh_proto::cert::CaCert;
 use mesh_proto::identity::CaSigningKey;
 
@@ -37,6 +37,30 @@ impl KeyFiles for DirKeyFiles {
     fn save(&mut self, key: &SigningKey) -> Result<(), AuthorityError> {
         save(&self.dir, key).map_err(|e| AuthorityError::KeyFile(format!("{e:#}")))
     }
+}
+
+/// A new signing key, certified by the root for `lifetime` seconds from
+/// `now` (back-dated by [`AUTHORITY_BACKDATE`] for slow clocks, never before
+/// the CA's own start, never past its end).
+pub fn certify(
+    ca: &CaCert,
+    root: &CaSigningKey,
+    now: u64,
+    lifetime: u64,
+) -> Result<SigningKey, AuthorityError> {
+    let key = CaSigningKey::generate().map_err(|e| AuthorityError::Random(e.to_string()))?;
+    let not_before = now
+        .saturating_sub(AUTHORITY_BACKDATE)
+        .max(ca.body().not_before);
+    let not_after = now.saturating_add(lifetime).min(ca.body().not_after);
+    let cert = ca.certify_authority(
+        root,
+        &format!("authority-{now}"),
+        key.verifying_key(),
+        not_before,
+        not_after,
+    )?;
+    Ok(SigningKey { cert, key })
 }
 
 /// Writes a signing key pair: the key 0600, then the certificate.

@@ -36,6 +36,12 @@ use crate::time::unix_now;
 const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
 /// A subscription with nothing to say sends a keepalive this often.
 const KEEPALIVE: Duration = Duration::from_secs(20);
+/// From the QUIC handshake's end to the first message (msg1).
+const FIRST_FRAME_DEADLINE: Duration = Duration::from_secs(2);
+/// From msg2 to msg3.
+const MSG3_DEADLINE: Duration = Duration::from_secs(2);
+/// Channel handshakes in progress from one source (address or /64).
+const HANDSHAKES_PER_SOURCE: usize = 2;
 /// The largest message the authority reassembles from a node.
 const MAX_FROM_NODE: usize = 4096;
 /// Deltas buffered for subscribers; one further behind gets a snapshot.
@@ -92,6 +98,11 @@ enum Request {
         op: AdminOp,
         reply: oneshot::Sender<Result<Value, String>>,
     },
+    /// Is this key still an unrevoked member?
+    Member {
+        client: NoisePublicKey,
+        reply: oneshot::Sender<bool>,
+    },
 }
 
 struct Subscription {
@@ -118,6 +129,10 @@ struct Shared {
     subscribers: std::sync::atomic::AtomicUsize,
     log: SharedLogLimiter,
     cookies: Mutex<CookieChecker>,
+    /// Handshakes in progress per source key.
+    handshakes: Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+    /// Source keys enrolled nodes were last seen from.
+    known: Mutex<std::collections::HashSet<std::net::IpAddr>>,
 }
 
 impl Shared {
@@ -177,16 +192,11 @@ pub async fn serve(
     let roster = authority.roster();
     let (current_tx, current) = watch::channel((roster.serial(), Arc::new(roster.to_bytes())));
     let (requests, rx) = std::sync::mpsc::sync_channel(4096);
-    let mut admission = Admission::new(AdmissionConfig {
+    let admission = Admission::new(AdmissionConfig {
         accept_unlisted_sources: true,
         max_connections_per_source: cfg.max_connections_per_source,
         ..AdmissionConfig::default()
     });
-    admission.set_listed(
-        authority
-            .nodes()
-            .filter_map(|n| n.observed_addr.map(|a| a.ip())),
-    );
     let noise_public = noise_key.public_key();
     let shared = Arc::new(Shared {
         network_id: authority.ca().body().network_id.clone(),
@@ -202,7 +212,10 @@ pub async fn serve(
             *mesh_proto::identity::random_bytes::<32>().context("no randomness for cookies")?,
             Instant::now(),
         )),
+        handshakes: Mutex::new(std::collections::HashMap::new()),
+        known: Mutex::new(std::collections::HashSet::new()),
     });
+    admit_nodes(&shared, &authority);
     info!(
         "authority up: network {}, QUIC {}, roster serial {}, {} nodes, signing key {}",
         shared.network_id,
@@ -224,7 +237,7 @@ pub async fn serve(
     while let Some(incoming) = endpoint.accept().await {
         let remote = incoming.remote_address();
         let decision = shared.admission().connection(
-            remote.ip(),
+            source_key(remote.ip()),
             incoming.remote_address_validated(),
             Instant::now(),
         );
@@ -245,6 +258,23 @@ pub async fn serve(
         }
     }
     Ok(())
+}
+
+/// The connection cap grows with the network: one subscription per
+/// enrolled node (many may share an address) and room for joins; the
+/// addresses nodes were seen from may use the second half of the handshake
+/// cap (see `Slots::take_handshake`).
+fn admit_nodes(s: &Shared, a: &Authority) {
+    let active: Vec<std::net::IpAddr> = a
+        .nodes()
+        .filter(|n| n.revoked_at.is_none())
+        .filter_map(|n| n.observed_addr.map(|x| source_key(x.ip())))
+        .collect();
+    let nodes = a.nodes().filter(|n| n.revoked_at.is_none()).count();
+    *s.known.lock().unwrap_or_else(|p| p.into_inner()) = active.iter().copied().collect();
+    let mut admission = s.admission();
+    admission.set_listed(active);
+    admission.raise_connection_cap(2 * nodes + 256);
 }
 
 /// What the admin socket calls.
@@ -271,16 +301,20 @@ fn owner(
     s: Arc<Shared>,
     state_dir: PathBuf,
 ) {
-    let publish = |a: &Authority, p: Vec<Published>| {
+    // Everything committed goes out, in order, even when the operation
+    // that committed it failed later. The current roster is updated first:
+    // a subscriber that sees a gap takes it, and must find the newest.
+    let flush = |a: &mut Authority| {
+        let p = a.take_published();
         if p.is_empty() {
             return;
         }
+        let r = a.roster();
+        current.send_replace((r.serial(), Arc::new(r.to_bytes())));
         for d in p {
             s.count("deltas_published");
             let _ = deltas.send(d);
         }
-        let r = a.roster();
-        current.send_replace((r.serial(), Arc::new(r.to_bytes())));
     };
     let mut next_tick = Instant::now();
     let mut listed_at = 0;
@@ -293,14 +327,14 @@ fn owner(
                 observed,
                 reply,
             }) => {
-                let result = a.enroll(&req, client, observed, unix_now()).map(|e| {
-                    publish(&a, e.published.into_iter().collect());
-                    Reply::Enrolled {
-                        ca: a.ca().to_bytes(),
-                        cert: e.cert.to_bytes(),
-                        roster: a.roster().to_bytes(),
-                    }
-                });
+                let result =
+                    a.enroll(&req, client, observed, unix_now())
+                        .map(|e| Reply::Enrolled {
+                            ca: a.ca().to_bytes(),
+                            cert: e.cert.to_bytes(),
+                            roster: a.roster().to_bytes(),
+                        });
+                flush(&mut a);
                 let _ = reply.send(result);
             }
             Ok(Request::Subscribe {
@@ -320,42 +354,36 @@ fn owner(
                         serial: a.roster().serial(),
                         deltas: deltas.subscribe(),
                     };
-                    match a.report_endpoints(&node, req.endpoints, observed, unix_now()) {
-                        Ok(p) => publish(&a, p.into_iter().collect()),
-                        Err(e) => warn!("endpoints of {node}: {e}"),
+                    if let Err(e) = a.report_endpoints(&node, req.endpoints, observed, unix_now()) {
+                        warn!("endpoints of {node}: {e}");
                     }
                     Ok(sub)
                 });
+                // After the subscriber is registered: it gets these too.
+                flush(&mut a);
                 let _ = reply.send(result);
             }
             Ok(Request::Admin { op, reply }) => {
                 let result = admin(&mut a, op, &state_dir, &s);
-                match result {
-                    Ok((value, p)) => {
-                        publish(&a, p);
-                        let _ = reply.send(Ok(value));
-                    }
-                    Err(e) => {
-                        let _ = reply.send(Err(format!("{e:#}")));
-                    }
-                }
+                flush(&mut a);
+                let _ = reply.send(result.map_err(|e| format!("{e:#}")));
+            }
+            Ok(Request::Member { client, reply }) => {
+                let _ = reply.send(a.member_for(&client).is_ok());
             }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
         }
         if Instant::now() >= next_tick {
             next_tick = Instant::now() + Duration::from_secs(1);
-            match a.handle_timeout(unix_now()) {
-                Ok(p) => publish(&a, p),
-                Err(e) => s
-                    .log
-                    .warn("timeout", || format!("renewal/refresh failed: {e}")),
+            if let Err(e) = a.handle_timeout(unix_now()) {
+                s.log
+                    .warn("timeout", || format!("renewal/refresh failed: {e}"));
             }
-            // The connection cap grows with the network (see Admission).
+            flush(&mut a);
             if a.roster().serial() != listed_at {
                 listed_at = a.roster().serial();
-                s.admission()
-                    .set_listed(a.nodes().filter_map(|n| n.observed_addr.map(|x| x.ip())));
+                admit_nodes(&s, &a);
             }
         }
     }
@@ -404,12 +432,7 @@ fn token_json(t: &super::store::TokenRecord, now: u64) -> Value {
     })
 }
 
-fn admin(
-    a: &mut Authority,
-    op: AdminOp,
-    state_dir: &std::path::Path,
-    s: &Shared,
-) -> Result<(Value, Vec<Published>)> {
+fn admin(a: &mut Authority, op: AdminOp, state_dir: &std::path::Path, s: &Shared) -> Result<Value> {
     let now = unix_now();
     Ok(match op {
         AdminOp::TokenCreate {
@@ -432,29 +455,26 @@ fn admin(
             info!(id = %record.id, uses, "join token created");
             let mut v = token_json(&record, now);
             v["token"] = Value::String(token.encode().to_string());
-            (v, vec![])
+            v
         }
-        AdminOp::TokenList => (
-            Value::Array(a.tokens().map(|t| token_json(t, now)).collect()),
-            vec![],
-        ),
+        AdminOp::TokenList => Value::Array(a.tokens().map(|t| token_json(t, now)).collect()),
         AdminOp::TokenRevoke { id } => {
             let t = a.revoke_token(&id, now)?;
             info!(id = %t.id, "join token revoked");
-            (token_json(&t, now), vec![])
+            token_json(&t, now)
         }
-        AdminOp::NodeList => (Value::Array(a.nodes().map(node_json).collect()), vec![]),
+        AdminOp::NodeList => Value::Array(a.nodes().map(node_json).collect()),
         AdminOp::NodeRevoke { node } => {
             let id = a.find_node(&node)?;
-            let p = a.revoke_node(&id, now)?;
+            a.revoke_node(&id, now)?;
             let n = a.nodes().find(|n| NodeId(n.node_id) == id).map(node_json);
-            (n.unwrap_or(Value::Null), p.into_iter().collect())
+            n.unwrap_or(Value::Null)
         }
         AdminOp::NodeRename { node, name } => {
             let id = a.find_node(&node)?;
-            let p = a.rename_node(&id, &name, now)?;
+            a.rename_node(&id, &name, now)?;
             let n = a.nodes().find(|n| NodeId(n.node_id) == id).map(node_json);
-            (n.unwrap_or(Value::Null), p.into_iter().collect())
+            n.unwrap_or(Value::Null)
         }
         AdminOp::AdoptKey { fingerprint } => {
             let key = keys::load_all(state_dir, a.ca())?
@@ -463,11 +483,8 @@ fn admin(
                 .ok_or_else(|| {
                     anyhow!("no authority key {fingerprint} in {}", state_dir.display())
                 })?;
-            let p = a.roll_to(key, now)?;
-            (
-                json!({"signer": a.signer().fingerprint().to_hex(), "serial": a.roster().serial()}),
-                p,
-            )
+            a.roll_to(key, now)?;
+            json!({"signer": a.signer().fingerprint().to_hex(), "serial": a.roster().serial()})
         }
         AdminOp::Status => {
             let counters = s
@@ -492,7 +509,7 @@ fn admin(
                 "handshakes": handshakes,
                 "counters": counters,
             });
-            (v, vec![])
+            v
         }
     })
 }
@@ -500,30 +517,98 @@ fn admin(
 /// Gives admission slots back however the task ends.
 struct Slots(Arc<Shared>, std::net::IpAddr, bool);
 
-impl Drop for Slots {
-    fn drop(&mut self) {
-        let mut a = self.0.admission();
-        a.connection_closed(self.1);
-        if self.2 {
-            a.handshake_done();
+impl Slots {
+    /// Takes a handshake slot: within the global cap (admission), at most
+    /// [`HANDSHAKES_PER_SOURCE`] per source at once, and the second half of
+    /// the cap only for addresses enrolled nodes were seen from: one host
+    /// that knows the authority's key cannot hold every slot.
+    fn take_handshake(&mut self, now: Instant) -> Result<()> {
+        let s = &self.0;
+        let mut per = s.handshakes.lock().unwrap_or_else(|p| p.into_inner());
+        let mine = per.get(&self.1).copied().unwrap_or(0);
+        if mine >= HANDSHAKES_PER_SOURCE {
+            return Err(anyhow!(Busy("too_many_handshakes_from_source")));
+        }
+        let known = s
+            .known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&self.1);
+        let mut admission = s.admission();
+        if !known && admission.under_load() {
+            return Err(anyhow!(Busy("handshakes_reserved_for_nodes")));
+        }
+        admission
+            .handshake(self.1, now)
+            .map_err(|r| anyhow!(Busy(r.label())))?;
+        *per.entry(self.1).or_default() += 1;
+        self.2 = true;
+        Ok(())
+    }
+
+    fn handshake_done(&mut self) {
+        if !std::mem::replace(&mut self.2, false) {
+            return;
+        }
+        self.0.admission().handshake_done();
+        let mut per = self.0.handshakes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = per.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                per.remove(&self.1);
+            }
         }
     }
 }
 
+impl Drop for Slots {
+    fn drop(&mut self) {
+        self.handshake_done();
+        self.0.admission().connection_closed(self.1);
+    }
+}
+
+/// Refused before any public-key work (its label is counted).
+#[derive(Debug, thiserror::Error)]
+#[error("refused: {0}")]
+struct Busy(&'static str);
+
+/// The key admission counts a source under: its IPv6 /64 (one host holds a
+/// whole /64), or its IPv4 address.
+fn source_key(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => {
+            let mut b = v6.octets();
+            b[8..].fill(0);
+            std::net::IpAddr::V6(b.into())
+        }
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+        v4 => v4,
+    }
+}
+
 async fn connection(s: Arc<Shared>, incoming: quinn::Incoming, remote: SocketAddr) {
-    let mut slots = Slots(s.clone(), remote.ip(), false);
+    let mut slots = Slots(s.clone(), source_key(remote.ip()), false);
     let result = async {
         let conn = tokio::time::timeout(HANDSHAKE_DEADLINE, incoming)
             .await
             .map_err(|_| anyhow!("QUIC handshake did not finish"))??;
         let (link, hello) = tokio::time::timeout(HANDSHAKE_DEADLINE, async {
-            let mut stream = Framed::new(conn.accept_bi().await.context("waiting for a stream")?);
+            // A connection that does not say anything at once holds its
+            // slot no longer than this.
+            let stream = tokio::time::timeout(FIRST_FRAME_DEADLINE, conn.accept_bi())
+                .await
+                .map_err(|_| anyhow!(Busy("no_stream")))?
+                .context("waiting for a stream")?;
+            let mut stream = Framed::new(stream);
             // mac1 first: only a host that knows the authority's key (from
             // a token or a node's configuration) gets any public-key work;
             // under load it must also prove its address with a cookie.
             let mut replies = 0;
             let msg1 = loop {
-                let sealed = stream.read_required().await?;
+                let sealed = tokio::time::timeout(FIRST_FRAME_DEADLINE, stream.read_required())
+                    .await
+                    .map_err(|_| anyhow!(Busy("no_first_message")))??;
                 let under_load = s.admission().under_load();
                 match s.gate(&sealed, remote, under_load) {
                     Verdict::Accept(msg1) => break msg1.to_vec(),
@@ -536,13 +621,14 @@ async fn connection(s: Arc<Shared>, incoming: quinn::Incoming, remote: SocketAdd
                 }
             };
             // The public-key work is bounded per source and in total.
-            s.admission()
-                .handshake(remote.ip(), Instant::now())
-                .map_err(|r| anyhow!("refused: {}", r.label()))?;
-            slots.2 = true;
+            slots.take_handshake(Instant::now())?;
             let (hs, msg2) = ServerHandshake::accept(&s.network_id, &s.noise_key, &msg1)?;
             stream.write(&msg2).await?;
-            let msg3 = stream.read_required().await?;
+            // A real client answers at once; one that does not frees its
+            // handshake slot soon.
+            let msg3 = tokio::time::timeout(MSG3_DEADLINE, stream.read_required())
+                .await
+                .map_err(|_| anyhow!(Busy("no_msg3")))??;
             let (mut channel, client, hello) = hs.finish(&msg3)?;
             // Nodes send nothing after the hello: a small limit, so that an
             // enrolled node cannot make the authority buffer much.
@@ -561,8 +647,7 @@ async fn connection(s: Arc<Shared>, incoming: quinn::Incoming, remote: SocketAdd
         })
         .await
         .map_err(|_| anyhow!("the channel handshake did not finish in time"))??;
-        s.admission().handshake_done();
-        slots.2 = false;
+        slots.handshake_done();
         let (client, hello) = hello;
         match hello {
             Hello::Join(req) => enroll(&s, link, req, client, remote).await,
@@ -573,8 +658,9 @@ async fn connection(s: Arc<Shared>, incoming: quinn::Incoming, remote: SocketAdd
     if let Err(e) = result {
         // A specific label where there is one (bad_mac1, decrypt, ...).
         let label = e
-            .downcast_ref::<CookieError>()
-            .map(CookieError::label)
+            .downcast_ref::<Busy>()
+            .map(|b| b.0)
+            .or_else(|| e.downcast_ref::<CookieError>().map(CookieError::label))
             .or_else(|| {
                 e.downcast_ref::<mesh_proto::channel::ChannelError>()
                     .map(|c| c.label())
@@ -700,19 +786,35 @@ async fn subscribe(
             }
         };
         match next {
+            // Revoked: it gets the delta that says so (when in order) and
+            // nothing more, whatever else it missed.
+            Ok(p) if p.cut.contains(&node) => {
+                if p.serial == sent + 1 {
+                    link.send(&wire::encode(&Reply::Delta(p.delta.to_vec())))
+                        .await?;
+                }
+                last_word(&mut link).await;
+                return Ok(());
+            }
             Ok(p) if p.serial <= sent => {}
             Ok(p) if p.serial == sent + 1 => {
                 link.send(&wire::encode(&Reply::Delta(p.delta.to_vec())))
                     .await?;
                 sent = p.serial;
-                if p.cut.contains(&node) {
-                    // It now knows it is revoked; it gets nothing more.
+            }
+            // Lagged, or a gap: the current roster instead, to a node that
+            // is still a member (it may have missed its own revocation).
+            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                let member = s
+                    .ask(|reply| Request::Member { client, reply })
+                    .await
+                    .unwrap_or(false);
+                if !member {
+                    link.send(&wire::encode(&Reply::Refused(Refusal::NodeRevoked)))
+                        .await?;
                     last_word(&mut link).await;
                     return Ok(());
                 }
-            }
-            // Lagged, or a gap: the current roster instead.
-            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {
                 let (serial, bytes) = s.current.borrow().clone();
                 s.count("snapshots_after_lag");
                 link.send(&wire::encode(&Reply::Snapshot(bytes.to_vec())))

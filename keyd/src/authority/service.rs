@@ -137,7 +137,20 @@ pub struct Authority {
     /// call), so an idle authority does not parse every certificate each
     /// second.
     next_renewal_scan: UnixTime,
+    /// Every delta committed and not yet taken by the server, in order, so
+    /// that none is lost when a later step of the same operation fails.
+    outbox: Vec<Published>,
+    /// When each node's endpoints last changed in the roster: a node moves
+    /// at most once per [`ENDPOINT_INTERVAL`]; later reports wait in
+    /// `moved`.
+    endpoints_published: HashMap<NodeId, UnixTime>,
+    moved: std::collections::BTreeSet<NodeId>,
 }
+
+/// A member's endpoints change in the roster at most this often: each change
+/// is a delta to every node, so a member must not be able to make the
+/// authority publish without bound.
+pub const ENDPOINT_INTERVAL: u64 = 60;
 
 /// The in-memory effect of a batch, applied once the store has it.
 struct Pending {
@@ -275,11 +288,57 @@ impl Authority {
             nodes,
             by_noise,
             next_renewal_scan: 0,
+            outbox: Vec::new(),
+            endpoints_published: HashMap::new(),
+            moved: std::collections::BTreeSet::new(),
         }
     }
 
     pub fn roster(&self) -> &Roster {
         &self.roster
+    }
+
+    /// Every delta committed since the last call, in order. The server
+    /// broadcasts these (and only these), so a delta committed by an
+    /// operation that failed later is still sent.
+    pub fn take_published(&mut self) -> Vec<Published> {
+        std::mem::take(&mut self.outbox)
+    }
+
+    /// Reloads the state from the store, after a commit whose outcome is
+    /// unknown (an I/O error may come after the data reached the disk):
+    /// memory must not stay behind the store, or every later commit would
+    /// meet a serial conflict.
+    pub fn reload(&mut self) -> Result<(), AuthorityError> {
+        let loaded = self.store.load()?;
+        let Some(meta) = loaded.meta else {
+            return Err(AuthorityError::Invalid("the store lost its state".into()));
+        };
+        let roster = Roster::from_bytes(&meta.roster, &self.ca)?;
+        if roster.signer() != self.signer.cert.fingerprint() {
+            return Err(AuthorityError::NoSigningKey {
+                signer: roster.signer().to_hex(),
+            });
+        }
+        self.nodes = loaded
+            .nodes
+            .into_iter()
+            .map(|n| (NodeId(n.node_id), n))
+            .collect();
+        self.by_noise = self
+            .nodes
+            .values()
+            .map(|n| (NoisePublicKey(n.noise_public), NodeId(n.node_id)))
+            .collect();
+        self.tokens = loaded
+            .tokens
+            .into_iter()
+            .map(|t| (t.id.clone(), t))
+            .collect();
+        self.meta = meta;
+        self.roster = roster;
+        self.next_renewal_scan = 0;
+        Ok(())
     }
 
     pub fn ca(&self) -> &CaCert {
@@ -409,6 +468,9 @@ impl Authority {
         }
         let token = self.check_token(req, now)?;
         check_label("name", &req.name).map_err(|_| Refusal::NameInvalid)?;
+        if looks_like_node_id(&req.name) {
+            return Err(Refusal::NameInvalid);
+        }
         if let Some(p) = &token.name_pattern
             && !pattern_matches(p, &req.name)
         {
@@ -436,7 +498,12 @@ impl Authority {
         {
             return Err(Refusal::KeysTaken);
         }
-        if self.nodes.values().any(|n| n.name == req.name) {
+        // A revoked node's name may be taken again (it is no member).
+        if self
+            .nodes
+            .values()
+            .any(|n| n.name == req.name && n.revoked_at.is_none())
+        {
             return Err(Refusal::NameTaken);
         }
         let mut meta = self.meta.clone();
@@ -569,7 +636,9 @@ impl Authority {
     }
 
     /// Records where a member says it listens and where it was seen from;
-    /// publishes the change when its roster endpoints move.
+    /// publishes the change when its roster endpoints move, at most once per
+    /// [`ENDPOINT_INTERVAL`] per node (a later move waits for
+    /// [`Self::handle_timeout`]).
     pub fn report_endpoints(
         &mut self,
         id: &NodeId,
@@ -588,24 +657,50 @@ impl Authority {
         if record == node {
             return Ok(None);
         }
-        let member = self.roster.member(id).cloned();
-        match member {
-            Some(m) if m.wg_endpoint != endpoints.wg || m.keyd_endpoint != endpoints.keyd => {
-                let change = RosterChange {
-                    upsert: vec![Member {
-                        wg_endpoint: endpoints.wg,
-                        keyd_endpoint: endpoints.keyd,
-                        ..m
-                    }],
-                    ..RosterChange::default()
-                };
-                self.publish(change, vec![], vec![record], None, now)
-            }
-            _ => {
-                self.commit(self.batch_for(vec![], vec![record], None, None))?;
-                Ok(None)
-            }
+        let moves = self
+            .roster
+            .member(id)
+            .is_some_and(|m| m.wg_endpoint != endpoints.wg || m.keyd_endpoint != endpoints.keyd);
+        let recently = self
+            .endpoints_published
+            .get(id)
+            .is_some_and(|t| now < t.saturating_add(ENDPOINT_INTERVAL));
+        if moves && !recently {
+            return self.publish_endpoints(vec![record], now);
         }
+        if moves {
+            self.moved.insert(*id);
+        }
+        self.commit(self.batch_for(vec![], vec![record], None, None))?;
+        Ok(None)
+    }
+
+    /// One delta moving `records`' members to the endpoints recorded.
+    fn publish_endpoints(
+        &mut self,
+        records: Vec<NodeRecord>,
+        now: UnixTime,
+    ) -> Result<Option<Published>, AuthorityError> {
+        let upsert = records
+            .iter()
+            .filter_map(|r| {
+                let m = self.roster.member(&NodeId(r.node_id))?;
+                Some(Member {
+                    wg_endpoint: r.wg_endpoint,
+                    keyd_endpoint: r.keyd_endpoint,
+                    ..m.clone()
+                })
+            })
+            .collect();
+        for r in &records {
+            self.endpoints_published.insert(NodeId(r.node_id), now);
+            self.moved.remove(&NodeId(r.node_id));
+        }
+        let change = RosterChange {
+            upsert,
+            ..RosterChange::default()
+        };
+        self.publish(change, vec![], records, None, now)
     }
 
     /// What a node holding roster `serial` (with fingerprint `fp`) is sent.
@@ -632,11 +727,24 @@ impl Authority {
 
     // ---- operator actions ---------------------------------------------
 
-    /// Finds a node by name or by node id (hex).
+    /// Finds a node by node id (hex), else by name (an active node before
+    /// a revoked one of the same name). Names that read as node ids are
+    /// refused at enrollment, so neither can stand for the other.
     pub fn find_node(&self, what: &str) -> Result<NodeId, AuthorityError> {
-        self.nodes
+        if let Some(n) = self
+            .nodes
             .values()
-            .find(|n| n.name == what || NodeId(n.node_id).to_string() == what)
+            .find(|n| NodeId(n.node_id).to_string() == what)
+        {
+            return Ok(NodeId(n.node_id));
+        }
+        let named = |active: bool| {
+            self.nodes
+                .values()
+                .find(|n| n.name == what && n.revoked_at.is_none() == active)
+        };
+        named(true)
+            .or_else(|| named(false))
             .map(|n| NodeId(n.node_id))
             .ok_or_else(|| AuthorityError::NoSuchNode(crate::text::name(what)))
     }
@@ -678,7 +786,16 @@ impl Authority {
         now: UnixTime,
     ) -> Result<Option<Published>, AuthorityError> {
         check_label("name", name)?;
-        if self.nodes.values().any(|n| n.name == name) {
+        if looks_like_node_id(name) {
+            return Err(AuthorityError::Invalid(format!(
+                "`{name}` reads as a node id: choose another name"
+            )));
+        }
+        if self
+            .nodes
+            .values()
+            .any(|n| n.name == name && n.revoked_at.is_none())
+        {
             return Err(AuthorityError::Invalid(format!(
                 "the name `{name}` is taken"
             )));
@@ -702,10 +819,19 @@ impl Authority {
     /// key is at hand and the current key is past two thirds of its life.
     /// Call it every second or so.
     pub fn handle_timeout(&mut self, now: UnixTime) -> Result<Vec<Published>, AuthorityError> {
+        // Each step on its own: a failed rollover must not stop renewals or
+        // the roster's refresh. The first error is returned after all ran;
+        // whatever was committed is in the outbox either way.
         let mut out = Vec::new();
-        if let Some(p) = self.maybe_rollover(now)? {
-            out.extend(p);
-        }
+        let mut first_error = None;
+        let mut keep = |r: Result<Vec<Published>, AuthorityError>| match r {
+            Ok(p) => out.extend(p),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        };
+        keep(self.finish_rollover(now));
+        keep(self.maybe_rollover(now).map(Option::unwrap_or_default));
         let due = if now >= self.next_renewal_scan {
             self.renewals_due(now)
         } else {
@@ -713,12 +839,67 @@ impl Authority {
         };
         if !due.is_empty() {
             info!(count = due.len(), "renewing node certificates");
-            out.extend(self.reissue(due, now)?);
+            keep(self.reissue(due, now).map(|p| p.into_iter().collect()));
+        }
+        let moved: Vec<NodeRecord> = self
+            .moved
+            .iter()
+            .filter(|id| {
+                self.endpoints_published
+                    .get(id)
+                    .is_none_or(|t| now >= t.saturating_add(ENDPOINT_INTERVAL))
+            })
+            .filter_map(|id| self.nodes.get(id).cloned())
+            .collect();
+        if !moved.is_empty() {
+            keep(
+                self.publish_endpoints(moved, now)
+                    .map(|p| p.into_iter().collect()),
+            );
         }
         let life = self.params.roster_lifetime;
         if self.roster.not_after() < now.saturating_add(life - life / 3) {
-            out.extend(self.publish(RosterChange::default(), vec![], vec![], None, now)?);
+            keep(
+                self.publish(RosterChange::default(), vec![], vec![], None, now)
+                    .map(|p| p.into_iter().collect()),
+            );
         }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+
+    /// Completes a rollover that stopped between its steps (a crash, a
+    /// failed commit): members still holding certificates of another key
+    /// get new ones, then only the signing key stays listed.
+    fn finish_rollover(&mut self, now: UnixTime) -> Result<Vec<Published>, AuthorityError> {
+        let signer = self.signer.cert.fingerprint();
+        if self.roster.authorities().len() <= 1 && self.roster.signer() == signer {
+            return Ok(Vec::new());
+        }
+        warn!("an unfinished signing-key rollover: completing it");
+        let mut out = Vec::new();
+        let stale: Vec<NodeRecord> = self
+            .nodes
+            .values()
+            .filter(|n| n.revoked_at.is_none())
+            .filter(|n| NodeCert::from_bytes(&n.cert).map_or(true, |c| c.body().issuer != signer))
+            .cloned()
+            .collect();
+        if !stale.is_empty() {
+            out.extend(self.reissue(stale, now)?);
+        }
+        out.extend(self.publish(
+            RosterChange {
+                authorities: Some(vec![self.signer.cert.clone()]),
+                ..RosterChange::default()
+            },
+            vec![],
+            vec![],
+            None,
+            now,
+        )?);
         Ok(out)
     }
 
@@ -734,19 +915,7 @@ impl Authority {
         if now < a.not_before.saturating_add(life / 3 * 2) {
             return Ok(None);
         }
-        let key = CaSigningKey::generate().map_err(|e| AuthorityError::Random(e.to_string()))?;
-        let not_after = now
-            .saturating_add(self.params.authority_lifetime)
-            .min(self.ca.body().not_after);
-        let name = format!("authority-{now}");
-        let cert = self.ca.certify_authority(
-            root,
-            &name,
-            key.verifying_key(),
-            now.saturating_sub(BACKDATE),
-            not_after,
-        )?;
-        let next = SigningKey { cert, key };
+        let next = super::keys::certify(&self.ca, root, now, self.params.authority_lifetime)?;
         self.key_files.save(&next)?;
         Ok(Some(self.roll_to(next, now)?))
     }
@@ -941,7 +1110,12 @@ impl Authority {
     }
 
     fn commit(&mut self, p: Pending) -> Result<Option<Published>, AuthorityError> {
-        self.store.commit(&p.batch)?;
+        if let Err(e) = self.store.commit(&p.batch) {
+            if let Err(r) = self.reload() {
+                warn!(error = %r, "cannot reload the state after a failed commit");
+            }
+            return Err(e.into());
+        }
         let b = p.batch;
         self.meta = b.meta;
         for t in b.put_tokens {
@@ -958,8 +1132,16 @@ impl Authority {
         if let Some(r) = p.roster {
             self.roster = r;
         }
+        if let Some(published) = &p.published {
+            self.outbox.push(published.clone());
+        }
         Ok(p.published)
     }
+}
+
+/// 32 hexadecimal digits: how a node id is written.
+fn looks_like_node_id(name: &str) -> bool {
+    name.len() == 32 && name.chars().all(|c| c.is_ascii_hexdigit())
 }
 
 /// Two thirds into a certificate's life, counted from when it was issued
@@ -972,11 +1154,30 @@ fn renewal_time(cert: &NodeCert) -> UnixTime {
 }
 
 /// A reported endpoint with an unspecified address (the node listens on
-/// all addresses) is published with the address the authority saw.
+/// all addresses), or one no other node could use (loopback, multicast,
+/// link-local, broadcast), is published with the address the authority
+/// saw; port 0 is no endpoint. A member thus cannot point every node at an
+/// arbitrary local address, only at its own port on the address it comes
+/// from or on an address it says it has.
 fn published_endpoints(reported: Endpoints, observed: SocketAddr) -> Endpoints {
+    let usable = |ip: std::net::IpAddr| match ip {
+        std::net::IpAddr::V4(v4) => {
+            !(v4.is_unspecified()
+                || v4.is_loopback()
+                || v4.is_multicast()
+                || v4.is_link_local()
+                || v4.is_broadcast())
+        }
+        std::net::IpAddr::V6(v6) => {
+            !(v6.is_unspecified()
+                || v6.is_loopback()
+                || v6.is_multicast()
+                || v6.is_unicast_link_local())
+        }
+    };
     let fill = |e: Option<SocketAddr>| {
-        e.map(|mut e| {
-            if e.ip().is_unspecified() {
+        e.filter(|e| e.port() != 0).map(|mut e| {
+            if !usable(e.ip()) {
                 e.set_ip(observed.ip());
             }
             e

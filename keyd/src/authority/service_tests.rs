@@ -540,3 +540,135 @@ fn a_machine_whose_answer_was_lost_gets_it_again_with_its_used_up_token() {
         Refusal::TokenUsed
     );
 }
+
+#[test]
+fn endpoints_no_node_could_use_are_replaced_and_port_zero_is_none() {
+    let w = world();
+    let mut a = w.open(false, T0);
+    let (t, _) = a.create_token(spec(1), T0).unwrap();
+    let m = machine();
+    let mut req = join(&t, &m, "n1");
+    req.endpoints = Endpoints {
+        wg: Some("127.0.0.1:51820".parse().unwrap()),
+        keyd: Some("224.0.0.1:0".parse().unwrap()),
+    };
+    let e = a
+        .enroll(&req, m.noise.public_key(), observed(4), T0)
+        .unwrap();
+    let member = a.roster().member(&e.node_id).unwrap();
+    assert_eq!(
+        member.wg_endpoint,
+        Some("198.51.100.4:51820".parse().unwrap())
+    );
+    assert_eq!(member.keyd_endpoint, None);
+}
+
+#[test]
+fn a_member_moves_in_the_roster_at_most_once_a_minute() {
+    let mut w = world();
+    let mut a = w.open(false, T0);
+    let (t, _) = a.create_token(spec(1), T0).unwrap();
+    let e = enroll(&mut a, &t, &machine(), "n1", 1, T0).unwrap();
+    w.start_following(&a);
+    a.take_published();
+    let same = Endpoints {
+        wg: Some("0.0.0.0:51820".parse().unwrap()),
+        keyd: None,
+    };
+    // First move: published at once.
+    assert!(
+        a.report_endpoints(&e.node_id, same, observed(2), T0 + 1)
+            .unwrap()
+            .is_some()
+    );
+    // A member reconnecting from ever new addresses: recorded, not published.
+    for i in 3..20 {
+        assert!(
+            a.report_endpoints(&e.node_id, same, observed(i), T0 + 2)
+                .unwrap()
+                .is_none()
+        );
+    }
+    assert!(a.handle_timeout(T0 + 30).unwrap().is_empty());
+    // A minute after the first: the latest position, in one delta.
+    let p = a.handle_timeout(T0 + 1 + ENDPOINT_INTERVAL).unwrap();
+    assert_eq!(p.len(), 1);
+    let all = a.take_published();
+    assert_eq!(all.len(), 2, "the first move and the late one");
+    w.follow(&a, all);
+    assert_eq!(
+        w.follower.member(&e.node_id).unwrap().wg_endpoint,
+        Some("198.51.100.19:51820".parse().unwrap())
+    );
+}
+
+#[test]
+fn names_that_read_as_node_ids_are_refused_and_ids_win() {
+    let w = world();
+    let mut a = w.open(false, T0);
+    let (t, _) = a.create_token(spec(5), T0).unwrap();
+    let victim = enroll(&mut a, &t, &machine(), "web-1", 1, T0).unwrap();
+    let id_text = victim.node_id.to_string();
+    assert_eq!(
+        enroll(&mut a, &t, &machine(), &id_text, 2, T0).unwrap_err(),
+        Refusal::NameInvalid
+    );
+    assert_eq!(a.find_node(&id_text).unwrap(), victim.node_id);
+    assert!(
+        a.rename_node(&victim.node_id, &"ab".repeat(16), T0)
+            .is_err()
+    );
+}
+
+#[test]
+fn a_revoked_nodes_name_can_be_taken_again() {
+    let w = world();
+    let mut a = w.open(false, T0);
+    let (t, _) = a.create_token(spec(5), T0).unwrap();
+    let old = enroll(&mut a, &t, &machine(), "db-1", 1, T0).unwrap();
+    a.revoke_node(&old.node_id, T0 + 1).unwrap();
+    // The machine is rebuilt with new keys under its old host name.
+    let new = enroll(&mut a, &t, &machine(), "db-1", 1, T0 + 2).unwrap();
+    assert_ne!(new.node_id, old.node_id);
+    assert_eq!(a.find_node("db-1").unwrap(), new.node_id, "the active one");
+}
+
+#[test]
+fn a_rollover_cut_short_is_completed_on_the_next_tick() {
+    let mut w = world();
+    let mut a = w.open(true, T0);
+    let (t, _) = a.create_token(spec(2), T0).unwrap();
+    let e = enroll(&mut a, &t, &machine(), "n1", 1, T0).unwrap();
+    w.start_following(&a);
+    a.take_published();
+    // Step 1 and the switch happened, then the authority stopped: the new
+    // key signs, both are listed, the member holds an old-key certificate.
+    let next =
+        crate::authority::keys::certify(&w.ca, &w.root, T0 + 10, params().authority_lifetime)
+            .unwrap();
+    let both = vec![a.signer().clone(), next.cert.clone()];
+    a.publish(
+        RosterChange {
+            authorities: Some(both),
+            ..RosterChange::default()
+        },
+        vec![],
+        vec![],
+        None,
+        T0 + 10,
+    )
+    .unwrap();
+    a.signer = next;
+    a.publish(RosterChange::default(), vec![], vec![], None, T0 + 10)
+        .unwrap();
+    a.handle_timeout(T0 + 11).unwrap();
+    let published = a.take_published();
+    w.follow(&a, published);
+    let new = a.signer().fingerprint();
+    assert_eq!(w.follower.authorities().len(), 1);
+    assert_eq!(w.follower.signer(), new);
+    assert_eq!(
+        w.follower.member(&e.node_id).unwrap().cert.body().issuer,
+        new
+    );
+}

@@ -436,16 +436,7 @@ fn create_private_dir(dir: &Path) -> Result<()> {
 }
 
 fn certify(ca: &CaCert, root: &CaSigningKey, now: u64, lifetime: u64) -> Result<SigningKey> {
-    let key = CaSigningKey::generate()?;
-    let not_after = now.saturating_add(lifetime).min(ca.body().not_after);
-    let cert = ca.certify_authority(
-        root,
-        &format!("authority-{now}"),
-        key.verifying_key(),
-        now - 60,
-        not_after,
-    )?;
-    Ok(SigningKey { cert, key })
+    Ok(keys::certify(ca, root, now, lifetime)?)
 }
 
 fn open(
