@@ -52,13 +52,15 @@ fn ca_json(c: &CaCert, now: u64) -> Value {
 fn node_json(c: &NodeCert, ca: Option<&CaCert>, now: u64) -> Value {
     let b = c.body();
     let signature = match ca {
-        Some(ca) if ca.signed(c) => "ok",
-        // Its issuer's key is in the roster that lists the authority.
-        Some(ca) if b.issuer != ca.fingerprint() => {
-            "issued by an authority: check the roster that lists it (keyd inspect ROSTER --ca-cert)"
-        }
-        Some(_) => "NOT SIGNED BY THIS CA",
-        None => "not checked (pass --ca-cert)",
+        Some(ca) if ca.signed(c) => "ok".to_string(),
+        // An authority's key is in the roster that lists it (keyd inspect
+        // ROSTER --ca-cert checks it); a certificate alone cannot say which.
+        Some(ca) if b.issuer != ca.fingerprint() => format!(
+            "NOT SIGNED BY THIS CA (issuer {}: an authority key, checked with the roster that lists it, or another CA)",
+            &b.issuer.to_hex()[..16]
+        ),
+        Some(_) => "NOT SIGNED BY THIS CA".to_string(),
+        None => "not checked (pass --ca-cert)".to_string(),
     };
     json!({
         "kind": "node-certificate",
