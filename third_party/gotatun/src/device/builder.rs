@@ -15,6 +15,7 @@ use tokio::sync::{Mutex, RwLock, watch};
 use x25519_dalek::StaticSecret;
 
 use crate::device::Error;
+use crate::device::parallel::CryptoPool;
 use crate::noise::index_table::IndexTable;
 #[cfg(feature = "tun")]
 use crate::tun::tun_async_device::TunDevice;
@@ -50,6 +51,7 @@ pub struct DeviceBuilder<Udp, TunTx, TunRx> {
     inline: bool,
     threads: bool,
     busy_poll: Duration,
+    crypto_threads: usize,
 
     #[cfg(target_os = "linux")]
     fwmark: Option<u32>,
@@ -88,6 +90,7 @@ impl DeviceBuilder<Nul, Nul, Nul> {
             inline: false,
             threads: false,
             busy_poll: Duration::ZERO,
+            crypto_threads: 0,
             #[cfg(target_os = "linux")]
             fwmark: None,
         }
@@ -118,6 +121,7 @@ impl<X, Y> DeviceBuilder<Nul, X, Y> {
             inline: self.inline,
             threads: self.threads,
             busy_poll: self.busy_poll,
+            crypto_threads: self.crypto_threads,
             #[cfg(target_os = "linux")]
             fwmark: self.fwmark,
         }
@@ -197,6 +201,7 @@ impl<X> DeviceBuilder<X, Nul, Nul> {
             inline: self.inline,
             threads: self.threads,
             busy_poll: self.busy_poll,
+            crypto_threads: self.crypto_threads,
             #[cfg(target_os = "linux")]
             fwmark: self.fwmark,
         }
@@ -290,6 +295,17 @@ impl<X, Y, Z> DeviceBuilder<X, Y, Z> {
         self
     }
 
+    /// Worker threads that seal and open one peer's large batches beside
+    /// the data path (pqmesh patch 6, see [`crate::device::parallel`]); 0,
+    /// the default, does all crypto on the data path as before. A batch of
+    /// at most [`CHUNK`] packets for one peer is always done inline.
+    ///
+    /// [`CHUNK`]: crate::device::parallel::CHUNK
+    pub fn crypto_threads(mut self, threads: usize) -> Self {
+        self.crypto_threads = threads;
+        self
+    }
+
     /// Specify the `SO_MARK` argument to the [`UdpTransportFactory`].
     ///
     /// You probably only want this when using [`with_default_udp`](Self::with_default_udp).
@@ -319,6 +335,13 @@ impl<Udp: UdpTransportFactory, TunTx: IpSend, TunRx: IpRecv> DeviceBuilder<Udp, 
         #[cfg(not(target_os = "linux"))]
         let fwmark = None;
 
+        // One pool per device, stopped (its threads joined) when the last
+        // handle to it drops with the device and its data path.
+        let crypto_pool = match self.crypto_threads {
+            0 => None,
+            n => Some(Arc::new(CryptoPool::new(n).map_err(Error::IoError)?)),
+        };
+
         let mut state = DeviceState {
             counters: Default::default(),
             api: None,
@@ -339,6 +362,7 @@ impl<Udp: UdpTransportFactory, TunTx: IpSend, TunRx: IpRecv> DeviceBuilder<Udp, 
             inline: self.inline,
             threads: self.threads,
             busy_poll: self.busy_poll,
+            crypto_pool,
             fatal_error: watch::Sender::new(None),
         };
 

@@ -13,12 +13,12 @@
 //! WireGuard device implementation with support for peers, handshakes, and packet routing.
 pub(crate) mod allowed_ips;
 mod builder;
-pub mod parallel;
 pub mod configure;
 #[cfg(feature = "daita")]
 pub mod daita;
 #[cfg(test)]
 mod integration_tests;
+pub mod parallel;
 mod peer;
 mod peer_state;
 #[cfg(test)]
@@ -45,12 +45,16 @@ use crate::noise::handshake::parse_handshake_anon;
 use crate::noise::rate_limiter::RateLimiter;
 use crate::noise::{Tunn, TunnResult};
 use crate::packet::{Ip, Packet, PacketBufPool, WgKind};
+#[cfg(not(feature = "daita"))]
+use crate::packet::{WgData, WgPacketType};
 use crate::task::Task;
 use crate::tun::{IpRecv, IpSend, MtuWatcher};
 use crate::udp::buffer::{BufferedUdpReceive, BufferedUdpSend};
 use crate::udp::{UdpRecv, UdpSend, UdpTransportFactory, UdpTransportFactoryParams};
 use crate::x25519;
 use allowed_ips::AllowedIps;
+#[cfg(not(feature = "daita"))]
+use parallel::{CHUNK, CryptoPool, Item, Job};
 use peer_state::{PeerState, PendingHandshake};
 
 #[cfg(feature = "tun")]
@@ -128,6 +132,11 @@ pub struct DeviceCounters {
     /// Decrypted packets whose inner source address is not in the sending
     /// peer's allowed IPs (cryptokey routing refused them).
     pub rx_source_not_allowed: std::sync::atomic::AtomicU64,
+    /// Packets sealed on the crypto pool, in batches of more than
+    /// [`parallel::CHUNK`] for one peer (pqmesh patch 6).
+    pub tx_parallel: std::sync::atomic::AtomicU64,
+    /// Packets opened on the crypto pool (pqmesh patch 6).
+    pub rx_parallel: std::sync::atomic::AtomicU64,
 }
 
 pub(crate) struct DeviceState<T: DeviceTransports> {
@@ -173,6 +182,12 @@ pub(crate) struct DeviceState<T: DeviceTransports> {
     /// long that thread busy-polls (pqmesh patch).
     threads: bool,
     busy_poll: Duration,
+
+    /// Threads that seal and open large batches of one peer's packets
+    /// beside the data path (pqmesh patch 6); `None`: all crypto inline.
+    /// (Not used with DAITA, whose hooks see each packet on its own.)
+    #[cfg_attr(feature = "daita", expect(dead_code))]
+    crypto_pool: Option<Arc<parallel::CryptoPool>>,
 
     /// The task that responds to API requests.
     api: Option<Task>,
@@ -361,8 +376,8 @@ impl<T: DeviceTransports> Connection<T> {
         .boxed();
         let (outgoing, incoming) = if device.threads {
             let tasks = vec![("handle_outgoing", outgoing), ("handle_incoming", incoming)];
-            let thread = Task::spawn_thread("data path", tasks, device.busy_poll)
-                .map_err(Error::IoError)?;
+            let thread =
+                Task::spawn_thread("data path", tasks, device.busy_poll).map_err(Error::IoError)?;
             (thread, None)
         } else {
             let outgoing = Task::spawn("handle_outgoing", outgoing);
@@ -838,6 +853,8 @@ impl<T: DeviceTransports> DeviceState<T> {
             let counters = Arc::clone(&device.counters);
             (private_key, public_key, rate_limiter, tun_mtu, counters)
         };
+        #[cfg(not(feature = "daita"))]
+        let crypto_pool = Self::crypto_pool(&device).await;
 
         // Received datagrams, in reverse order (pqmesh patch: batches).
         let mut recv_many_buf = Default::default();
@@ -853,6 +870,42 @@ impl<T: DeviceTransports> DeviceState<T> {
                 received.reverse();
                 continue;
             };
+
+            // pqmesh patch 6: a long run of one session's data packets from
+            // one source is opened on the crypto pool, then delivered in
+            // arrival order before anything received after it.
+            #[cfg(not(feature = "daita"))]
+            if let Some(pool) = &crypto_pool
+                && let Some(idx) = data_receiver_idx(&src_buf)
+            {
+                let more = received
+                    .iter()
+                    .rev()
+                    .take_while(|(next, from)| {
+                        *from == addr && data_receiver_idx(next) == Some(idx)
+                    })
+                    .count();
+                if more >= CHUNK {
+                    let mut run = Vec::with_capacity(1 + more);
+                    run.push(src_buf);
+                    // `received` is in reverse order.
+                    run.extend(
+                        received
+                            .drain(received.len() - more..)
+                            .rev()
+                            .map(|(p, _)| p),
+                    );
+                    let Some(device) = device.upgrade() else {
+                        return Ok(());
+                    };
+                    let device_guard = device.read().await;
+                    device_guard
+                        .receive_parallel(pool, idx, addr, run, &rate_limiter, &mut tun_tx)
+                        .await?;
+                    continue;
+                }
+            }
+
             let parsed_packet = match rate_limiter.verify_packet(addr, src_buf) {
                 Ok(packet) => packet,
                 Err(TunnResult::WriteToNetwork(WgKind::CookieReply(cookie))) => {
@@ -995,6 +1048,8 @@ impl<T: DeviceTransports> DeviceState<T> {
             let device = device.read().await;
             device.tun_rx_mtu.clone()
         };
+        #[cfg(not(feature = "daita"))]
+        let crypto_pool = Self::crypto_pool(&device).await;
 
         // Encrypted packets of one TUN read, sent together (pqmesh patch).
         let mut send_many_buf = Default::default();
@@ -1009,6 +1064,24 @@ impl<T: DeviceTransports> DeviceState<T> {
                     return Err(Error::IoError(e));
                 }
             };
+
+            #[cfg(not(feature = "daita"))]
+            if let Some(pool) = &crypto_pool {
+                let Some(device_arc) = device.upgrade() else {
+                    return Ok(());
+                };
+                let device_guard = device_arc.read().await;
+                let mut outbox = Outbox {
+                    udp: &udp,
+                    buf: &mut send_many_buf,
+                    to_send: &mut to_send,
+                    max_batch,
+                };
+                device_guard
+                    .send_parallel(pool, packets, &mut outbox, &mut tun_mtu)
+                    .await;
+                continue;
+            }
 
             for packet in packets {
                 // Determine peer to use from the destination address
@@ -1094,17 +1167,233 @@ impl<T: DeviceTransports> DeviceState<T> {
         buf: &mut U::SendManyBuf,
         packets: &mut Vec<(crate::packet::Packet, SocketAddr)>,
     ) {
-        if packets.len() > 1 {
-            if udp.send_many_to(buf, packets).await.is_err() {
-                tracing::trace!("udp.send_many_to failed");
+        send_batch(udp, buf, packets).await
+    }
+
+    #[cfg(not(feature = "daita"))]
+    async fn crypto_pool(device: &Weak<RwLock<Self>>) -> Option<Arc<CryptoPool>> {
+        device.upgrade()?.read().await.crypto_pool.clone()
+    }
+
+    /// `handle_outgoing` with a crypto pool (pqmesh patch 6), for one TUN
+    /// read: routed under one read lock, then taken in runs of consecutive
+    /// packets for the same peer. A run of more than [`CHUNK`] gets its
+    /// counters reserved in order under the peer's lock and is sealed on
+    /// the pool with the lock released; the sealed packets leave in the
+    /// run's order. Shorter runs, and whatever has no session or no counter
+    /// left, take the per-packet path (queue, handshake).
+    #[cfg(not(feature = "daita"))]
+    async fn send_parallel<U: UdpSend>(
+        &self,
+        pool: &CryptoPool,
+        packets: impl Iterator<Item = Packet<Ip>>,
+        out: &mut Outbox<'_, U>,
+        tun_mtu: &mut MtuWatcher,
+    ) {
+        let mut routed = packets
+            .filter_map(|packet| {
+                let peer = self.peers_by_ip.find(packet.destination()?)?;
+                Some((Arc::clone(peer), packet))
+            })
+            .peekable();
+        while let Some((peer_arc, first)) = routed.next() {
+            let mut group = vec![first];
+            while let Some((_, packet)) = routed.next_if(|(p, _)| Arc::ptr_eq(p, &peer_arc)) {
+                group.push(packet);
             }
-        } else if let Some((packet, to)) = packets.pop() {
-            if udp.send_to(packet, to).await.is_err() {
-                tracing::trace!("udp.send_to failed");
+            let mut peer = peer_arc.lock().await;
+            let Some(peer_addr) = peer.endpoint().addr else {
+                tracing::error!("No endpoint");
+                continue;
+            };
+            let mut padded: Vec<Packet> = group
+                .into_iter()
+                .map(|packet| crate::noise::pad_to_x16(packet.into(), tun_mtu))
+                .collect();
+            if padded.len() > CHUNK {
+                let bytes = padded.iter().map(|p| p.len() + WgData::OVERHEAD).sum();
+                let data = padded.iter().any(|p| !p.is_empty());
+                // Counts the whole run's bytes even if fewer counters are
+                // granted: that happens once per 2^64 - 2^13 packets.
+                if let Some((session, base, granted)) =
+                    peer.tunnel.begin_send(padded.len(), bytes, data)
+                {
+                    let granted =
+                        usize::try_from(granted).map_or(padded.len(), |g| g.min(padded.len()));
+                    let rest = padded.split_off(granted);
+                    let batch = std::mem::replace(&mut padded, rest);
+                    drop(peer);
+                    self.counters
+                        .tx_parallel
+                        .fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    for item in pool.run(&Job::seal(session, base, batch)) {
+                        if let Item::Sealed(packet) = item {
+                            out.push(packet.into_bytes(), peer_addr).await;
+                        }
+                    }
+                    if padded.is_empty() {
+                        continue;
+                    }
+                    peer = peer_arc.lock().await;
+                }
+            }
+            for packet in padded {
+                // Already padded.
+                let Some(packet) = peer.tunnel.handle_outgoing_packet(packet, None) else {
+                    continue;
+                };
+                Self::register_handshake_idx(&self.peers_by_idx, &packet, &peer_arc);
+                out.push(packet.into(), peer_addr).await;
             }
         }
-        packets.clear();
     }
+
+    /// `handle_incoming` with a crypto pool (pqmesh patch 6), for a run of
+    /// more than [`CHUNK`] data packets from `addr` to receiver index `idx`,
+    /// in arrival order. Opened on the pool with the peer unlocked; then, in
+    /// order and under the peer's lock, each counter is marked in the replay
+    /// window (a replay that raced through decryption is dropped here), the
+    /// session's timers and bytes, the endpoint and cryptokey routing are
+    /// done as `PeerState::handle_incoming_packet` and the per-packet path
+    /// do them, and the packet goes to the TUN device. The device's read
+    /// lock is held throughout, so a peer removed before the run started
+    /// gets nothing through, and one being removed waits for the run.
+    #[cfg(not(feature = "daita"))]
+    async fn receive_parallel(
+        &self,
+        pool: &CryptoPool,
+        idx: u32,
+        addr: SocketAddr,
+        run: Vec<Packet>,
+        rate_limiter: &RateLimiter,
+        tun_tx: &mut impl IpSend,
+    ) -> Result<(), Error> {
+        let wire: Vec<Packet<WgData>> = run
+            .into_iter()
+            .filter_map(
+                |datagram| match rate_limiter.verify_packet(addr, datagram) {
+                    Ok(WgKind::Data(packet)) => Some(packet),
+                    // Not reached: `data_receiver_idx` checked the type and size.
+                    _ => None,
+                },
+            )
+            .collect();
+        let Some(peer_arc) = self.peers_by_idx.lock().get(&idx).cloned() else {
+            return Ok(());
+        };
+        // Without the session every packet would fail as `NoCurrentSession`.
+        let Some((slot, session)) = peer_arc.lock().await.tunnel.session_for_receive(idx) else {
+            return Ok(());
+        };
+        self.counters
+            .rx_parallel
+            .fetch_add(wire.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        let opened = pool.run(&Job::open(Arc::clone(&session), wire));
+
+        let mut peer = peer_arc.lock().await;
+        // The timers may have replaced the session while the peer was
+        // unlocked; its packets would then fail, as they do inline.
+        let same_session = peer
+            .tunnel
+            .session_for_receive(idx)
+            .is_some_and(|(s, current)| s == slot && Arc::ptr_eq(&current, &session));
+        if !same_session {
+            return Ok(());
+        }
+        for item in opened {
+            let (counter, packet) = match item {
+                Item::Opened(counter, packet) => (counter, packet),
+                Item::Failed(e) => {
+                    tracing::trace!("data packet refused: {e:?}");
+                    continue;
+                }
+                _ => continue,
+            };
+            if session.mark(counter).is_err() {
+                continue;
+            }
+            peer.tunnel
+                .commit_receive(slot, packet.len(), !packet.is_empty());
+            peer.endpoint.addr = Some(addr);
+            // keepalive
+            if packet.is_empty() {
+                continue;
+            }
+            let Ok(packet) = packet.try_into_ipvx() else {
+                continue;
+            };
+            let (source, packet): (IpAddr, _) = packet.either(
+                |ipv4| (ipv4.header.source().into(), ipv4.into()),
+                |ipv6| (ipv6.header.source().into(), ipv6.into()),
+            );
+            let routed_to_this_peer = self
+                .peers_by_ip
+                .find(source)
+                .is_some_and(|owner| Arc::ptr_eq(owner, &peer_arc));
+            if !routed_to_this_peer {
+                self.counters
+                    .rx_source_not_allowed
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                continue;
+            }
+            tun_tx.send(packet).await.map_err(Error::IoError)?;
+        }
+        Ok(())
+    }
+}
+
+/// Sends and empties `packets` (pqmesh patch); a failed send drops them.
+async fn send_batch<U: UdpSend>(
+    udp: &U,
+    buf: &mut U::SendManyBuf,
+    packets: &mut Vec<(crate::packet::Packet, SocketAddr)>,
+) {
+    if packets.len() > 1 {
+        if udp.send_many_to(buf, packets).await.is_err() {
+            tracing::trace!("udp.send_many_to failed");
+        }
+    } else if let Some((packet, to)) = packets.pop() {
+        if udp.send_to(packet, to).await.is_err() {
+            tracing::trace!("udp.send_to failed");
+        }
+    }
+    packets.clear();
+}
+
+/// Encrypted packets of one TUN read on their way to the socket, batched
+/// as `handle_outgoing` batches them (pqmesh patch 6).
+#[cfg(not(feature = "daita"))]
+struct Outbox<'a, U: UdpSend> {
+    udp: &'a U,
+    buf: &'a mut U::SendManyBuf,
+    to_send: &'a mut Vec<(Packet, SocketAddr)>,
+    max_batch: usize,
+}
+
+#[cfg(not(feature = "daita"))]
+impl<U: UdpSend> Outbox<'_, U> {
+    async fn push(&mut self, packet: Packet, to: SocketAddr) {
+        // One batch holds one address family, as send_many_to asks.
+        let other_family = self
+            .to_send
+            .last()
+            .is_some_and(|(_, last)| last.is_ipv4() != to.is_ipv4());
+        if other_family || self.to_send.len() >= self.max_batch {
+            send_batch(self.udp, self.buf, self.to_send).await;
+        }
+        self.to_send.push((packet, to));
+    }
+}
+
+/// The receiver index of a datagram that will parse as a WireGuard data
+/// packet (type and size as `Packet::try_into_wg` checks them), read
+/// without consuming it (pqmesh patch 6).
+#[cfg(not(feature = "daita"))]
+fn data_receiver_idx(datagram: &[u8]) -> Option<u32> {
+    if datagram.len() < WgData::OVERHEAD || datagram.first() != Some(&WgPacketType::Data.0) {
+        return None;
+    }
+    Some(u32::from_le_bytes(datagram.get(4..8)?.try_into().ok()?))
 }
 
 impl<T: DeviceTransports> Connection<T> {

@@ -21,6 +21,10 @@
 //! Everything a worker touches is owned by the job (`Arc`): the packets
 //! and the session's keys. Stopping the device or removing the peer while
 //! a job is in flight leaves nothing dangling.
+//!
+//! With the `daita` feature the data path does not use the pool (DAITA's
+//! hooks see each packet on its own).
+#![cfg_attr(feature = "daita", allow(dead_code))]
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -59,8 +63,13 @@ pub(crate) enum Item {
 
 enum Work {
     /// Packet `i` of the job is sealed with counter `base + i`.
-    Seal { session: Arc<Session>, base: u64 },
-    Open { session: Arc<Session> },
+    Seal {
+        session: Arc<Session>,
+        base: u64,
+    },
+    Open {
+        session: Arc<Session>,
+    },
 }
 
 pub(crate) struct Job {
@@ -313,7 +322,11 @@ mod tests {
             })
             .collect();
         for (i, p) in wire.iter().enumerate() {
-            assert_eq!(p.header.counter.get(), i as u64, "counter order = batch order");
+            assert_eq!(
+                p.header.counter.get(),
+                i as u64,
+                "counter order = batch order"
+            );
         }
         let opened = pool.run(&Job::open(b.clone(), wire));
         for (i, item) in opened.into_iter().enumerate() {
