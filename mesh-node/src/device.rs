@@ -22,12 +22,30 @@ fn tun_context(ifname: &str) -> String {
     format!("cannot create TUN interface {ifname} (need CAP_NET_ADMIN and /dev/net/tun)")
 }
 
+/// Crypto threads when `mesh-node up` is not told (`--crypto-threads`):
+/// none on 2 CPUs or fewer, where a second thread only competes with the
+/// data path and the kernel for the same cores; else one per CPU beside the
+/// data path's, at most 15.
+pub fn default_crypto_threads(cpus: usize) -> usize {
+    if cpus <= 2 { 0 } else { (cpus - 1).min(15) }
+}
+
+/// The CPUs this process may use (affinity and cgroup quota aware); 1 if
+/// unknown.
+pub fn available_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
 /// The device on gotatun's default transports (the reference in benchmarks).
-pub async fn build_default(ifname: &str) -> Result<Device<DefaultTransports>> {
+pub async fn build_default(
+    ifname: &str,
+    crypto_threads: usize,
+) -> Result<Device<DefaultTransports>> {
     DeviceBuilder::new()
         .with_default_udp()
         .create_tun(ifname)
         .with_context(|| tun_context(ifname))?
+        .crypto_threads(crypto_threads)
         .build()
         .await
         .with_context(|| format!("cannot start the WireGuard device on {ifname}"))
@@ -38,8 +56,13 @@ pub async fn build_default(ifname: &str) -> Result<Device<DefaultTransports>> {
 const UDP_BUFFER: usize = 4 << 20;
 
 /// The device on our transports, its data path on a thread of its own that
-/// busy-polls for `busy_poll` after a burst (zero: never).
-pub async fn build_offload(ifname: &str, busy_poll: Duration) -> Result<Device<OffloadTransports>> {
+/// busy-polls for `busy_poll` after a burst (zero: never), with
+/// `crypto_threads` helping it seal and open large batches (zero: none).
+pub async fn build_offload(
+    ifname: &str,
+    busy_poll: Duration,
+    crypto_threads: usize,
+) -> Result<Device<OffloadTransports>> {
     let (tx, rx) = transports::tun::open(ifname).with_context(|| tun_context(ifname))?;
     DeviceBuilder::new()
         .with_udp(transports::udp::GsoUdpFactory {
@@ -48,7 +71,22 @@ pub async fn build_offload(ifname: &str, busy_poll: Duration) -> Result<Device<O
         .with_ip_pair(tx, rx)
         .data_path_thread(true)
         .busy_poll(busy_poll)
+        .crypto_threads(crypto_threads)
         .build()
         .await
         .with_context(|| format!("cannot start the WireGuard device on {ifname}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::default_crypto_threads;
+
+    #[test]
+    fn two_cpus_or_fewer_get_no_crypto_threads_and_more_get_one_per_other_cpu() {
+        assert_eq!(default_crypto_threads(1), 0);
+        assert_eq!(default_crypto_threads(2), 0, "the 2-core path stays inline");
+        assert_eq!(default_crypto_threads(3), 2);
+        assert_eq!(default_crypto_threads(16), 15);
+        assert_eq!(default_crypto_threads(64), 15);
+    }
 }
