@@ -13,7 +13,7 @@ use std::collections::HashSet;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
 use gotatun::device::Peer;
@@ -42,6 +42,10 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// prefixes: the lock is held for one batch, memory is one batch.
 const BATCH_PEERS: usize = 256;
 const BATCH_PREFIXES: usize = 4 * uapi::MAX_ALLOWED_IPS_PER_ITEM;
+/// The longest a batch holds the write lock before it lets the data path
+/// (which takes the read lock for every packet) in; it goes on under the
+/// next lock. At least one change is made per lock.
+const LOCK_BUDGET: Duration = Duration::from_millis(5);
 /// How much of a refused request is read to find its end (a 10,000-peer
 /// `wg setconf` is ~1.5 MB); past it the connection is closed.
 const MAX_DRAIN_BYTES: u64 = 64 << 20;
@@ -537,26 +541,37 @@ impl Batch {
             return Err(Refused::ZeroPrivateKey.into());
         }
         let reset = self.reset;
-        let (added, updated) = device
-            .write(async |d| -> Result<(usize, usize)> {
-                if let Some(settings) = settings {
-                    apply_device(d, settings).await?;
-                }
-                let (mut added, mut updated) = (0, 0);
-                for (p, continued) in peers {
-                    match apply_peer(d, p, reset, continued).await {
-                        Applied::Added => added += 1,
-                        Applied::Updated => updated += usize::from(!continued),
-                        Applied::Other => {}
+        let mut settings = settings;
+        let mut peers = peers.into_iter().peekable();
+        // One write lock per batch, and also no longer than LOCK_BUDGET:
+        // what a change costs depends on gotatun and the device's size.
+        loop {
+            let (added, updated) = device
+                .write(async |d| -> Result<(usize, usize)> {
+                    if let Some(settings) = settings.take() {
+                        apply_device(d, settings).await?;
                     }
-                }
-                Ok((added, updated))
-            })
-            .await
-            .context("reconfiguring the device")??;
-        self.added += added;
-        self.updated += updated;
-        Ok(())
+                    let start = Instant::now();
+                    let (mut added, mut updated) = (0, 0);
+                    while start.elapsed() < LOCK_BUDGET
+                        && let Some((p, continued)) = peers.next()
+                    {
+                        match apply_peer(d, p, reset, continued).await {
+                            Applied::Added => added += 1,
+                            Applied::Updated => updated += usize::from(!continued),
+                            Applied::Other => {}
+                        }
+                    }
+                    Ok((added, updated))
+                })
+                .await
+                .context("reconfiguring the device")??;
+            self.added += added;
+            self.updated += updated;
+            if peers.peek().is_none() {
+                return Ok(());
+            }
+        }
     }
 }
 
@@ -604,11 +619,18 @@ async fn remove_unlisted<T: DeviceTransports>(
                 .collect()
         })
         .await;
-    for chunk in stale.chunks(BATCH_PEERS) {
+    let mut keys = stale.iter().peekable();
+    while keys.peek().is_some() {
         device
             .write(async |d| {
-                for key in chunk {
+                let start = Instant::now();
+                let mut n = 0;
+                while n < BATCH_PEERS
+                    && start.elapsed() < LOCK_BUDGET
+                    && let Some(key) = keys.next()
+                {
                     d.remove_peer(key).await;
+                    n += 1;
                 }
             })
             .await
