@@ -1044,3 +1044,69 @@ fn an_authority_key_rollover_under_traffic_loses_nothing() {
     );
     net.all_pairs_ping(&[0, 1, 2]);
 }
+
+/// A node whose cached roster expired while it and the authority were
+/// down (a VM powered off for longer than a roster lives) starts without
+/// peers instead of stopping, and takes the authority's next roster.
+#[test]
+fn a_node_restarted_on_an_expired_roster_recovers_from_the_authority() {
+    let mut net = Net::new(171, 2, &[], "3s");
+    // Short rosters, so that one expires within the test.
+    net.auth.kill9();
+    let config = net.auth.dir.join("authority.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("roster_lifetime = \"7days\"", "roster_lifetime = \"12s\""),
+    )
+    .unwrap();
+    net.auth.start();
+    for i in 0..2 {
+        let (t, _) = net.auth.token(&[]);
+        let v = net.join(i, &t);
+        // A small clock-skew allowance, so the roster's expiry counts soon.
+        let keyd_toml = net.nodes[i].dir.join("keyd.toml");
+        let text = std::fs::read_to_string(&keyd_toml).unwrap();
+        std::fs::write(
+            &keyd_toml,
+            text.replacen("\n[authority]", "max_clock_skew = \"1s\"\n\n[authority]", 1),
+        )
+        .unwrap();
+        net.start(i, &v);
+    }
+    net.wait_complete(&[0, 1], Duration::from_secs(40));
+    // node2's keyd and the authority go down; node2's roster expires.
+    net.nodes[1].keyd = None;
+    net.auth.kill9();
+    let r = net.roster(1);
+    let not_after = r["not_after"].as_str().unwrap().to_string();
+    std::thread::sleep(Duration::from_secs(15));
+    assert_eq!(
+        net.roster(1)["status"],
+        "EXPIRED",
+        "cached roster, until {not_after}"
+    );
+    net.auth.start();
+    let t0 = Instant::now();
+    net.start_keyd(1);
+    net.wait_status(1, "a member again", Duration::from_secs(30), |s| {
+        s["local_state"] == "member" && s["authority"]["subscribed"] == true
+    });
+    println!(
+        "node2 restarted on an expired roster, a member again after {:?}",
+        t0.elapsed()
+    );
+    assert!(
+        net.nodes[1]
+            .keyd
+            .as_mut()
+            .unwrap()
+            .0
+            .try_wait()
+            .unwrap()
+            .is_none(),
+        "keyd is still running"
+    );
+    assert_eq!(net.roster(1)["status"], "valid");
+    net.wait_complete(&[0, 1], Duration::from_secs(30));
+}

@@ -289,6 +289,7 @@ async fn subscription(
         "subscribed to the authority at roster serial {}",
         f.held.serial()
     );
+    update(&f.status, |s| s.subscribed = true);
     loop {
         let (offered, how) = match next_reply(&mut link, SILENCE).await? {
             Reply::Keepalive => continue,

@@ -274,6 +274,17 @@ impl Authority {
             .values()
             .map(|n| (NoisePublicKey(n.noise_public), NodeId(n.node_id)))
             .collect();
+        // Moves recorded but not yet published when the authority stopped
+        // go out at the first tick.
+        let moved = nodes
+            .values()
+            .filter(|n| {
+                roster.member(&NodeId(n.node_id)).is_some_and(|m| {
+                    m.wg_endpoint != n.wg_endpoint || m.keyd_endpoint != n.keyd_endpoint
+                })
+            })
+            .map(|n| NodeId(n.node_id))
+            .collect();
         Self {
             ca,
             root_key,
@@ -290,7 +301,7 @@ impl Authority {
             next_renewal_scan: 0,
             outbox: Vec::new(),
             endpoints_published: HashMap::new(),
-            moved: std::collections::BTreeSet::new(),
+            moved,
         }
     }
 

@@ -672,3 +672,36 @@ fn a_rollover_cut_short_is_completed_on_the_next_tick() {
         new
     );
 }
+
+#[test]
+fn a_move_waiting_when_the_authority_stops_is_published_after_its_restart() {
+    let mut w = world();
+    let id = {
+        let mut a = w.open(false, T0);
+        let (t, _) = a.create_token(spec(1), T0).unwrap();
+        let e = enroll(&mut a, &t, &machine(), "n1", 1, T0).unwrap();
+        let same = Endpoints {
+            wg: Some("0.0.0.0:51820".parse().unwrap()),
+            keyd: None,
+        };
+        a.report_endpoints(&e.node_id, same, observed(2), T0 + 1)
+            .unwrap();
+        // Within the minute: recorded, waiting.
+        assert!(
+            a.report_endpoints(&e.node_id, same, observed(3), T0 + 2)
+                .unwrap()
+                .is_none()
+        );
+        e.node_id
+    };
+    let mut a = w.open(false, T0 + 3);
+    w.start_following(&a);
+    a.handle_timeout(T0 + 3).unwrap();
+    let p = a.take_published();
+    assert_eq!(p.len(), 1);
+    w.follow(&a, p);
+    assert_eq!(
+        w.follower.member(&id).unwrap().wg_endpoint,
+        Some("198.51.100.3:51820".parse().unwrap())
+    );
+}
