@@ -423,8 +423,9 @@ async fn get_request<T: DeviceTransports>(
 /// collected into a [`Batch`] and each full batch is applied under one
 /// short `device.write()`; the lock is never held while reading the socket
 /// (the data path takes `device.read()` for every packet). On the first
-/// error nothing more is applied: what came before the failing line stays
-/// applied, as in the kernel and wireguard-go (keyd reconciles anyway).
+/// error (or if the client stops mid-request) nothing more is applied:
+/// what came before the failing line's peer stays applied, as in
+/// wireguard-go (keyd reconciles anyway).
 /// With `replace_peers=true`, unlisted peers are removed at the end, only
 /// when the whole request was good.
 async fn set_request<T: DeviceTransports>(
@@ -440,7 +441,15 @@ async fn set_request<T: DeviceTransports>(
             LINE_TIMEOUT,
             MAX_DRAIN_BYTES,
         );
-        let item = match read.await?.ok_or(ReadError::Closed)? {
+        let read = match read.await.and_then(|l| l.ok_or(ReadError::Closed)) {
+            Ok(read) => read,
+            Err(e) => {
+                // Unterminated: what came before is applied all the same.
+                let _ = batch.apply(device).await;
+                return Err(e);
+            }
+        };
+        let item = match read {
             (Line::Text, _) if conn.line.is_empty() => break,
             (Line::Text, _) => line_text(&conn.line).and_then(|l| parser.line(l)),
             (Line::TooLong, _) => Err(UapiError::LineTooLong),
@@ -465,10 +474,10 @@ async fn set_request<T: DeviceTransports>(
         }
     }
     batch.push(parser.end());
-    let (added, updated) = (batch.added, batch.updated);
     if let Err(e) = batch.apply(device).await {
         return Ok(Err(e.into()));
     }
+    let (added, updated) = (batch.added, batch.updated);
     let removed = match batch.listed.take() {
         Some(listed) => match remove_unlisted(device, &listed).await {
             Ok(n) => n,
