@@ -293,7 +293,8 @@ pub const MAX_ALLOWED_IPS_PER_ITEM: usize = 1024;
 #[derive(Debug, Default)]
 pub struct SetParser {
     /// The device lines, until the first `public_key=` emits them.
-    device: Option<DeviceSet>,
+    device: DeviceSet,
+    device_sent: bool,
     /// The peer being read, emitted at the next `public_key=` or the end.
     peer: Option<PeerSet>,
     /// `peer` continues one already emitted.
@@ -302,11 +303,7 @@ pub struct SetParser {
 
 impl SetParser {
     pub fn new() -> Self {
-        SetParser {
-            device: Some(DeviceSet::default()),
-            peer: None,
-            continued: false,
-        }
+        Self::default()
     }
 
     /// One non-empty line. Returns an item when this line completes one
@@ -323,7 +320,7 @@ impl SetParser {
             return Ok(done);
         }
         let Some(peer) = self.peer.as_mut() else {
-            let req = self.device.get_or_insert_with(DeviceSet::default);
+            let req = &mut self.device;
             match k {
                 "private_key" => req.private_key = Some(Key::from_hex(k, v)?),
                 "listen_port" => req.listen_port = Some(value(k, v)?),
@@ -380,8 +377,9 @@ impl SetParser {
 
     /// The item held: the device part first, then the peer being read.
     fn take(&mut self) -> Option<SetItem> {
-        if let Some(device) = self.device.take() {
-            return Some(SetItem::Device(device));
+        if !self.device_sent {
+            self.device_sent = true;
+            return Some(SetItem::Device(std::mem::take(&mut self.device)));
         }
         let peer = self.peer.take()?;
         Some(if std::mem::take(&mut self.continued) {
