@@ -234,8 +234,9 @@ pub async fn run(config: Config, reset_state: bool) -> Result<()> {
             config.roster.display()
         ),
         Err(e) => {
-            return Err(anyhow::Error::new(e)
-                .context(format!("roster {}", config.roster.display())));
+            return Err(
+                anyhow::Error::new(e).context(format!("roster {}", config.roster.display()))
+            );
         }
     }
     let persisted = state::load(&config.state_dir, reset_state)?;

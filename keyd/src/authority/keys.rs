@@ -12,8 +12,8 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use mesh_proto::cert::{AUTHORITY_BACKDATE, AuthorityCert};
 use mesh_proto::cert::CaCert;
+use mesh_proto::cert::{AUTHORITY_BACKDATE, AuthorityCert};
 use mesh_proto::identity::CaSigningKey;
 
 use super::service::{AuthorityError, KeyFiles, SigningKey};
