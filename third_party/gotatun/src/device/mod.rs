@@ -599,8 +599,12 @@ impl<T: DeviceTransports> DeviceState<T> {
             self.peers_by_idx
                 .lock()
                 .retain(|_idx, p| !Arc::ptr_eq(&peer, p));
-            self.peers_by_ip
-                .remove(&|p: &Arc<Mutex<PeerState>>| Arc::ptr_eq(&peer, p));
+            // Only the peer's own networks, where they still route to it
+            // (pqmesh patch 6): no walk over the whole trie per removal,
+            // which made replacing 10,000 peers take seconds.
+            let mut state = peer.lock().await;
+            self.unroute_peer(&peer, &mut state);
+            drop(state);
 
             tracing::info!("Peer removed");
 
@@ -618,6 +622,8 @@ impl<T: DeviceTransports> DeviceState<T> {
 
         self.peers.insert(pub_key, Arc::clone(&peer));
 
+        // A network another peer had leaves its list (kernel semantics).
+        self.take_from_owners(&allowed_ips);
         for allowed_ip in allowed_ips {
             let addr = allowed_ip.network();
             let cidr = allowed_ip.prefix();

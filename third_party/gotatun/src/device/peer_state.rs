@@ -278,8 +278,10 @@ mod tests {
     #[test]
     #[cfg(all(target_pointer_width = "64", not(feature = "daita")))]
     fn an_idle_peer_is_small() {
+        // One allocation per idle peer: the tunnel (handshake, timers, eight
+        // shared session slots of 8 bytes each) and a few fields.
         assert!(size_of::<PeerState>() - size_of::<Tunn>() <= 64);
-        assert!(size_of::<PeerState>() <= 10_624);
+        assert!(size_of::<PeerState>() <= 1_664);
     }
 
     #[test]
