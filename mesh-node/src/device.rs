@@ -25,9 +25,12 @@ fn tun_context(ifname: &str) -> String {
 /// Crypto threads when `mesh-node up` is not told (`--crypto-threads`):
 /// none on 2 CPUs or fewer, where a second thread only competes with the
 /// data path and the kernel for the same cores; else one per CPU beside the
-/// data path's, at most 15.
+/// data path's, at most 4. On a 16-vCPU host (docs/performance.md) one TCP
+/// stream gained nothing past 2-4 threads and lost at 16: the data-path
+/// thread, not the crypto, is the limit there, and idle workers spinning
+/// for work only take CPU from it and the kernel.
 pub fn default_crypto_threads(cpus: usize) -> usize {
-    if cpus <= 2 { 0 } else { (cpus - 1).min(15) }
+    if cpus <= 2 { 0 } else { (cpus - 1).min(4) }
 }
 
 /// The CPUs this process may use (affinity and cgroup quota aware); 1 if
@@ -86,7 +89,7 @@ mod tests {
         assert_eq!(default_crypto_threads(1), 0);
         assert_eq!(default_crypto_threads(2), 0, "the 2-core path stays inline");
         assert_eq!(default_crypto_threads(3), 2);
-        assert_eq!(default_crypto_threads(16), 15);
-        assert_eq!(default_crypto_threads(64), 15);
+        assert_eq!(default_crypto_threads(16), 4);
+        assert_eq!(default_crypto_threads(64), 4);
     }
 }

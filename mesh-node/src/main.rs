@@ -61,7 +61,7 @@ enum Cmd {
         /// Threads that encrypt and decrypt large batches of one peer's
         /// packets beside the data path; 0 keeps all crypto on the data
         /// path. Default: 0 on 2 CPUs or fewer, else one per CPU but one,
-        /// at most 15.
+        /// at most 4.
         #[arg(long, value_parser = clap::value_parser!(u16).range(0..=256))]
         crypto_threads: Option<u16>,
     },
