@@ -145,7 +145,15 @@ impl Node {
     fn new(ns: Netns, keys: &WgKeys, crypto_threads: u16, host: u8) -> Self {
         let ifname = unique("wg");
         let threads = crypto_threads.to_string();
-        let daemon = Daemon::mesh_node_with(&ns, bin(), &ifname, &["--crypto-threads", &threads]);
+        // With crypto threads, also a data-path thread per direction: the
+        // layout of a host with more than 4 CPUs.
+        let layout = if crypto_threads > 0 { "2" } else { "1" };
+        let daemon = Daemon::mesh_node_with(
+            &ns,
+            bin(),
+            &ifname,
+            &["--crypto-threads", &threads, "--data-path-threads", layout],
+        );
         let key = keys.private(&format!("{ifname}.key"));
         Node {
             pubkey: WgKeys::public(&key),

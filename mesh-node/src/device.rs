@@ -54,6 +54,13 @@ pub async fn build_default(
         .with_context(|| format!("cannot start the WireGuard device on {ifname}"))
 }
 
+/// A thread per direction when `mesh-node up` is not told
+/// (`--data-path-threads`): only above 4 CPUs. On 2 vCPUs one thread for
+/// both was measured faster (docs/performance.md, "Threads").
+pub fn default_split_directions(cpus: usize) -> bool {
+    cpus > 4
+}
+
 /// UDP socket buffers for bursts of 64 KB super-packets: the kernel default
 /// (~208 KB) overflows and drops (capped by net.core.{r,w}mem_max).
 const UDP_BUFFER: usize = 4 << 20;
@@ -65,6 +72,7 @@ pub async fn build_offload(
     ifname: &str,
     busy_poll: Duration,
     crypto_threads: usize,
+    split_directions: bool,
 ) -> Result<Device<OffloadTransports>> {
     let (tx, rx) = transports::tun::open(ifname).with_context(|| tun_context(ifname))?;
     DeviceBuilder::new()
@@ -75,6 +83,7 @@ pub async fn build_offload(
         .data_path_thread(true)
         .busy_poll(busy_poll)
         .crypto_threads(crypto_threads)
+        .split_directions(split_directions)
         .build()
         .await
         .with_context(|| format!("cannot start the WireGuard device on {ifname}"))
@@ -82,7 +91,14 @@ pub async fn build_offload(
 
 #[cfg(test)]
 mod tests {
-    use super::default_crypto_threads;
+    use super::{default_crypto_threads, default_split_directions};
+
+    #[test]
+    fn a_thread_per_direction_only_above_four_cpus() {
+        assert!(!default_split_directions(2));
+        assert!(!default_split_directions(4));
+        assert!(default_split_directions(8));
+    }
 
     #[test]
     fn two_cpus_or_fewer_get_no_crypto_threads_and_more_get_one_per_other_cpu() {

@@ -64,6 +64,11 @@ enum Cmd {
         /// at most 4.
         #[arg(long, value_parser = clap::value_parser!(u16).range(0..=256))]
         crypto_threads: Option<u16>,
+        /// With `offload`: 1 runs both directions on one data-path thread,
+        /// 2 gives each direction its own. Default: 1 on 4 CPUs or fewer,
+        /// else 2.
+        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=2))]
+        data_path_threads: Option<u8>,
     },
 }
 
@@ -76,11 +81,16 @@ fn main() -> ExitCode {
         transports,
         busy_poll_us,
         crypto_threads,
+        data_path_threads,
     } = Cli::parse().command;
     let busy_poll = Duration::from_micros(busy_poll_us.into());
     let crypto_threads = crypto_threads.map_or_else(
         || device::default_crypto_threads(device::available_cpus()),
         usize::from,
+    );
+    let split_directions = data_path_threads.map_or_else(
+        || device::default_split_directions(device::available_cpus()),
+        |n| n == 2,
     );
     let result = check_ifname(&ifname).and_then(|()| {
         if foreground || std::env::var_os(FOREGROUND_ENV).is_some() {
@@ -91,6 +101,7 @@ fn main() -> ExitCode {
                 transports,
                 busy_poll,
                 crypto_threads,
+                split_directions,
             )
         } else {
             daemonize(&ifname)
@@ -208,6 +219,7 @@ fn run(
     transports: TransportKind,
     busy_poll: Duration,
     crypto_threads: usize,
+    split_directions: bool,
 ) -> Result<()> {
     init_logging(log_file)?;
     // One malloc arena for all threads: packet buffers come from gotatun's
@@ -234,10 +246,12 @@ fn run(
                 serve(
                     ifname,
                     metrics,
-                    device::build_offload(ifname, busy_poll, crypto_threads).await?,
+                    device::build_offload(ifname, busy_poll, crypto_threads, split_directions)
+                        .await?,
                     &format!(
-                        "offloaded TUN, UDP GSO/GRO, data-path thread busy-polling {} µs, \
+                        "offloaded TUN, UDP GSO/GRO, {} data-path thread(s) busy-polling {} µs, \
                          {crypto_threads} crypto threads",
+                        if split_directions { 2 } else { 1 },
                         busy_poll.as_micros()
                     ),
                 )

@@ -52,6 +52,7 @@ pub struct DeviceBuilder<Udp, TunTx, TunRx> {
     threads: bool,
     busy_poll: Duration,
     crypto_threads: usize,
+    split_directions: bool,
 
     #[cfg(target_os = "linux")]
     fwmark: Option<u32>,
@@ -91,6 +92,7 @@ impl DeviceBuilder<Nul, Nul, Nul> {
             threads: false,
             busy_poll: Duration::ZERO,
             crypto_threads: 0,
+            split_directions: false,
             #[cfg(target_os = "linux")]
             fwmark: None,
         }
@@ -122,6 +124,7 @@ impl<X, Y> DeviceBuilder<Nul, X, Y> {
             threads: self.threads,
             busy_poll: self.busy_poll,
             crypto_threads: self.crypto_threads,
+            split_directions: self.split_directions,
             #[cfg(target_os = "linux")]
             fwmark: self.fwmark,
         }
@@ -202,6 +205,7 @@ impl<X> DeviceBuilder<X, Nul, Nul> {
             threads: self.threads,
             busy_poll: self.busy_poll,
             crypto_threads: self.crypto_threads,
+            split_directions: self.split_directions,
             #[cfg(target_os = "linux")]
             fwmark: self.fwmark,
         }
@@ -301,6 +305,15 @@ impl<X, Y, Z> DeviceBuilder<X, Y, Z> {
     /// at most [`CHUNK`] packets for one peer is always done inline.
     ///
     /// [`CHUNK`]: crate::device::parallel::CHUNK
+    /// With [`data_path_thread`](Self::data_path_thread): one thread per
+    /// direction instead of one for both (pqmesh patch 6). Pays off only
+    /// with CPUs to spare: on 2 vCPUs the two threads and the kernel
+    /// compete for the same cores (docs/performance.md).
+    pub fn split_directions(mut self, split: bool) -> Self {
+        self.split_directions = split;
+        self
+    }
+
     pub fn crypto_threads(mut self, threads: usize) -> Self {
         self.crypto_threads = threads;
         self
@@ -362,6 +375,7 @@ impl<Udp: UdpTransportFactory, TunTx: IpSend, TunRx: IpRecv> DeviceBuilder<Udp, 
             inline: self.inline,
             threads: self.threads,
             busy_poll: self.busy_poll,
+            split_directions: self.split_directions,
             crypto_pool,
             fatal_error: watch::Sender::new(None),
         };

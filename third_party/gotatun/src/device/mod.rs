@@ -182,6 +182,8 @@ pub(crate) struct DeviceState<T: DeviceTransports> {
     /// long that thread busy-polls (pqmesh patch).
     threads: bool,
     busy_poll: Duration,
+    /// With `threads`: one thread per direction (pqmesh patch 6).
+    split_directions: bool,
 
     /// Threads that seal and open large batches of one peer's packets
     /// beside the data path (pqmesh patch 6); `None`: all crypto inline.
@@ -374,7 +376,23 @@ impl<T: DeviceTransports> Connection<T> {
         )
         .map_err(register_fatal_error)
         .boxed();
-        let (outgoing, incoming) = if device.threads {
+        let (outgoing, incoming) = if device.threads && device.split_directions {
+            // Each thread has its own reactor: a transport waits on the
+            // thread whose task uses it.
+            let out = Task::spawn_thread(
+                "data path out",
+                vec![("handle_outgoing", outgoing)],
+                device.busy_poll,
+            )
+            .map_err(Error::IoError)?;
+            let inc = Task::spawn_thread(
+                "data path in",
+                vec![("handle_incoming", incoming)],
+                device.busy_poll,
+            )
+            .map_err(Error::IoError)?;
+            (out, Some(inc))
+        } else if device.threads {
             let tasks = vec![("handle_outgoing", outgoing), ("handle_incoming", incoming)];
             let thread =
                 Task::spawn_thread("data path", tasks, device.busy_poll).map_err(Error::IoError)?;
