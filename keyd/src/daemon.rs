@@ -200,11 +200,35 @@ pub async fn run(config: Config, reset_state: bool) -> Result<()> {
         bail!("the keys in `wg_key`/`noise_key` are not the ones `cert` certifies");
     }
     let roster = load_roster(&config, &ca)?;
+    let skew = config.max_clock_skew.as_secs();
+    let now_unix = time::unix_now();
+    // A roster signed by a key that is not valid now is never used, with or
+    // without an authority to follow.
+    roster
+        .check_signer(None, now_unix, skew)
+        .with_context(|| format!("roster {}", config.roster.display()))?;
+    match roster.check_fresh(now_unix, skew) {
+        Ok(()) => {}
+        // Fail closed, not stopped: with an authority to follow, the node
+        // starts without peers (an expired roster lists none it accepts)
+        // and takes the next roster the authority sends (a VM powered off
+        // for longer than a roster lives).
+        Err(e) if config.authority.is_some() => warn!(
+            "roster {}: {e}; no peers until the authority sends a newer one",
+            config.roster.display()
+        ),
+        Err(e) => {
+            return Err(
+                anyhow::Error::new(e).context(format!("roster {}", config.roster.display()))
+            );
+        }
+    }
     // The roster may list a newer certificate for this node than the file
     // (renewed, or reissued by a signing-key rollover, just before a crash):
-    // a verified roster vouches for it, and it carries these keys.
+    // a verified roster vouches for it, and it carries these keys (the node
+    // id derives from them).
     if let Some(m) = roster.member(&cert.body().node_id)
-        && m.cert != cert
+        && m.cert.body().not_before > cert.body().not_before
         && !roster.revokes(&m.cert)
     {
         info!("taking the newer certificate the roster lists for this node");
@@ -219,25 +243,6 @@ pub async fn run(config: Config, reset_state: bool) -> Result<()> {
             config.cert.display(),
             config.ca_cert.display()
         );
-    }
-    let skew = config.max_clock_skew.as_secs();
-    let usable = roster
-        .check_fresh(time::unix_now(), skew)
-        .and_then(|()| roster.check_signer(None, time::unix_now(), skew));
-    match usable {
-        Ok(()) => {}
-        // Fail closed, not stopped: with an authority to follow, the node
-        // starts without peers and takes the next roster the authority
-        // sends (a VM powered off for longer than a roster lives).
-        Err(e) if config.authority.is_some() => warn!(
-            "roster {}: {e}; no peers until the authority sends a newer one",
-            config.roster.display()
-        ),
-        Err(e) => {
-            return Err(
-                anyhow::Error::new(e).context(format!("roster {}", config.roster.display()))
-            );
-        }
     }
     let persisted = state::load(&config.state_dir, reset_state)?;
     match &persisted {

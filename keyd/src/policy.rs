@@ -829,6 +829,7 @@ impl MeshPolicy {
         // this node id carries this node's keys (the id derives from them).
         if let Some(m) = roster.member(&self.me)
             && m.cert != self.my_cert
+            && m.cert.body().not_before >= self.my_cert.body().not_before
             && !roster.revokes(&m.cert)
         {
             self.my_cert = m.cert.clone();

@@ -805,13 +805,14 @@ async fn subscribe(
             // Lagged, or a gap: the current roster instead, to a node that
             // is still a member (it may have missed its own revocation).
             Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {
-                let member = s
-                    .ask(|reply| Request::Member { client, reply })
-                    .await
-                    .unwrap_or(false);
-                if !member {
-                    link.send(&wire::encode(&Reply::Refused(Refusal::NodeRevoked)))
-                        .await?;
+                let refusal = match s.ask(|reply| Request::Member { client, reply }).await {
+                    Some(true) => None,
+                    Some(false) => Some(Refusal::NodeRevoked),
+                    // Queue full or stopping: not a verdict on the node.
+                    None => Some(Refusal::Busy),
+                };
+                if let Some(r) = refusal {
+                    link.send(&wire::encode(&Reply::Refused(r))).await?;
                     last_word(&mut link).await;
                     return Ok(());
                 }

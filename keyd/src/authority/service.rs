@@ -145,7 +145,12 @@ pub struct Authority {
     /// `moved`.
     endpoints_published: HashMap<NodeId, UnixTime>,
     moved: std::collections::BTreeSet<NodeId>,
+    /// When an automatic rollover last failed.
+    rollover_failed_at: Option<UnixTime>,
 }
+
+/// Seconds between automatic rollover attempts after one failed.
+const ROLLOVER_RETRY: u64 = 600;
 
 /// A member's endpoints change in the roster at most this often: each change
 /// is a delta to every node, so a member must not be able to make the
@@ -302,6 +307,7 @@ impl Authority {
             outbox: Vec::new(),
             endpoints_published: HashMap::new(),
             moved,
+            rollover_failed_at: None,
         }
     }
 
@@ -679,10 +685,10 @@ impl Authority {
         if moves && !recently {
             return self.publish_endpoints(vec![record], now);
         }
+        self.commit(self.batch_for(vec![], vec![record], None, None))?;
         if moves {
             self.moved.insert(*id);
         }
-        self.commit(self.batch_for(vec![], vec![record], None, None))?;
         Ok(None)
     }
 
@@ -703,15 +709,25 @@ impl Authority {
                 })
             })
             .collect();
-        for r in &records {
-            self.endpoints_published.insert(NodeId(r.node_id), now);
-            self.moved.remove(&NodeId(r.node_id));
-        }
+        let ids: Vec<NodeId> = records.iter().map(|r| NodeId(r.node_id)).collect();
         let change = RosterChange {
             upsert,
             ..RosterChange::default()
         };
-        self.publish(change, vec![], records, None, now)
+        match self.publish(change, vec![], records, None, now) {
+            Ok(p) => {
+                for id in ids {
+                    self.endpoints_published.insert(id, now);
+                    self.moved.remove(&id);
+                }
+                Ok(p)
+            }
+            // Not published: the move waits for the next tick.
+            Err(e) => {
+                self.moved.extend(ids);
+                Err(e)
+            }
+        }
     }
 
     /// What a node holding roster `serial` (with fingerprint `fp`) is sent.
@@ -921,14 +937,33 @@ impl Authority {
         let Some(root) = &self.root_key else {
             return Ok(None);
         };
+        // After a failed attempt, wait before the next: each makes a key.
+        if self
+            .rollover_failed_at
+            .is_some_and(|t| now < t.saturating_add(ROLLOVER_RETRY))
+        {
+            return Ok(None);
+        }
         let a = self.signer.cert.body();
         let life = a.not_after.saturating_sub(a.not_before);
         if now < a.not_before.saturating_add(life / 3 * 2) {
             return Ok(None);
         }
-        let next = super::keys::certify(&self.ca, root, now, self.params.authority_lifetime)?;
-        self.key_files.save(&next)?;
-        Ok(Some(self.roll_to(next, now)?))
+        let attempt = super::keys::certify(&self.ca, root, now, self.params.authority_lifetime)
+            .and_then(|next| {
+                self.key_files.save(&next)?;
+                self.roll_to(next, now)
+            });
+        match attempt {
+            Ok(p) => {
+                self.rollover_failed_at = None;
+                Ok(Some(p))
+            }
+            Err(e) => {
+                self.rollover_failed_at = Some(now);
+                Err(e)
+            }
+        }
     }
 
     /// Rolls over to `next` (already saved by the caller), whether made here
@@ -968,7 +1003,11 @@ impl Authority {
         match self.reissue(active, now) {
             Ok(p) => out.extend(p),
             Err(e) => {
-                self.signer = old;
+                // Unless the reissue reached the store after all (a reload
+                // then shows the new signer), the old key still signs.
+                if self.roster.signer() != self.signer.cert.fingerprint() {
+                    self.signer = old;
+                }
                 return Err(e);
             }
         }
@@ -1122,8 +1161,17 @@ impl Authority {
 
     fn commit(&mut self, p: Pending) -> Result<Option<Published>, AuthorityError> {
         if let Err(e) = self.store.commit(&p.batch) {
-            if let Err(r) = self.reload() {
-                warn!(error = %r, "cannot reload the state after a failed commit");
+            match self.reload() {
+                // It reached the store after all: what it publishes goes out.
+                Ok(()) if self.meta == p.batch.meta => {
+                    warn!(error = %e, "a commit reported an error but reached the store");
+                    if let Some(published) = &p.published {
+                        self.outbox.push(published.clone());
+                    }
+                    return Ok(p.published);
+                }
+                Ok(()) => {}
+                Err(r) => warn!(error = %r, "cannot reload the state after a failed commit"),
             }
             return Err(e.into());
         }
@@ -1171,9 +1219,9 @@ fn renewal_time(cert: &NodeCert) -> UnixTime {
 /// arbitrary local address, only at its own port on the address it comes
 /// from or on an address it says it has.
 fn published_endpoints(reported: Endpoints, observed: SocketAddr) -> Endpoints {
-    let usable = |ip: std::net::IpAddr| match ip {
+    let usable = |ip: std::net::IpAddr| match ip.to_canonical() {
         std::net::IpAddr::V4(v4) => {
-            !(v4.is_unspecified()
+            !(v4.octets()[0] == 0
                 || v4.is_loopback()
                 || v4.is_multicast()
                 || v4.is_link_local()

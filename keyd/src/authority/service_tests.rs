@@ -705,3 +705,94 @@ fn a_move_waiting_when_the_authority_stops_is_published_after_its_restart() {
         Some("198.51.100.3:51820".parse().unwrap())
     );
 }
+
+#[test]
+fn ipv4_mapped_endpoints_meet_the_same_rules() {
+    let w = world();
+    let mut a = w.open(false, T0);
+    let (t, _) = a.create_token(spec(1), T0).unwrap();
+    let m = machine();
+    let mut req = join(&t, &m, "n1");
+    req.endpoints = Endpoints {
+        wg: Some("[::ffff:127.0.0.1]:51820".parse().unwrap()),
+        keyd: Some("[::ffff:0.0.0.5]:51821".parse().unwrap()),
+    };
+    let e = a
+        .enroll(&req, m.noise.public_key(), observed(4), T0)
+        .unwrap();
+    let member = a.roster().member(&e.node_id).unwrap();
+    assert_eq!(
+        member.wg_endpoint,
+        Some("198.51.100.4:51820".parse().unwrap())
+    );
+    assert_eq!(
+        member.keyd_endpoint,
+        Some("198.51.100.4:51821".parse().unwrap())
+    );
+}
+
+/// A store whose next commit lands and then reports an I/O error, as a
+/// failure after the data reached the disk would.
+struct LandsThenFails {
+    inner: RedbStore,
+    fail_next: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl crate::authority::store::Store for LandsThenFails {
+    fn load(&self) -> Result<crate::authority::store::Loaded, StoreError> {
+        self.inner.load()
+    }
+    fn commit(&mut self, batch: &Batch) -> Result<(), StoreError> {
+        self.inner.commit(batch)?;
+        if self
+            .fail_next
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            return Err(StoreError::Io {
+                path: "store.redb".into(),
+                action: "sync",
+                source: std::io::Error::other("injected after the commit landed"),
+            });
+        }
+        Ok(())
+    }
+    fn deltas(&self, from: u64, to: u64) -> Result<Option<Vec<Vec<u8>>>, StoreError> {
+        self.inner.deltas(from, to)
+    }
+}
+
+#[test]
+fn a_commit_that_landed_despite_an_error_still_publishes() {
+    let mut w = world();
+    let fail_next = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let store = LandsThenFails {
+        inner: RedbStore::open(&w.dir.path().join("store.redb")).unwrap(),
+        fail_next: fail_next.clone(),
+    };
+    let mut a = Authority::open(
+        Box::new(store),
+        Box::new(DirKeyFiles {
+            dir: w.dir.path().to_path_buf(),
+        }),
+        w.ca.clone(),
+        None,
+        keys::load_all(w.dir.path(), &w.ca).unwrap(),
+        NoisePublicKey([5; 32]),
+        params(),
+        T0,
+    )
+    .unwrap();
+    let (t, _) = a.create_token(spec(1), T0).unwrap();
+    let e = enroll(&mut a, &t, &machine(), "n1", 1, T0).unwrap();
+    w.start_following(&a);
+    a.take_published();
+    fail_next.store(true, std::sync::atomic::Ordering::Relaxed);
+    // The revocation reached the store; the error must not swallow it.
+    let p = a.revoke_node(&e.node_id, T0 + 1).unwrap();
+    assert!(p.is_some());
+    let out = a.take_published();
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].cut, vec![e.node_id]);
+    w.follow(&a, out);
+    assert!(w.follower.member(&e.node_id).is_none());
+}
