@@ -1088,9 +1088,14 @@ fn a_node_restarted_on_an_expired_roster_recovers_from_the_authority() {
     );
     net.auth.start();
     let t0 = Instant::now();
+    // The stopped keyd's last status.json says "member": only the new
+    // process's counts.
+    let restarted = unix_now();
     net.start_keyd(1);
     net.wait_status(1, "a member again", Duration::from_secs(30), |s| {
-        s["local_state"] == "member" && s["authority"]["subscribed"] == true
+        s["updated_at"].as_u64().is_some_and(|t| t >= restarted)
+            && s["local_state"] == "member"
+            && s["authority"]["subscribed"] == true
     });
     println!(
         "node2 restarted on an expired roster, a member again after {:?}",
