@@ -365,13 +365,8 @@ impl AuthorityCert {
     /// Issues a node certificate with this authority's key. The validity
     /// window must lie inside the authority certificate's.
     pub fn issue(&self, key: &CaSigningKey, req: NodeCertRequest) -> Result<NodeCert, CertError> {
+        self.check_key(key)?;
         let a = &self.0.body;
-        if key.verifying_key() != a.public_key {
-            return Err(CertError::Field {
-                field: "authority_key",
-                reason: "the private key does not belong to this authority certificate".into(),
-            });
-        }
         issue_node(
             key,
             req,
@@ -379,6 +374,17 @@ impl AuthorityCert {
             self.fingerprint(),
             (a.not_before, a.not_after),
         )
+    }
+
+    /// Refuses a private key that is not the one this certificate certifies.
+    pub fn check_key(&self, key: &CaSigningKey) -> Result<(), CertError> {
+        if key.verifying_key() != self.0.body.public_key {
+            return Err(CertError::Field {
+                field: "authority_key",
+                reason: "the private key does not belong to this authority certificate".into(),
+            });
+        }
+        Ok(())
     }
 
     /// Checks that `cert` was signed by this authority (issuer and signature).

@@ -106,10 +106,7 @@ impl Roster {
         issued_at: UnixTime,
         not_after: UnixTime,
     ) -> Result<(Roster, RosterDelta), RosterError> {
-        let signer_fp = match signer {
-            Signer::Root(_) => ca.fingerprint(),
-            Signer::Authority(a, _) => a.fingerprint(),
-        };
+        let (key, signer_fp) = signer.checked(ca)?;
         let body = DeltaBody {
             version: DELTA_VERSION,
             network_id: self.network_id().to_string(),
@@ -129,22 +126,6 @@ impl Roster {
             revoke_nodes: change.revoke_nodes.clone(),
         };
         let next_body = apply_ops(self, &body);
-        let key = match signer {
-            Signer::Root(key) => {
-                ca.check_key(key).map_err(RosterError::Signing)?;
-                *key
-            }
-            Signer::Authority(a, key) => {
-                if key.verifying_key() != a.body().public_key {
-                    return Err(RosterError::Signing(crate::CertError::Field {
-                        field: "authority_key",
-                        reason: "the private key does not belong to this authority certificate"
-                            .into(),
-                    }));
-                }
-                *key
-            }
-        };
         let signed = Signed::sign(ROSTER_DOMAIN, next_body, key).map_err(RosterError::Signing)?;
         let signature = signed.signature().to_vec();
         let next = Roster::verify(signed, ca, Some(self))?;

@@ -91,6 +91,23 @@ pub enum Signer<'a> {
     Authority(&'a AuthorityCert, &'a CaSigningKey),
 }
 
+impl Signer<'_> {
+    /// The signing key, checked to belong to its certificate, and the
+    /// fingerprint a roster names as its signer.
+    pub(crate) fn checked(&self, ca: &CaCert) -> Result<(&CaSigningKey, Fingerprint), RosterError> {
+        match self {
+            Signer::Root(key) => {
+                ca.check_key(key).map_err(RosterError::Signing)?;
+                Ok((key, ca.fingerprint()))
+            }
+            Signer::Authority(a, key) => {
+                a.check_key(key).map_err(RosterError::Signing)?;
+                Ok((key, a.fingerprint()))
+            }
+        }
+    }
+}
+
 /// What a roster says, before it is signed.
 #[derive(Clone, Debug, Default)]
 pub struct RosterContent {
@@ -146,14 +163,8 @@ impl Roster {
         signer: &Signer<'_>,
         content: &RosterContent,
     ) -> Result<Self, RosterError> {
-        let body = body_of(ca, signer, content)?;
-        let key = match signer {
-            Signer::Root(key) => {
-                ca.check_key(key).map_err(RosterError::Signing)?;
-                *key
-            }
-            Signer::Authority(_, key) => *key,
-        };
+        let (key, signer) = signer.checked(ca)?;
+        let body = body_of(ca, signer, content);
         let signed = Signed::sign(ROSTER_DOMAIN, body, key).map_err(RosterError::Signing)?;
         Self::verify(signed, ca, None)
     }
@@ -494,24 +505,8 @@ impl Roster {
 }
 
 /// The body `signer` signs for `content`.
-fn body_of(
-    ca: &CaCert,
-    signer: &Signer<'_>,
-    content: &RosterContent,
-) -> Result<RosterBody, RosterError> {
-    let signer = match signer {
-        Signer::Root(_) => ca.fingerprint(),
-        Signer::Authority(a, key) => {
-            if key.verifying_key() != a.body().public_key {
-                return Err(RosterError::Signing(crate::CertError::Field {
-                    field: "authority_key",
-                    reason: "the private key does not belong to this authority certificate".into(),
-                }));
-            }
-            a.fingerprint()
-        }
-    };
-    Ok(RosterBody {
+fn body_of(ca: &CaCert, signer: Fingerprint, content: &RosterContent) -> RosterBody {
+    RosterBody {
         version: ROSTER_VERSION,
         network_id: ca.body().network_id.clone(),
         serial: content.serial,
@@ -523,7 +518,7 @@ fn body_of(
         members: content.members.iter().map(Member::entry).collect(),
         revoked: content.revoked.clone(),
         revoked_nodes: content.revoked_nodes.clone(),
-    })
+    }
 }
 
 /// Decodes the envelope, checking the body's version before its layout: an

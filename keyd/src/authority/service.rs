@@ -917,17 +917,17 @@ impl Authority {
         if !stale.is_empty() {
             out.extend(self.reissue(stale, now)?);
         }
-        out.extend(self.publish(
-            RosterChange {
-                authorities: Some(vec![self.signer.cert.clone()]),
-                ..RosterChange::default()
-            },
-            vec![],
-            vec![],
-            None,
-            now,
-        )?);
+        out.extend(self.list_only_the_signer(now)?);
         Ok(out)
+    }
+
+    /// The roster update that drops every authority key but the signing one.
+    fn list_only_the_signer(&mut self, now: UnixTime) -> Result<Option<Published>, AuthorityError> {
+        let change = RosterChange {
+            authorities: Some(vec![self.signer.cert.clone()]),
+            ..RosterChange::default()
+        };
+        self.publish(change, vec![], vec![], None, now)
     }
 
     /// A new signing key certified by the root, published in three roster
@@ -1011,16 +1011,7 @@ impl Authority {
                 return Err(e);
             }
         }
-        out.extend(self.publish(
-            RosterChange {
-                authorities: Some(vec![self.signer.cert.clone()]),
-                ..RosterChange::default()
-            },
-            vec![],
-            vec![],
-            None,
-            now,
-        )?);
+        out.extend(self.list_only_the_signer(now)?);
         Ok(out)
     }
 
