@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
+pub mod edge;
 pub mod files;
 pub mod policy;
 pub mod quic;

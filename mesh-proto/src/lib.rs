@@ -17,6 +17,7 @@ pub mod frame;
 pub mod identity;
 pub mod kem;
 pub mod prefix;
+pub mod probe;
 pub mod roster;
 pub mod schedule;
 pub mod signed;
