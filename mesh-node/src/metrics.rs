@@ -15,10 +15,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
-use crate::counters::Counters;
+use crate::counters::{Counters, PROBES};
 
 pub fn render(counters: &Counters, device: &DeviceCounters) -> String {
     let mut s = counters.render();
+    PROBES.render_into(&mut s);
     let name = "mesh_node_rx_dropped_source_not_allowed_total";
     let _ = writeln!(
         s,
@@ -60,11 +61,21 @@ pub async fn serve(
     Ok(())
 }
 
-/// Logs, at most every `period`, how many packets were dropped since the last line.
+/// Logs, at most every `period`, how many packets were dropped since the
+/// last line, and how many path probes went unanswered over the rate limit.
 pub async fn watch_drops(device: Arc<DeviceCounters>, period: Duration) {
     let mut last = 0;
+    let mut last_limited = 0;
     loop {
         tokio::time::sleep(period).await;
+        let limited = PROBES.rate_limited.load(Ordering::Relaxed);
+        if limited > last_limited {
+            warn!(
+                "left {} path probes unanswered over the answer rate limit ({limited} in total)",
+                limited - last_limited
+            );
+            last_limited = limited;
+        }
         let now = device.rx_source_not_allowed.load(Ordering::Relaxed);
         if now > last {
             warn!(

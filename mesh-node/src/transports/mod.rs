@@ -10,6 +10,7 @@
 //! with `WouldBlock` and the packet is dropped, as a full NIC queue drops it.
 
 pub mod gso;
+pub mod probe;
 pub mod tun;
 pub mod udp;
 pub mod udp_recv;

@@ -4,7 +4,8 @@
 //! reads up to 100 messages of 256 KiB; each call here reuses the same few
 //! 64 KiB buffers (every page the kernel writes into stays resident) and
 //! allocates nothing. A GRO message is cut back into its datagrams, each
-//! copied into a packet from gotatun's pool.
+//! copied into a packet from gotatun's pool, except path probes, which are
+//! answered here and never reach gotatun (`probe.rs`).
 
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
@@ -14,6 +15,7 @@ use std::sync::Arc;
 use gotatun::packet::{Packet, PacketBufPool};
 use gotatun::udp::UdpRecv;
 
+use super::probe::Responder;
 use super::udp::ControlBuf;
 use super::udp_socket::UdpSocket;
 
@@ -27,11 +29,15 @@ const MESSAGE_BYTES: usize = 65536;
 /// The receiving half of our socket.
 pub struct GroRecv {
     socket: Arc<UdpSocket>,
+    probes: Responder,
 }
 
 impl GroRecv {
     pub fn new(socket: Arc<UdpSocket>) -> Self {
-        Self { socket }
+        Self {
+            socket,
+            probes: Responder::new(&crate::counters::PROBES),
+        }
     }
 }
 
@@ -89,6 +95,12 @@ impl UdpRecv for GroRecv {
             // Without GRO the message is one datagram.
             let segment = gro_size.filter(|&s| s > 0).unwrap_or(len.max(1));
             for datagram in message.chunks(segment) {
+                // One byte compare for WireGuard packets (types 1-4).
+                if Responder::may_be_probe(datagram)
+                    && self.probes.receive(datagram, from, &self.socket)
+                {
+                    continue;
+                }
                 let mut packet = pool.get();
                 packet.buf_mut().clear();
                 packet.buf_mut().extend_from_slice(datagram);

@@ -85,6 +85,11 @@ impl UdpSocket {
         to.into()
     }
 
+    /// One datagram to `to` now; `WouldBlock` when the send buffer is full.
+    pub fn try_send_to(&self, data: &[u8], to: SocketAddr) -> io::Result<()> {
+        self.socket.send_to(data, &self.sockaddr(to)).map(drop)
+    }
+
     /// One datagram to `to`; waits while the send buffer is full.
     pub async fn send_to(&self, data: &[u8], to: SocketAddr) -> io::Result<()> {
         let to = self.sockaddr(to);
