@@ -23,6 +23,12 @@ pub const KIND_FRAGMENT: u8 = 1;
 pub const KIND_PING: u8 = 2;
 pub const KIND_PONG: u8 = 3;
 pub const KIND_EXCHANGE: u8 = 4;
+/// kind 5 HELLO: body = flags u8, on both carriers; tells the peer keyd
+/// what this side's data plane can do (the ladder runs only when both data
+/// planes answer path probes).
+pub const KIND_HELLO: u8 = 5;
+/// HELLO flag: this node's data plane answers path probes (mesh-node).
+pub const HELLO_ANSWERS_PROBES: u8 = 1;
 
 /// kind u8 ++ id u16 ++ index u8 ++ count u8.
 pub const FRAGMENT_HEADER: usize = 5;
@@ -86,6 +92,7 @@ pub enum Payload<'a> {
     },
     Ping(u64),
     Pong(u64),
+    Hello(u8),
 }
 
 /// A fragment as the reassembler takes it (the fields of `Payload::Fragment`).
@@ -136,6 +143,7 @@ impl<'a> Payload<'a> {
             }
             Payload::Ping(n) => encode_ping(n, out),
             Payload::Pong(n) => encode_pong(n, out),
+            Payload::Hello(f) => encode_hello(f, out),
         }
     }
 
@@ -145,6 +153,7 @@ impl<'a> Payload<'a> {
             Payload::Packet(p) => PACKET_HEADER + p.len(),
             Payload::Fragment { bytes, .. } => FRAGMENT_HEADER + bytes.len(),
             Payload::Ping(_) | Payload::Pong(_) => 1 + NONCE_LEN,
+            Payload::Hello(_) => 2,
         }
     }
 }
@@ -166,6 +175,12 @@ pub fn encode_ping(nonce: u64, out: &mut Vec<u8>) {
 pub fn encode_pong(nonce: u64, out: &mut Vec<u8>) {
     out.push(KIND_PONG);
     out.extend_from_slice(&nonce.to_be_bytes());
+}
+
+/// Appends a HELLO datagram payload to `out`.
+pub fn encode_hello(flags: u8, out: &mut Vec<u8>) {
+    out.push(KIND_HELLO);
+    out.push(flags);
 }
 
 /// Appends `payload` to `out`; see `Payload::encode`.
@@ -209,6 +224,14 @@ pub fn decode_datagram(datagram: &[u8]) -> Result<Payload<'_>, FrameError> {
         }
         KIND_PING => Ok(Payload::Ping(nonce(kind, body)?)),
         KIND_PONG => Ok(Payload::Pong(nonce(kind, body)?)),
+        KIND_HELLO => match body {
+            [flags] => Ok(Payload::Hello(*flags)),
+            _ => Err(FrameError::BodyLength {
+                kind,
+                expected: 1,
+                found: body.len(),
+            }),
+        },
         other => Err(FrameError::UnknownKind(other)),
     }
 }
@@ -582,6 +605,7 @@ pub enum RecordKind {
     Ping,
     Pong,
     Exchange,
+    Hello,
 }
 
 impl RecordKind {
@@ -591,6 +615,7 @@ impl RecordKind {
             RecordKind::Ping => KIND_PING,
             RecordKind::Pong => KIND_PONG,
             RecordKind::Exchange => KIND_EXCHANGE,
+            RecordKind::Hello => KIND_HELLO,
         }
     }
 }
@@ -603,6 +628,7 @@ pub enum Record<'a> {
     Pong(u64),
     /// One exchange message (a `mesh_proto::frame` payload).
     Exchange(&'a [u8]),
+    Hello(u8),
 }
 
 impl Record<'_> {
@@ -613,6 +639,7 @@ impl Record<'_> {
             Record::Exchange(b) => encode_record(RecordKind::Exchange, b, out),
             Record::Ping(n) => encode_record(RecordKind::Ping, &n.to_be_bytes(), out),
             Record::Pong(n) => encode_record(RecordKind::Pong, &n.to_be_bytes(), out),
+            Record::Hello(f) => encode_record(RecordKind::Hello, &[f], out),
         }
     }
 }
@@ -702,6 +729,12 @@ impl RecordDecoder {
         // buffering its body.
         let err = match kind {
             KIND_PACKET | KIND_EXCHANGE | KIND_PING | KIND_PONG => None,
+            KIND_HELLO if len != 1 => Some(FrameError::BodyLength {
+                kind,
+                expected: 1,
+                found: len,
+            }),
+            KIND_HELLO => None,
             KIND_FRAGMENT => Some(FrameError::FragmentOnTcp),
             other => Some(FrameError::UnknownKind(other)),
         };
@@ -724,6 +757,10 @@ impl RecordDecoder {
         let record = match kind {
             KIND_PACKET => Record::Packet(body),
             KIND_EXCHANGE => Record::Exchange(body),
+            KIND_HELLO => match body {
+                [flags] => Record::Hello(*flags),
+                _ => return None,
+            },
             // The length was checked above; `nonce` checks again rather than index.
             KIND_PING => match nonce(kind, body) {
                 Ok(n) => Record::Ping(n),
@@ -1035,6 +1072,25 @@ mod tests {
     }
 
     #[test]
+    fn hello_on_both_carriers() {
+        let mut out = Vec::new();
+        encode_hello(HELLO_ANSWERS_PROBES, &mut out);
+        assert_eq!(out, [KIND_HELLO, 1]);
+        assert_eq!(decode_datagram(&out), Ok(Payload::Hello(1)));
+        assert!(decode_datagram(&[KIND_HELLO]).is_err());
+        assert!(decode_datagram(&[KIND_HELLO, 1, 0]).is_err());
+        let mut out = Vec::new();
+        Record::Hello(1).encode(&mut out).unwrap();
+        assert_eq!(out, [KIND_HELLO, 0, 1, 1]);
+        let mut d = RecordDecoder::default();
+        d.push(&out).unwrap();
+        assert_eq!(d.next(), Some(Ok(Record::Hello(1))));
+        let mut d = RecordDecoder::default();
+        d.push(&[KIND_HELLO, 0, 2, 1, 1]).unwrap();
+        assert!(matches!(d.next(), Some(Err(FrameError::BodyLength { .. }))));
+    }
+
+    #[test]
     fn record_wire_format() {
         let mut out = Vec::new();
         encode_record(RecordKind::Packet, b"abc", &mut out).unwrap();
@@ -1069,7 +1125,7 @@ mod tests {
     fn record_refusals_end_the_link() {
         for (bytes, err) in [
             (&[1u8, 0, 5][..], FrameError::FragmentOnTcp),
-            (&[5, 0, 0], FrameError::UnknownKind(5)),
+            (&[9, 0, 0], FrameError::UnknownKind(9)),
             (
                 &[2, 0, 7],
                 FrameError::BodyLength {
