@@ -46,13 +46,13 @@ impl Counters {
 /// the socket's receiver counts here without a handle on [`Counters`].
 #[derive(Default, Debug)]
 pub struct ProbeCounters {
-    /// Requests answered.
+    /// Requests granted an answer (within the rate limit).
     pub answered: AtomicU64,
     /// Responses that arrived here (we never send requests): dropped.
     pub responses_dropped: AtomicU64,
     /// Requests dropped unanswered because the answer budget was spent.
     pub rate_limited: AtomicU64,
-    /// Answers the socket would not take (send buffer full, error).
+    /// Of those, answers the socket would not take (send buffer full, error).
     pub answer_failed: AtomicU64,
 }
 
@@ -75,7 +75,7 @@ impl ProbeCounters {
             [
                 (
                     "mesh_node_probes_answered_total",
-                    "Path probe requests answered",
+                    "Path probe requests granted an answer",
                     &self.answered,
                 ),
                 (
@@ -90,7 +90,7 @@ impl ProbeCounters {
                 ),
                 (
                     "mesh_node_probe_answers_failed_total",
-                    "Path probe answers the UDP socket did not take",
+                    "Path probe answers granted that the UDP socket did not take",
                     &self.answer_failed,
                 ),
             ],

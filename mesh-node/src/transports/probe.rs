@@ -145,12 +145,12 @@ impl Responder {
             Verdict::Pass => false,
             Verdict::Drop => true,
             Verdict::Answer(answer) => {
-                match socket.try_send_to(&answer, from) {
-                    Ok(()) => Counters::inc(&self.counters.answered),
-                    Err(e) => {
-                        Counters::inc(&self.counters.answer_failed);
-                        debug!("probe: cannot answer {from}: {e}");
-                    }
+                // Counted before it leaves, so whoever sees the answer
+                // also sees it counted.
+                Counters::inc(&self.counters.answered);
+                if let Err(e) = socket.try_send_to(&answer, from) {
+                    Counters::inc(&self.counters.answer_failed);
+                    debug!("probe: cannot answer {from}: {e}");
                 }
                 true
             }
