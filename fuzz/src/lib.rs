@@ -186,6 +186,7 @@ impl World {
             last_epoch,
             peer_epochs: PeerEpochs::new(BTreeMap::from([(other.identity.node_id(), peer_epoch)])),
             expected_peer: expected.map(|n| n.identity.node_id()),
+            channel_binding: Vec::new(),
         }
     }
 

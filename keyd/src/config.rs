@@ -9,6 +9,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
 
+use crate::edge::ladder::{LadderConfig, Rung};
+
 /// The file as written: durations are text such as `120s` or `2m`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -35,6 +37,18 @@ struct RawConfig {
     accept_unlisted_sources: bool,
     /// Written by `keyd join`: where the roster comes from.
     authority: Option<RawAuthority>,
+    #[serde(default)]
+    edge: RawEdge,
+}
+
+/// `[edge]`: the fallback ladder (docs/edge.md).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEdge {
+    /// The rungs this node may use, best first.
+    rungs: Option<Vec<Rung>>,
+    /// Use only this rung.
+    pin: Option<Rung>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -109,6 +123,8 @@ pub struct Config {
     /// Set by `keyd join`: keyd subscribes here for roster updates and
     /// writes each verified one to `roster`.
     pub authority: Option<AuthorityLink>,
+    /// The fallback ladder: which rungs, or one pinned.
+    pub edge: LadderConfig,
 }
 
 fn duration(field: &str, text: &str) -> Result<Duration> {
@@ -163,6 +179,15 @@ impl Config {
             persistent_keepalive: raw.persistent_keepalive,
             accept_unlisted_sources: raw.accept_unlisted_sources,
             authority: raw.authority.map(authority).transpose()?,
+            edge: {
+                let mut edge = LadderConfig::default();
+                if let Some(rungs) = raw.edge.rungs {
+                    edge.allowed = rungs;
+                }
+                edge.pin = raw.edge.pin;
+                edge.validate()?;
+                edge
+            },
         };
         for (field, path) in [
             ("ca_cert", &config.ca_cert),
@@ -213,6 +238,8 @@ roster = "roster"
         assert_eq!(c.max_clock_skew, Duration::from_secs(300));
         assert_eq!(c.wg_listen_port, 51820);
         assert_eq!(c.persistent_keepalive, None);
+        assert_eq!(c.edge.allowed, Rung::ALL.to_vec());
+        assert_eq!(c.edge.pin, None);
         assert_eq!(
             c.cert,
             dir.path().join("node.crt"),
@@ -251,6 +278,28 @@ roster = "roster"
         assert!(e.contains("authority.endpoints"), "{e}");
         let e = err("this is not toml [".into());
         assert!(!e.is_empty());
+        let e = err(format!(
+            "{MINIMAL}[edge]\nrungs = [\"direct\", \"carrier-pigeon\"]\n"
+        ));
+        assert!(e.contains("carrier-pigeon"), "{e}");
+        let e = err(format!(
+            "{MINIMAL}[edge]\nrungs = [\"direct\", \"quic\"]\npin = \"tcp\"\n"
+        ));
+        assert!(e.contains("edge.pin"), "{e}");
+        let e = err(format!("{MINIMAL}[edge]\nrungs = []\n"));
+        assert!(e.contains("edge.rungs"), "{e}");
+    }
+
+    #[test]
+    fn edge_rungs_and_pin() {
+        let dir = dir_with_files();
+        let c = Config::parse(
+            &format!("{MINIMAL}[edge]\nrungs = [\"direct\", \"tcp\"]\npin = \"tcp\"\n"),
+            dir.path(),
+        )
+        .unwrap();
+        assert_eq!(c.edge.allowed, vec![Rung::Direct, Rung::Tcp]);
+        assert_eq!(c.edge.pin, Some(Rung::Tcp));
     }
 
     #[test]

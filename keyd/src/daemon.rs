@@ -8,7 +8,7 @@
 //! by a roster change), logs its events, persists its state and writes
 //! `status.json` once a second.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -31,6 +31,9 @@ use crate::admission::{Admission, AdmissionConfig, ConnectionDecision, Refusal};
 use crate::authority::{client, wire};
 use crate::config::Config;
 use crate::dataplane::{DataPlane, PeerChange, PeerConfig};
+use crate::edge::ladder::Rung;
+use crate::edge::tcp::TcpLink;
+use crate::edge::{self, Edge};
 use crate::policy::{
     Action, Counters, DataPlaneView, Failure, LocalState, MeshPolicy, Now, PeerStatus,
     PolicyConfig, PolicyEvent, Role,
@@ -92,6 +95,11 @@ enum Input {
         rollback: bool,
         error: String,
     },
+    /// The edge ladder moved a peer: the data plane's endpoint for it.
+    PathEndpoint {
+        peer: NodeId,
+        endpoint: Option<SocketAddr>,
+    },
 }
 
 /// What responders and dialers read to build their exchange parameters.
@@ -122,6 +130,10 @@ struct Shared {
     log: SharedLogLimiter,
     /// The authority subscription's state, when there is one.
     link: Option<client::SharedLinkStatus>,
+    /// The fallback ladder: relays, carriers, path probes.
+    edge: Arc<Edge>,
+    /// Carriers being opened by this node (one attempt per peer and rung).
+    edge_connecting: Mutex<HashSet<(NodeId, Rung)>>,
 }
 
 impl Shared {
@@ -293,6 +305,26 @@ pub async fn run(config: Config, reset_state: bool) -> Result<()> {
     });
     admission.set_listed(listed_sources(policy.roster()));
     let (inputs, rx) = mpsc::channel(1024);
+    let (edge_requests, edge_rx) = mpsc::channel(256);
+    let edge = Edge::new(
+        config.edge.clone(),
+        identity.node_id(),
+        config.wg_listen_port,
+        config.quic_listen.ip(),
+        edge_requests,
+    )
+    .await?;
+    edge.sync(policy.roster()).await;
+    // The TCP rung listens where QUIC does, unless this node forbids it.
+    let tcp_listener = if config.edge.allowed.contains(&Rung::Tcp) {
+        Some(
+            tokio::net::TcpListener::bind(config.quic_listen)
+                .await
+                .with_context(|| format!("cannot listen for TCP on {}", config.quic_listen))?,
+        )
+    } else {
+        None
+    };
     let link = config
         .authority
         .as_ref()
@@ -315,8 +347,15 @@ pub async fn run(config: Config, reset_state: bool) -> Result<()> {
         jars: Mutex::new(HashMap::new()),
         log: SharedLogLimiter::default(),
         link,
+        edge,
+        edge_connecting: Mutex::new(HashSet::new()),
     });
     tokio::spawn(accept_loop(shared.clone()));
+    tokio::spawn(edge_sync(shared.clone()));
+    tokio::spawn(edge_requests_loop(shared.clone(), edge_rx));
+    if let Some(listener) = tcp_listener {
+        tokio::spawn(tcp_accept_loop(shared.clone(), listener));
+    }
     tokio::spawn(watch_roster(shared.clone()));
     if let Some(link) = &shared.config.authority {
         let (tx, rx) = mpsc::channel(16);
@@ -460,6 +499,9 @@ impl Driver {
                 );
                 self.policy.set_roster(roster.clone(), now);
                 self.s.admission().set_listed(listed_sources(&roster));
+            }
+            Input::PathEndpoint { peer, endpoint } => {
+                self.policy.set_path_endpoint(peer, endpoint, now);
             }
             Input::RosterRefused { rollback, error } => {
                 if rollback {
@@ -707,12 +749,17 @@ impl Driver {
             updated_at: now.unix,
             dataplane_reachable: self.policy.dataplane_reachable(),
             unlisted_in_dataplane: self.policy.unlisted_in_dataplane(),
-            peers: self
-                .policy
-                .peer_status(now)
-                .into_iter()
-                .map(|p| (p.name.clone(), p))
-                .collect(),
+            peers: {
+                let mut paths = self.s.edge.status_all();
+                self.policy
+                    .peer_status(now)
+                    .into_iter()
+                    .map(|mut p| {
+                        p.path = paths.remove(&p.node_id);
+                        (p.name.clone(), p)
+                    })
+                    .collect()
+            },
             refusals: {
                 let mut all = self.refusals.clone();
                 for (label, n) in self.s.admission().refusals() {
@@ -783,11 +830,61 @@ fn params(s: &Shared, snap: &Snapshot, expected: Option<NodeId>) -> ExchangePara
         },
         peer_epochs: snap.peer_epochs.clone(),
         expected_peer: expected,
+        channel_binding: Vec::new(),
     }
 }
 
-/// One exchange as initiator, over a reused or new QUIC connection.
+/// One exchange as initiator: over the QUIC connection (reused or new), or
+/// over the peer's TCP link when the edge ladder has one and QUIC does not
+/// pass.
 async fn initiate(s: &Shared, member: &Member) -> Result<Established> {
+    let id = member.cert.body().node_id;
+    let path = s.edge.path(&id);
+    let quic_up = path.as_ref().is_some_and(|p| p.quic().is_some());
+    if !quic_up && let Some(link) = path.as_ref().and_then(|p| p.tcp()) {
+        return initiate_tcp(s, member, &link).await;
+    }
+    match initiate_quic(s, member).await {
+        Err(e) if e.is::<quic::NoAnswer>() => match s.edge.path(&id).and_then(|p| p.tcp()) {
+            Some(link) => initiate_tcp(s, member, &link).await,
+            None => Err(e),
+        },
+        other => other,
+    }
+}
+
+/// An exchange over an (authenticated or new) TCP link, bound to it.
+async fn initiate_tcp(s: &Shared, member: &Member, link: &Arc<TcpLink>) -> Result<Established> {
+    let id = member.cert.body().node_id;
+    let snap = s.snapshot.borrow().clone();
+    let mut params = params(s, &snap, Some(id));
+    params.channel_binding = link.binding.clone();
+    let mut jar = s
+        .jars
+        .lock()
+        .ok()
+        .and_then(|mut j| j.remove(&id))
+        .unwrap_or_default();
+    let responder = member.cert.body().noise_public;
+    let result = tokio::time::timeout(quic::EXCHANGE_DEADLINE, async {
+        let io = link.exchange_io().await;
+        quic::initiate_on(io, params, &responder, &mut jar).await
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!(mesh_proto::ExchangeError::Timeout))
+    .and_then(|r| r);
+    if let Ok(mut j) = s.jars.lock() {
+        j.insert(id, jar);
+    }
+    match &result {
+        Ok(_) => s.edge.attach_tcp(id, link),
+        Err(_) => link.close(),
+    }
+    result
+}
+
+/// One exchange over a reused or new QUIC connection.
+async fn initiate_quic(s: &Shared, member: &Member) -> Result<Established> {
     let id = member.cert.body().node_id;
     let addr = member.keyd_endpoint.with_context(|| {
         format!(
@@ -822,6 +919,9 @@ async fn initiate(s: &Shared, member: &Member) -> Result<Established> {
     let result = quic::initiate(&conn, params(s, &snap, Some(id)), &responder, &mut jar).await;
     if let Ok(mut j) = s.jars.lock() {
         j.insert(id, jar);
+    }
+    if result.is_ok() {
+        s.edge.attach_quic(id, &conn);
     }
     result
 }
@@ -891,25 +991,18 @@ async fn serve_connection(s: Arc<Shared>, incoming: quinn::Incoming, remote: Soc
     // waits for the next rotation like any member's.
     let mut authenticated = false;
     loop {
-        // mac1 (and mac2 under load) first, then a handshake slot, held
-        // only while the public-key work runs.
-        let gate = |sealed: &[u8]| {
-            let under_load = s.admission().under_load();
-            s.gate(sealed, remote, under_load)
-        };
-        let admit = || {
-            s.admission()
-                .handshake(remote.ip(), Instant::now())
-                .map_err(|r| anyhow::anyhow!(AdmissionRefused(r)))?;
-            let slot = HandshakeSlot(s.clone());
-            let snap = s.snapshot.borrow().clone();
-            Ok((params(&s, &snap, None), slot))
-        };
         let first_stream = (!authenticated).then_some(quic::EXCHANGE_DEADLINE);
-        let result = quic::respond(&conn, first_stream, gate, admit).await;
+        let result = quic::respond(
+            &conn,
+            first_stream,
+            responder_gate(&s, remote),
+            responder_admit(&s, remote),
+        )
+        .await;
         match result {
             Ok(est) => {
                 authenticated = true;
+                s.edge.attach_quic(est.peer.node_id(), &conn);
                 let input = Input::Established {
                     est: Box::new(est),
                     role: Role::Responder,
@@ -920,18 +1013,236 @@ async fn serve_connection(s: Arc<Shared>, incoming: quinn::Incoming, remote: Soc
             }
             Err(e) => {
                 if conn.close_reason().is_none() {
-                    let label = if let Some(r) = e.downcast_ref::<AdmissionRefused>() {
-                        r.0.label()
-                    } else if let Some(c) = e.downcast_ref::<CookieError>() {
-                        c.label()
-                    } else {
-                        label_of(&e)
-                    };
-                    s.refused(remote, label, &format!("{e:#}"));
+                    s.refused(remote, responder_label(&e), &format!("{e:#}"));
                 }
                 // Any failed exchange ends the connection: a new try costs
                 // the peer a new QUIC handshake and passes admission again.
                 conn.close(1u32.into(), b"refused");
+                return;
+            }
+        }
+    }
+}
+
+/// mac1 (and mac2 under load) first: one keyed hash before anything else.
+fn responder_gate(s: &Shared, remote: SocketAddr) -> impl Fn(&[u8]) -> quic::Gate + '_ {
+    move |sealed: &[u8]| {
+        let under_load = s.admission().under_load();
+        s.gate(sealed, remote, under_load)
+    }
+}
+
+/// Then a handshake slot, held only while the public-key work runs, and the
+/// parameters as of now.
+fn responder_admit(
+    s: &Arc<Shared>,
+    remote: SocketAddr,
+) -> impl FnOnce() -> Result<(ExchangeParams, HandshakeSlot)> + '_ {
+    move || {
+        s.admission()
+            .handshake(remote.ip(), Instant::now())
+            .map_err(|r| anyhow::anyhow!(AdmissionRefused(r)))?;
+        let slot = HandshakeSlot(s.clone());
+        let snap = s.snapshot.borrow().clone();
+        Ok((params(s, &snap, None), slot))
+    }
+}
+
+fn responder_label(e: &anyhow::Error) -> &'static str {
+    if let Some(r) = e.downcast_ref::<AdmissionRefused>() {
+        r.0.label()
+    } else if let Some(c) = e.downcast_ref::<CookieError>() {
+        c.label()
+    } else {
+        label_of(e)
+    }
+}
+
+/// Keeps the edge paths in step with the roster the driver publishes.
+async fn edge_sync(s: Arc<Shared>) {
+    let mut rx = s.snapshot.subscribe();
+    let mut serial = None;
+    while rx.changed().await.is_ok() {
+        let roster = rx.borrow_and_update().roster.clone();
+        let current = Some((roster.serial(), roster.fingerprint()));
+        if current != serial {
+            serial = current;
+            s.edge.sync(&roster).await;
+        }
+    }
+}
+
+/// Performs the ladder's requests: endpoints through the policy (so that
+/// later installs keep them), carriers opened one attempt at a time.
+async fn edge_requests_loop(s: Arc<Shared>, mut rx: mpsc::Receiver<edge::Request>) {
+    while let Some(request) = rx.recv().await {
+        match request {
+            edge::Request::Endpoint { peer, endpoint } => {
+                if s.inputs
+                    .send(Input::PathEndpoint { peer, endpoint })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            edge::Request::Connect { peer, rung } => {
+                let fresh = s
+                    .edge_connecting
+                    .lock()
+                    .is_ok_and(|mut c| c.insert((peer, rung)));
+                let member = s.snapshot.borrow().roster.member(&peer).cloned();
+                let (true, Some(member)) = (fresh, member) else {
+                    continue;
+                };
+                let s = s.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = connect_carrier(&s, &member, rung).await {
+                        s.log.warn("edge_connect", || {
+                            format!(
+                                "edge: cannot open the {rung} carrier to {}: {}",
+                                text::sanitize(&member.cert.body().name, text::NAME_MAX),
+                                text::error(&e)
+                            )
+                        });
+                    }
+                    if let Ok(mut c) = s.edge_connecting.lock() {
+                        c.remove(&(peer, rung));
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// Opens a carrier and runs an exchange bound to it (a key rotation like
+/// any other): only then does it carry the peer's packets.
+async fn connect_carrier(s: &Shared, member: &Member, rung: Rung) -> Result<()> {
+    let est = match rung {
+        Rung::Quic => initiate_quic(s, member).await?,
+        Rung::Tcp => {
+            let addr = member
+                .keyd_endpoint
+                .context("the roster has no keyd endpoint for it")?;
+            let link = TcpLink::connect(&s.edge.connector, addr).await?;
+            initiate_tcp(s, member, &link).await?
+        }
+        Rung::Direct => return Ok(()),
+    };
+    s.inputs
+        .send(Input::Established {
+            est: Box::new(est),
+            role: Role::Initiator,
+        })
+        .await
+        .map_err(|_| anyhow::anyhow!("keyd is stopping"))
+}
+
+/// Accepts TLS/TCP links (the edge ladder's TCP rung) under the same
+/// admission control as QUIC connections.
+async fn tcp_accept_loop(s: Arc<Shared>, listener: tokio::net::TcpListener) {
+    loop {
+        let (tcp, remote) = match listener.accept().await {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of descriptors, most likely: wait rather than spin.
+                s.log
+                    .warn("tcp_accept", || format!("edge: TCP accept failed: {e}"));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        // TCP's own handshake has validated the source address.
+        match s.admission().connection(remote.ip(), true, Instant::now()) {
+            ConnectionDecision::Accept => {
+                tokio::spawn(serve_tcp(s.clone(), tcp, remote));
+            }
+            ConnectionDecision::Retry => {}
+            ConnectionDecision::Refuse(r) => s.log_limited(r.label(), || {
+                format!("TCP connection from {remote} refused: {}", r.label())
+            }),
+        }
+    }
+}
+
+/// A whole exchange message read before the exchange starts, then the rest.
+struct FirstThen<'a> {
+    first: Option<Vec<u8>>,
+    io: crate::edge::tcp::LinkIo<'a>,
+}
+
+impl quic::MessageIo for FirstThen<'_> {
+    async fn write(&mut self, msg: &[u8]) -> Result<()> {
+        self.io.write(msg).await
+    }
+    async fn read(&mut self) -> Result<Vec<u8>> {
+        match self.first.take() {
+            Some(m) => Ok(m),
+            None => self.io.read().await,
+        }
+    }
+    async fn finish(&mut self) {
+        self.io.finish().await
+    }
+}
+
+/// Answers the exchanges a TCP link carries, as `serve_connection` does for
+/// QUIC: the first within the deadline, later ones whenever they come, each
+/// bounded once it starts.
+async fn serve_tcp(s: Arc<Shared>, tcp: tokio::net::TcpStream, remote: SocketAddr) {
+    use quic::MessageIo;
+    let _slot = ConnectionSlot(s.clone(), remote.ip());
+    let link = match TcpLink::accept(&s.edge.acceptor, tcp, remote).await {
+        Ok(l) => l,
+        Err(e) => {
+            s.refused(remote, "transport", &format!("{e:#}"));
+            return;
+        }
+    };
+    let mut authenticated = false;
+    loop {
+        let mut io = link.exchange_io().await;
+        let first = if authenticated {
+            io.read().await
+        } else {
+            tokio::time::timeout(quic::EXCHANGE_DEADLINE, io.read())
+                .await
+                .unwrap_or_else(|_| Err(anyhow::anyhow!(mesh_proto::ExchangeError::Timeout)))
+        };
+        let Ok(first) = first else {
+            if !authenticated {
+                s.refused(remote, "timeout", &"no exchange on a new TCP link");
+            }
+            link.close();
+            return;
+        };
+        let exchange = quic::respond_on(
+            FirstThen {
+                first: Some(first),
+                io,
+            },
+            link.binding.clone(),
+            responder_gate(&s, remote),
+            responder_admit(&s, remote),
+        );
+        let result = tokio::time::timeout(quic::EXCHANGE_DEADLINE, exchange)
+            .await
+            .unwrap_or_else(|_| Err(anyhow::anyhow!(mesh_proto::ExchangeError::Timeout)));
+        match result {
+            Ok(est) => {
+                authenticated = true;
+                s.edge.attach_tcp(est.peer.node_id(), &link);
+                let input = Input::Established {
+                    est: Box::new(est),
+                    role: Role::Responder,
+                };
+                if s.inputs.send(input).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                s.refused(remote, responder_label(&e), &format!("{e:#}"));
+                link.close();
                 return;
             }
         }

@@ -189,6 +189,7 @@ pub struct ViewPeer {
     /// Seconds, 0 when off.
     pub persistent_keepalive: u16,
     pub last_handshake: Option<u64>,
+    pub endpoint: Option<std::net::SocketAddr>,
 }
 
 impl DataPlaneView {
@@ -206,6 +207,7 @@ impl DataPlaneView {
                         allowed_ips: p.allowed_ips.clone(),
                         persistent_keepalive: p.persistent_keepalive_interval,
                         last_handshake: p.last_handshake.map(|(s, _)| s),
+                        endpoint: p.endpoint,
                     },
                 )
             })
@@ -322,6 +324,9 @@ struct Peer {
     exchanges_ok: u64,
     exchanges_failed: u64,
     dials_unanswered: u64,
+    /// The edge ladder's relay socket while the peer is on a fallback rung
+    /// (edge/): the data plane's endpoint for it instead of the roster's.
+    path_endpoint: Option<std::net::SocketAddr>,
 }
 
 /// Counters for `keyd status` and the metrics.
@@ -411,6 +416,41 @@ impl MeshPolicy {
     }
 
     /// This node's certificate as the policy holds it (the roster's newest).
+    /// The edge ladder moved the peer to another rung: `Some(relay)` while
+    /// on a fallback rung, `None` back on direct UDP. An installed peer gets
+    /// its new endpoint at once; later installs keep it.
+    pub fn set_path_endpoint(
+        &mut self,
+        id: NodeId,
+        endpoint: Option<std::net::SocketAddr>,
+        now: Now,
+    ) {
+        let Some(p) = self.peers.get_mut(&id) else {
+            return;
+        };
+        if p.path_endpoint == endpoint {
+            return;
+        }
+        p.path_endpoint = endpoint;
+        let Some(Key {
+            psk: Some(psk),
+            public_key,
+            ..
+        }) = &p.key
+        else {
+            return;
+        };
+        let install = PeerInstall {
+            node: id,
+            public_key: *public_key,
+            preshared_key: psk.clone(),
+            endpoint: p.endpoint(),
+            allowed_ips: allowed_ips(&p.member.cert),
+            persistent_keepalive: p.keepalive(&self.config, now),
+        };
+        self.actions.push_back(Action::Install(install));
+    }
+
     pub fn my_cert(&self) -> &NodeCert {
         &self.my_cert
     }
@@ -471,7 +511,7 @@ impl MeshPolicy {
             node: id,
             public_key: cert.body().wg_public,
             preshared_key: psk.clone(),
-            endpoint: p.member.wg_endpoint,
+            endpoint: p.endpoint(),
             allowed_ips: allowed_ips(cert),
             persistent_keepalive: p.keepalive(&self.config, now),
         };
@@ -564,6 +604,7 @@ impl MeshPolicy {
                             allowed_ips: i.allowed_ips.clone(),
                             persistent_keepalive: i.persistent_keepalive.unwrap_or(0),
                             last_handshake: None,
+                            endpoint: i.endpoint,
                         },
                     );
                 }
@@ -775,6 +816,7 @@ impl MeshPolicy {
                     exchanges_ok: p.exchanges_ok,
                     exchanges_failed: p.exchanges_failed,
                     dials_unanswered: p.dials_unanswered,
+                    path: None,
                 }
             })
             .collect()
@@ -887,6 +929,7 @@ impl MeshPolicy {
                 exchanges_ok: 0,
                 exchanges_failed: 0,
                 dials_unanswered: 0,
+                path_endpoint: None,
             });
             if p.member.cert.fingerprint() != m.cert.fingerprint() {
                 // A renewed certificate: agree a key under it at once. A key
@@ -1036,13 +1079,16 @@ impl MeshPolicy {
                     .is_some_and(|k| k.0 == *psk.as_bytes())
                     && sorted(&v.allowed_ips) == sorted(&ips)
                     && v.persistent_keepalive == keepalive.unwrap_or(0)
+                    // Roaming may move a roster endpoint; a relay endpoint
+                    // is ours to keep.
+                    && (p.path_endpoint.is_none() || v.endpoint == p.path_endpoint)
             });
             if !same {
                 actions.push(Action::Install(PeerInstall {
                     node: p.member.cert.body().node_id,
                     public_key: k.public_key,
                     preshared_key: psk.clone(),
-                    endpoint: p.member.wg_endpoint,
+                    endpoint: p.endpoint(),
                     allowed_ips: ips,
                     persistent_keepalive: keepalive,
                 }));
@@ -1067,6 +1113,11 @@ impl MeshPolicy {
 }
 
 impl Peer {
+    /// Where the data plane sends this peer's packets.
+    fn endpoint(&self) -> Option<std::net::SocketAddr> {
+        self.path_endpoint.or(self.member.wg_endpoint)
+    }
+
     /// The keepalive this peer should have now.
     fn keepalive(&self, config: &PolicyConfig, now: Now) -> Option<u16> {
         match self.kick_until {
@@ -1137,6 +1188,9 @@ pub struct PeerStatus {
     pub exchanges_failed: u64,
     /// Dials its keyd did not answer at all (no exchange began).
     pub dials_unanswered: u64,
+    /// The edge ladder's path to it (filled in by the daemon).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<crate::edge::PathStatus>,
 }
 
 #[cfg(test)]

@@ -174,6 +174,16 @@ impl Sim {
 
     /// Feeds a data plane holding our key and `peers` (with their keys).
     fn observe(&mut self, peers: &[(WgPublicKey, Option<&Psk>)]) {
+        self.observe_with_endpoint(peers, vec![], None);
+    }
+
+    /// The same, every peer with `allowed_ips` and `endpoint`.
+    fn observe_with_endpoint(
+        &mut self,
+        peers: &[(WgPublicKey, Option<&Psk>)],
+        allowed_ips: Vec<mesh_proto::prefix::IpPrefix>,
+        endpoint: Option<std::net::SocketAddr>,
+    ) {
         let view = DataPlaneView {
             interface_key_ok: true,
             listen_port: 51820,
@@ -184,9 +194,10 @@ impl Sim {
                         *k,
                         ViewPeer {
                             preshared_key: psk.map(|p| uapi::Key(*p.as_bytes())),
-                            allowed_ips: vec![],
+                            allowed_ips: allowed_ips.clone(),
                             persistent_keepalive: 0,
                             last_handshake: None,
+                            endpoint,
                         },
                     )
                 })
@@ -575,6 +586,54 @@ fn a_changed_preshared_key_in_the_data_plane_is_put_back() {
         Action::Install(i) => assert_eq!(i.preshared_key, psk(1)),
         other => panic!("{other:?}"),
     }
+}
+
+/// The edge ladder's relay endpoint reaches the data plane at once, is kept
+/// by later installs and put back when the data plane holds another; back
+/// on direct UDP the roster's endpoint is installed and roaming is left
+/// alone.
+#[test]
+fn a_path_endpoint_is_installed_kept_and_dropped() {
+    let mut w = World::new(2);
+    let roster = w.all();
+    let peer = w.certs[1].clone();
+    let id = peer.body().node_id;
+    let mut sim = Sim::new(&w.certs[0], roster.clone(), BTreeMap::new());
+    let roster_endpoint = roster
+        .members()
+        .iter()
+        .find(|m| m.cert.body().node_id == id)
+        .unwrap()
+        .wg_endpoint;
+    sim.observe(&[]);
+    sim.established(&peer, 1, &psk(1), Role::Initiator);
+    sim.perform();
+    let relay: std::net::SocketAddr = "127.0.0.1:40000".parse().unwrap();
+    let endpoint_of = |actions: &[Action]| {
+        actions.iter().find_map(|a| match a {
+            Action::Install(i) => Some(i.endpoint),
+            _ => None,
+        })
+    };
+    sim.policy.set_path_endpoint(id, Some(relay), sim.now);
+    let actions = sim.perform();
+    assert_eq!(endpoint_of(&actions), Some(Some(relay)));
+    // The data plane roamed away from the relay: put back.
+    let ips = vec![peer.body().addresses[0].host()];
+    sim.observe_with_endpoint(&[(wg(&peer), Some(&psk(1)))], ips.clone(), roster_endpoint);
+    assert_eq!(endpoint_of(&sim.perform()), Some(Some(relay)));
+    // A rotation keeps the relay.
+    sim.established(&peer, 2, &psk(2), Role::Initiator);
+    assert_eq!(endpoint_of(&sim.perform()), Some(Some(relay)));
+    // The same endpoint again changes nothing.
+    sim.policy.set_path_endpoint(id, Some(relay), sim.now);
+    assert_eq!(endpoint_of(&sim.perform()), None);
+    // Back to direct: the roster's endpoint, and roaming is not undone.
+    sim.policy.set_path_endpoint(id, None, sim.now);
+    assert_eq!(endpoint_of(&sim.perform()), Some(roster_endpoint));
+    let roamed: std::net::SocketAddr = "192.0.2.77:51820".parse().unwrap();
+    sim.observe_with_endpoint(&[(wg(&peer), Some(&psk(2)))], ips, Some(roamed));
+    assert_eq!(endpoint_of(&sim.perform()), None);
 }
 
 #[test]

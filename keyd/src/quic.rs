@@ -23,7 +23,10 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
-pub const ALPN: &[u8] = b"pqmesh/1";
+/// HTTP/3's: on port 443 the keyds' QUIC (exchanges, and the edge ladder's
+/// QUIC rung) looks like any HTTP/3 connection's handshake to an observer.
+/// (keyd dials by address, so no server name is sent either.)
+pub const ALPN: &[u8] = b"h3";
 /// A dead peer is noticed within this (keep-alives every third of it).
 const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(6);
 /// A peer that does not complete the QUIC handshake in this time is
@@ -42,6 +45,34 @@ const SEND_WINDOW: u64 = 64 * 1024;
 /// A sealed msg1 is 1,600 bytes of Noise (X25519 and ML-KEM-1024 public
 /// keys) and two MACs; anything much longer is refused unread.
 const MAX_SEALED_MSG1: usize = 2048;
+/// Datagrams buffered per connection, each way (about 700 full-size
+/// WireGuard packets): enough for a burst at line rate between two reads.
+const DATAGRAM_BUFFER: usize = 1 << 20;
+/// The largest UDP payload path MTU discovery tries: a 1500-byte IPv4 path.
+/// (quinn's default stops at 1452, the IPv6 figure, which would cost every
+/// full-size WireGuard packet a second datagram on IPv4 paths.)
+const MTU_UPPER_BOUND: u16 = 1472;
+/// The TLS exporter label that binds an exchange to the QUIC or TLS
+/// connection carrying it (mesh-proto's `channel_binding`).
+const BINDING_LABEL: &[u8] = b"EXPORTER-pqmesh-exchange-binding";
+
+/// The channel binding of a QUIC connection: both ends compute the same 32
+/// bytes, and a machine in the middle terminating QUIC on both sides has two
+/// connections with two different values.
+pub fn binding(conn: &quinn::Connection) -> Result<Vec<u8>> {
+    let mut out = vec![0u8; 32];
+    conn.export_keying_material(&mut out, BINDING_LABEL, b"")
+        .map_err(|_| anyhow!("QUIC connection has no exporter"))?;
+    Ok(out)
+}
+
+/// The same for a TLS 1.3 connection (the edge ladder's TCP rung).
+pub fn tls_binding<D>(conn: &rustls::ConnectionCommon<D>) -> Result<Vec<u8>> {
+    let out = [0u8; 32];
+    conn.export_keying_material(out, BINDING_LABEL, None)
+        .map(|k| k.to_vec())
+        .map_err(|e| anyhow!("TLS connection has no exporter: {e}"))
+}
 
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -49,23 +80,24 @@ fn provider() -> Arc<CryptoProvider> {
 
 /// A QUIC endpoint that both accepts and dials, bound to `listen`.
 pub fn endpoint(listen: SocketAddr) -> Result<quinn::Endpoint> {
-    let cert = rcgen::generate_simple_self_signed(vec!["pqmesh".to_string()])
-        .context("cannot make the throwaway QUIC certificate")?;
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.signing_key.serialize_der()));
-    let mut server = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_no_client_auth()
-        .with_single_cert(vec![cert.cert.der().clone()], key)?;
-    server.alpn_protocols = vec![ALPN.to_vec()];
+    let (server, client_tls) = tls_configs(ALPN)?;
     let mut transport = quinn::TransportConfig::default();
-    // One exchange at a time per connection, nothing else: no
-    // unidirectional streams, no datagrams, small windows.
+    // One exchange at a time per connection, small windows, no
+    // unidirectional streams. Datagrams carry WireGuard packets on the edge
+    // ladder's QUIC rung (edge/relay.rs); they are taken only from a
+    // connection on which an exchange bound to it succeeded, and quinn
+    // drops the oldest beyond the receive buffer, so an unauthenticated
+    // host can make us hold at most that buffer per connection.
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(MTU_UPPER_BOUND);
     transport
         .max_idle_timeout(Some(IDLE_TIMEOUT.try_into()?))
         .keep_alive_interval(Some(IDLE_TIMEOUT / 3))
         .max_concurrent_bidi_streams(1u32.into())
         .max_concurrent_uni_streams(0u32.into())
-        .datagram_receive_buffer_size(None)
+        .datagram_receive_buffer_size(Some(DATAGRAM_BUFFER))
+        .datagram_send_buffer_size(DATAGRAM_BUFFER)
+        .mtu_discovery_config(Some(mtu))
         .stream_receive_window(STREAM_WINDOW.into())
         .receive_window(CONNECTION_WINDOW.into())
         .send_window(SEND_WINDOW);
@@ -74,7 +106,7 @@ pub fn endpoint(listen: SocketAddr) -> Result<quinn::Endpoint> {
         quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(server)?));
     server.transport_config(transport.clone());
 
-    let mut client = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(client_tls()?)?));
+    let mut client = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(client_tls)?));
     client.transport_config(transport);
 
     // No migration: a connection keeps the address that admission control
@@ -86,7 +118,24 @@ pub fn endpoint(listen: SocketAddr) -> Result<quinn::Endpoint> {
     Ok(endpoint)
 }
 
-/// The TLS side of a keyd client: TLS 1.3, ALPN `pqmesh/1`, any server
+/// Server and client TLS for keyd-to-keyd links (QUIC, and the edge
+/// ladder's TLS over TCP): a throwaway self-signed server certificate, a
+/// client that takes any (see the module comment), TLS 1.3, `alpn`.
+pub fn tls_configs(alpn: &[u8]) -> Result<(rustls::ServerConfig, rustls::ClientConfig)> {
+    let cert = rcgen::generate_simple_self_signed(vec!["pqmesh".to_string()])
+        .context("cannot make the throwaway TLS certificate")?;
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.signing_key.serialize_der()));
+    let mut server = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.cert.der().clone()], key)?;
+    server.alpn_protocols = vec![alpn.to_vec()];
+    let mut client = client_tls()?;
+    client.alpn_protocols = vec![alpn.to_vec()];
+    Ok((server, client))
+}
+
+/// The TLS side of a keyd client: TLS 1.3, ALPN [`ALPN`], any server
 /// certificate (see the module comment). Public for bench/flood's attacker,
 /// which must look exactly like a keyd to the port it floods.
 pub fn client_tls() -> Result<rustls::ClientConfig> {
@@ -150,6 +199,16 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// Whole exchange messages in and out: a QUIC stream ([`Stream`]) or the
+/// exchange records of an edge TCP link (edge/tcp.rs).
+pub trait MessageIo: Send {
+    fn write(&mut self, msg: &[u8]) -> impl Future<Output = Result<()>> + Send;
+    /// The next whole message (the caller bounds the wait).
+    fn read(&mut self) -> impl Future<Output = Result<Vec<u8>>> + Send;
+    /// After the last message: wait (briefly) until the peer has it.
+    fn finish(&mut self) -> impl Future<Output = ()> + Send;
+}
+
 /// One side of a stream, with the frames that arrived but were not read yet.
 struct Stream {
     send: quinn::SendStream,
@@ -167,7 +226,9 @@ impl Stream {
             buf: vec![0u8; 8192],
         }
     }
+}
 
+impl MessageIo for Stream {
     async fn write(&mut self, msg: &[u8]) -> Result<()> {
         self.send
             .write_all(&frame::encode(msg)?)
@@ -175,7 +236,11 @@ impl Stream {
             .context("sending a handshake message")
     }
 
-    /// The next whole frame (the caller bounds the wait).
+    async fn finish(&mut self) {
+        let _ = self.send.finish();
+        let _ = self.send.stopped().await;
+    }
+
     async fn read(&mut self) -> Result<Vec<u8>> {
         loop {
             if let Some(f) = self.decoder.next_frame() {
@@ -191,7 +256,7 @@ impl Stream {
 }
 
 /// Runs one exchange to its end over a bidirectional stream.
-async fn drive(mut ex: Exchange, mut stream: Stream) -> Result<Established> {
+async fn drive(mut ex: Exchange, mut stream: impl MessageIo) -> Result<Established> {
     loop {
         while let Some(msg) = ex.poll_transmit() {
             stream.write(&msg).await?;
@@ -199,8 +264,7 @@ async fn drive(mut ex: Exchange, mut stream: Stream) -> Result<Established> {
         match ex.poll_event() {
             Some(Event::Established(est)) => {
                 // Let the last message (the responder's confirmation) reach the peer.
-                let _ = stream.send.finish();
-                let _ = stream.send.stopped().await;
+                stream.finish().await;
                 return Ok(*est);
             }
             Some(Event::Failed(e)) => return Err(anyhow!(e)),
@@ -224,16 +288,32 @@ async fn drive(mut ex: Exchange, mut stream: Stream) -> Result<Established> {
 /// sent again, sealed with the cookie.
 pub async fn initiate(
     conn: &quinn::Connection,
+    mut params: ExchangeParams,
+    responder: &NoisePublicKey,
+    jar: &mut CookieJar,
+) -> Result<Established> {
+    params.channel_binding = binding(conn)?;
+    tokio::time::timeout(EXCHANGE_DEADLINE, async {
+        let stream = Stream::new(conn.open_bi().await.context("opening a QUIC stream")?);
+        initiate_on(stream, params, responder, jar).await
+    })
+    .await
+    .map_err(|_| anyhow!(mesh_proto::ExchangeError::Timeout))?
+}
+
+/// [`initiate`] over any message channel whose binding is in `params`
+/// (the caller bounds the time).
+pub async fn initiate_on(
+    mut stream: impl MessageIo,
     params: ExchangeParams,
     responder: &NoisePublicKey,
     jar: &mut CookieJar,
 ) -> Result<Established> {
-    tokio::time::timeout(EXCHANGE_DEADLINE, async {
+    {
         let mut ex = Exchange::initiate(params, Instant::now(), unix_now())?;
         let msg1 = ex
             .poll_transmit()
             .ok_or_else(|| anyhow!("the exchange produced no first message"))?;
-        let mut stream = Stream::new(conn.open_bi().await.context("opening a QUIC stream")?);
         let mut sealed = jar.seal(responder, &msg1, Instant::now());
         stream.write(&sealed).await?;
         let mut answer = stream.read().await?;
@@ -245,9 +325,7 @@ pub async fn initiate(
         }
         ex.receive(&answer, Instant::now());
         drive(ex, stream).await
-    })
-    .await
-    .map_err(|_| anyhow!(mesh_proto::ExchangeError::Timeout))?
+    }
 }
 
 /// What the responder's gate says about a sealed msg1.
@@ -282,8 +360,24 @@ pub async fn respond<G>(
         None => accept.await,
     }
     .context("waiting for the peer's stream")?;
-    tokio::time::timeout(EXCHANGE_DEADLINE, async {
-        let mut stream = Stream::new(stream);
+    let binding = binding(conn)?;
+    tokio::time::timeout(
+        EXCHANGE_DEADLINE,
+        respond_on(Stream::new(stream), binding, gate, admit),
+    )
+    .await
+    .map_err(|_| anyhow!(mesh_proto::ExchangeError::Timeout))?
+}
+
+/// [`respond`] over any message channel with the given binding (the caller
+/// bounds the time).
+pub async fn respond_on<G>(
+    mut stream: impl MessageIo,
+    binding: Vec<u8>,
+    gate: impl Fn(&[u8]) -> Gate,
+    admit: impl FnOnce() -> Result<(ExchangeParams, G)>,
+) -> Result<Established> {
+    {
         let mut replies = 0;
         let msg1 = loop {
             let sealed = stream.read().await?;
@@ -304,13 +398,12 @@ pub async fn respond<G>(
                 Gate::Refuse(e) => return Err(anyhow!(e)),
             }
         };
-        let (params, _guard) = admit()?;
+        let (mut params, _guard) = admit()?;
+        params.channel_binding = binding;
         let mut ex = Exchange::respond(params, Instant::now(), unix_now())?;
         ex.receive(&msg1, Instant::now());
         drive(ex, stream).await
-    })
-    .await
-    .map_err(|_| anyhow!(mesh_proto::ExchangeError::Timeout))?
+    }
 }
 
 /// A dialled keyd did not answer at all (not running yet, or unreachable):
@@ -321,8 +414,9 @@ pub struct NoAnswer(pub SocketAddr);
 
 /// Opens a QUIC connection to a peer keyd (bounded by a timeout).
 pub async fn connect(endpoint: &quinn::Endpoint, peer: SocketAddr) -> Result<quinn::Connection> {
+    // An address as the server name: no SNI in the ClientHello.
     let connecting = endpoint
-        .connect(peer, "pqmesh")
+        .connect(peer, &peer.ip().to_string())
         .with_context(|| format!("cannot dial {peer}"))?;
     tokio::time::timeout(CONNECT_TIMEOUT, connecting)
         .await
@@ -375,6 +469,7 @@ mod tests {
             last_epoch: 0,
             peer_epochs: PeerEpochs::default(),
             expected_peer: None,
+            channel_binding: Vec::new(),
         }
     }
 

@@ -115,6 +115,7 @@ fn pair() -> Pair {
         last_epoch: 0,
         peer_epochs: PeerEpochs::default(),
         expected_peer: peer.map(|p| p.node_id()),
+        channel_binding: Vec::new(),
     };
     Pair {
         a: params(&ia, Some(&ib)),

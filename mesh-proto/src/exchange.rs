@@ -99,6 +99,12 @@ pub struct ExchangeParams {
     /// The initiator knows whom it dialled: any other (valid) peer answering
     /// is refused. `None` on the responder.
     pub expected_peer: Option<NodeId>,
+    /// What binds the exchange to the channel that carries it (keyd: the
+    /// QUIC or TLS connection's exporter), mixed into the prologue: an
+    /// exchange relayed between two different connections fails, so a
+    /// connection on which one succeeded has the certified peer at its
+    /// other end. Empty: not bound.
+    pub channel_binding: Vec<u8>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -177,7 +183,11 @@ pub(crate) fn build(
     let noise_params = NOISE_PARAMS
         .parse()
         .map_err(|e: snow::Error| ExchangeError::Setup(e.to_string()))?;
-    let prologue = prologue(&params.trust.ca.body().network_id);
+    let mut prologue = prologue(&params.trust.ca.body().network_id);
+    if !params.channel_binding.is_empty() {
+        prologue.extend_from_slice(b"\0channel\0");
+        prologue.extend_from_slice(&params.channel_binding);
+    }
     let builder = snow::Builder::with_resolver(noise_params, kem::resolver())
         .local_private_key(params.identity.noise_key.0.as_bytes())?
         .prologue(&prologue)?;

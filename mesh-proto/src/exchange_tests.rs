@@ -78,6 +78,7 @@ fn params(w: &World, me: &Node, peer: Option<&Node>, revoked: Vec<Fingerprint>) 
         last_epoch: 0,
         peer_epochs: PeerEpochs::default(),
         expected_peer: peer.map(|p| p.identity.node_id()),
+        channel_binding: Vec::new(),
     }
 }
 
@@ -472,6 +473,34 @@ fn another_network_fails_on_the_prologue() {
     pr.trust.ca = Arc::new(other);
     let (ei, _) = expect_refusal(&w, params(&w, &w.a, None, vec![]), pr);
     assert!(matches!(ei, Some(ExchangeError::Noise(_))), "{ei:?}");
+}
+
+/// An exchange relayed between two different channels (a machine in the
+/// middle terminating QUIC or TLS on both sides) sees two different
+/// bindings and fails; the same binding on both sides succeeds.
+#[test]
+fn exchanges_bound_to_different_channels_fail() {
+    let w = world();
+    let bound = |who, peer, binding: &[u8]| {
+        let mut p = params(&w, who, peer, vec![]);
+        p.channel_binding = binding.to_vec();
+        p
+    };
+    let (ei, _) = expect_refusal(&w, bound(&w.a, None, &[1; 32]), bound(&w.b, None, &[2; 32]));
+    assert!(matches!(ei, Some(ExchangeError::Noise(_))), "{ei:?}");
+    let (ei, _) = expect_refusal(&w, bound(&w.a, None, &[1; 32]), bound(&w.b, None, &[]));
+    assert!(matches!(ei, Some(ExchangeError::Noise(_))), "{ei:?}");
+    let (mut i, mut r, now) = pair(
+        &w,
+        bound(&w.a, Some(&w.b), &[3; 32]),
+        bound(&w.b, None, &[3; 32]),
+    );
+    let (ei, er) = run(&mut i, &mut r, now, |_, _| {});
+    assert!(
+        ei.iter().any(|e| matches!(e, Event::Established(_)))
+            && er.iter().any(|e| matches!(e, Event::Established(_))),
+        "{ei:?} {er:?}"
+    );
 }
 
 #[test]

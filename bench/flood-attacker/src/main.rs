@@ -236,6 +236,7 @@ fn throwaway_params(network: &str) -> Result<ExchangeParams> {
         last_epoch: 0,
         peer_epochs: PeerEpochs::default(),
         expected_peer: None,
+        channel_binding: Vec::new(),
     })
 }
 

@@ -1,9 +1,377 @@
 //! The fallback ladder for edge networks (issue 12): per peer pair, direct
 //! WireGuard UDP first, then WireGuard packets in QUIC datagrams on the
 //! keyds' connection, then the same over TLS on TCP. See docs/edge.md.
+//!
+//! The decisions are [`ladder::Ladder`]'s (sans-IO); this module only drives
+//! it: one task per peer sends the probes it asks for, feeds back their
+//! outcomes and asks the daemon to point the data plane at the relay
+//! ([`Request::Endpoint`]) or to open a carrier ([`Request::Connect`]).
 
 pub mod frame;
 pub mod ladder;
 pub mod prober;
 pub mod relay;
 pub mod tcp;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mesh_proto::identity::NodeId;
+use mesh_proto::roster::Roster;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use ladder::{Ladder, LadderConfig, LadderStatus, Outcome, Rung};
+use prober::Prober;
+use relay::PeerPath;
+
+/// How often each side tells the other what its data plane can do.
+const HELLO_INTERVAL: Duration = Duration::from_secs(5);
+/// A ladder that is off (a data plane without probes, no pin) looks again
+/// this often.
+const IDLE_RECHECK: Duration = Duration::from_secs(1);
+/// Our own data plane is probed on loopback this often: a data plane that
+/// was restarted or replaced may have gained or lost path probes.
+const SELF_PROBE_INTERVAL: Duration = Duration::from_secs(30);
+const SELF_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// What the ladder needs the daemon to do.
+#[derive(Debug)]
+pub enum Request {
+    /// Open (this side dials) the carrier of `rung` to `peer` and run an
+    /// exchange bound to it.
+    Connect { peer: NodeId, rung: Rung },
+    /// Point the data plane's endpoint for `peer` at this address
+    /// (`None`: back to the roster's).
+    Endpoint {
+        peer: NodeId,
+        endpoint: Option<SocketAddr>,
+    },
+}
+
+/// A peer's path as `keyd status` shows it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct PathStatus {
+    pub rung: Rung,
+    /// Whether the ladder runs for this peer (both data planes answer path
+    /// probes, or a rung is pinned); off, the peer stays on direct UDP.
+    pub ladder: bool,
+    pub rtt_ms: serde_json::Value,
+    pub changes: u64,
+    pub last_change: serde_json::Value,
+    /// Packets relayed to / from the peer keyd over quic and tcp.
+    pub relayed_out: u64,
+    pub relayed_in: u64,
+}
+
+/// A path's tasks (relay, ladder, carrier readers), stopped with it.
+type Tasks = Vec<tokio::task::JoinHandle<()>>;
+
+pub struct Edge {
+    config: LadderConfig,
+    local: NodeId,
+    /// The local data plane on loopback (relay target and self-probe).
+    dataplane: SocketAddr,
+    prober: Prober,
+    self_answers: AtomicBool,
+    paths: Mutex<HashMap<NodeId, (Arc<PeerPath>, Tasks)>>,
+    pub connector: tokio_rustls::TlsConnector,
+    pub acceptor: tokio_rustls::TlsAcceptor,
+    requests: mpsc::Sender<Request>,
+}
+
+impl Edge {
+    pub async fn new(
+        config: LadderConfig,
+        local: NodeId,
+        wg_listen_port: u16,
+        probe_from: IpAddr,
+        requests: mpsc::Sender<Request>,
+    ) -> anyhow::Result<Arc<Self>> {
+        config.validate()?;
+        let (connector, acceptor) = tcp::tls()?;
+        let prober = Prober::bind(SocketAddr::new(probe_from, 0)).await?;
+        let edge = Arc::new(Self {
+            config,
+            local,
+            dataplane: SocketAddr::new(Ipv4Addr::LOCALHOST.into(), wg_listen_port),
+            prober,
+            self_answers: AtomicBool::new(false),
+            paths: Mutex::new(HashMap::new()),
+            connector,
+            acceptor,
+            requests,
+        });
+        tokio::spawn(self_probe(Arc::downgrade(&edge)));
+        Ok(edge)
+    }
+
+    /// Makes the paths match the roster's members: new members get a
+    /// path, departed ones lose theirs (carriers closed, tasks stopped).
+    pub async fn sync(self: &Arc<Self>, roster: &Roster) {
+        let members: HashMap<NodeId, _> = roster
+            .members()
+            .iter()
+            .map(|m| (m.cert.body().node_id, m))
+            .filter(|(id, _)| *id != self.local)
+            .collect();
+        let gone: Vec<_> = {
+            let mut paths = lock(&self.paths);
+            let gone = paths
+                .keys()
+                .filter(|id| !members.contains_key(id))
+                .copied()
+                .collect::<Vec<_>>();
+            gone.iter().filter_map(|id| paths.remove(id)).collect()
+        };
+        for (path, tasks) in gone {
+            path.close();
+            for t in tasks {
+                t.abort();
+            }
+        }
+        for (id, m) in members {
+            let existing = lock(&self.paths).get(&id).map(|(p, _)| p.clone());
+            let path = match existing {
+                Some(p) => p,
+                None => {
+                    let ladder = Ladder::new(self.config.clone(), Instant::now());
+                    let path = match PeerPath::new(id, self.dataplane, ladder).await {
+                        Ok(p) => Arc::new(p),
+                        Err(e) => {
+                            warn!("edge: cannot open a relay socket: {e}");
+                            continue;
+                        }
+                    };
+                    let tasks = vec![
+                        tokio::spawn(path.clone().relay_out()),
+                        tokio::spawn(drive(Arc::downgrade(self), path.clone())),
+                    ];
+                    lock(&self.paths).insert(id, (path.clone(), tasks));
+                    path
+                }
+            };
+            *lock(&path.name) = crate::text::sanitize(&m.cert.body().name, crate::text::NAME_MAX);
+            *lock(&path.direct) = m.wg_endpoint;
+            *lock(&path.keyd) = m.keyd_endpoint;
+        }
+    }
+
+    pub fn path(&self, id: &NodeId) -> Option<Arc<PeerPath>> {
+        lock(&self.paths).get(id).map(|(p, _)| p.clone())
+    }
+
+    /// An exchange bound to `conn` succeeded with `peer`: its datagrams are
+    /// the peer's from now on.
+    pub fn attach_quic(&self, peer: NodeId, conn: &quinn::Connection) {
+        let Some(path) = self.path(&peer) else { return };
+        if path.attach_quic(conn) {
+            let reader = tokio::spawn(path.clone().quic_reader(conn.clone()));
+            if let Some((_, tasks)) = lock(&self.paths).get_mut(&peer) {
+                tasks.retain(|t| !t.is_finished());
+                tasks.push(reader);
+            }
+            path.send_hello(self.self_answers.load(Ordering::Relaxed));
+        }
+    }
+
+    /// The same for a TLS/TCP link.
+    pub fn attach_tcp(&self, peer: NodeId, link: &Arc<tcp::TcpLink>) {
+        let Some(path) = self.path(&peer) else {
+            link.close();
+            return;
+        };
+        path.attach_tcp(link);
+        path.send_hello(self.self_answers.load(Ordering::Relaxed));
+    }
+
+    /// This side dials the pair's carriers (the same rule as exchanges:
+    /// the lower node id).
+    fn dials(&self, peer: &NodeId) -> bool {
+        self.local < *peer
+    }
+
+    pub fn status(&self, id: &NodeId) -> Option<PathStatus> {
+        let path = self.path(id)?;
+        let on = self.active(&path);
+        let s: LadderStatus = lock(&path.ladder).status(Instant::now());
+        let sum = |a: &[std::sync::atomic::AtomicU64; 3]| {
+            a[1].load(Ordering::Relaxed) + a[2].load(Ordering::Relaxed)
+        };
+        Some(PathStatus {
+            rung: path.rung(),
+            ladder: on,
+            rtt_ms: serde_json::to_value(s.rtt_ms).unwrap_or_default(),
+            changes: s.changes,
+            last_change: serde_json::to_value(s.last_change).unwrap_or_default(),
+            relayed_out: sum(&path.counters.to_peer),
+            relayed_in: sum(&path.counters.from_peer),
+        })
+    }
+
+    /// Every path's status, by node id (as `keyd status` names peers).
+    pub fn status_all(&self) -> HashMap<String, PathStatus> {
+        let ids: Vec<NodeId> = lock(&self.paths).keys().copied().collect();
+        ids.into_iter()
+            .filter_map(|id| Some((id.to_string(), self.status(&id)?)))
+            .collect()
+    }
+
+    /// Whether the ladder runs for this peer: a pinned rung always; else
+    /// only when both data planes answer path probes (a stock WireGuard
+    /// data plane cannot show that its direct path works, so such pairs
+    /// stay on direct UDP).
+    fn active(&self, path: &PeerPath) -> bool {
+        self.config.pin.is_some()
+            || (self.self_answers.load(Ordering::Relaxed)
+                && path.peer_answers_probes.load(Ordering::Relaxed))
+    }
+
+    fn request(&self, r: Request) {
+        // A full queue: the next ladder round asks again.
+        let _ = self.requests.try_send(r);
+    }
+}
+
+/// Probes our own data plane on loopback: does it answer path probes?
+async fn self_probe(edge: std::sync::Weak<Edge>) {
+    loop {
+        let Some(e) = edge.upgrade() else { return };
+        let answers = e
+            .prober
+            .probe(e.dataplane, SELF_PROBE_TIMEOUT)
+            .await
+            .is_ok();
+        if e.self_answers.swap(answers, Ordering::Relaxed) != answers {
+            info!(
+                "edge: the local data plane {} path probes",
+                if answers {
+                    "answers"
+                } else {
+                    "does not answer"
+                }
+            );
+            let paths: Vec<_> = lock(&e.paths).values().map(|(p, _)| p.clone()).collect();
+            for p in paths {
+                p.send_hello(answers);
+                p.wake.notify_one();
+            }
+        }
+        drop(e);
+        // Quickly at first (the data plane may start after keyd).
+        tokio::time::sleep(if answers {
+            SELF_PROBE_INTERVAL
+        } else {
+            Duration::from_secs(2)
+        })
+        .await;
+    }
+}
+
+/// One peer's ladder: probes, outcomes, moves.
+async fn drive(edge: std::sync::Weak<Edge>, path: Arc<PeerPath>) {
+    let mut last_hello: Option<Instant> = None;
+    loop {
+        let Some(e) = edge.upgrade() else { return };
+        let now = Instant::now();
+        if last_hello.is_none_or(|t| now.duration_since(t) >= HELLO_INTERVAL) {
+            path.send_hello(e.self_answers.load(Ordering::Relaxed));
+            last_hello = Some(now);
+        }
+        let wait_until = if e.active(&path) {
+            step(&e, &path, now);
+            lock(&path.ladder).poll_timeout().min(now + HELLO_INTERVAL)
+        } else {
+            if path.rung() != Rung::Direct {
+                move_to(&e, &path, Rung::Direct, "the ladder is off for this peer");
+            }
+            // The carriers are still kept up (exchanges use them).
+            keep_carriers(&e, &path);
+            now + IDLE_RECHECK
+        };
+        drop(e);
+        tokio::select! {
+            _ = tokio::time::sleep_until(wait_until.into()) => {}
+            _ = path.wake.notified() => {}
+        }
+    }
+}
+
+fn keep_carriers(e: &Edge, path: &PeerPath) {
+    if e.dials(&path.id) && path.quic().is_none() {
+        e.request(Request::Connect {
+            peer: path.id,
+            rung: Rung::Quic,
+        });
+    }
+}
+
+fn step(e: &Arc<Edge>, path: &Arc<PeerPath>, now: Instant) {
+    let probes: Vec<Rung> = {
+        let mut l = lock(&path.ladder);
+        l.handle_timeout(now);
+        std::iter::from_fn(|| l.poll_probe(now)).collect()
+    };
+    for rung in probes {
+        match rung {
+            Rung::Direct => {
+                let Some(target) = *lock(&path.direct) else {
+                    lock(&path.ladder).on_outcome(Rung::Direct, Outcome::Lost, now);
+                    continue;
+                };
+                let (e, path) = (Arc::downgrade(e), path.clone());
+                tokio::spawn(async move {
+                    let Some(edge) = e.upgrade() else { return };
+                    let timeout = edge.config.probe_timeout;
+                    let outcome = match edge.prober.probe(target, timeout).await {
+                        Ok(rtt) => Outcome::Answered { rtt },
+                        Err(_) => Outcome::Lost,
+                    };
+                    lock(&path.ladder).on_outcome(Rung::Direct, outcome, Instant::now());
+                    path.wake.notify_one();
+                });
+            }
+            Rung::Quic | Rung::Tcp => {
+                if !path.ping(rung, now) {
+                    lock(&path.ladder).on_outcome(rung, Outcome::Lost, now);
+                    if e.dials(&path.id) {
+                        e.request(Request::Connect {
+                            peer: path.id,
+                            rung,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    let changes: Vec<_> = {
+        let mut l = lock(&path.ladder);
+        std::iter::from_fn(|| l.poll_change()).collect()
+    };
+    for c in changes {
+        move_to(e, path, c.to, &format!("{:?}", c.reason).to_lowercase());
+    }
+}
+
+fn move_to(e: &Edge, path: &PeerPath, to: Rung, why: &str) {
+    let from = path.rung();
+    if from == to {
+        return;
+    }
+    path.set_rung(to);
+    info!(
+        "edge: peer {} moves from {from} to {to} ({why})",
+        lock(&path.name)
+    );
+    e.request(Request::Endpoint {
+        peer: path.id,
+        endpoint: (to != Rung::Direct).then_some(path.relay_addr),
+    });
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

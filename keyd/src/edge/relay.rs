@@ -1,1 +1,334 @@
-//! (being written)
+//! One peer's path: the loopback relay socket the data plane sends to while
+//! the peer is on a fallback rung, and the carriers (the keyds' QUIC
+//! connection, the TLS/TCP link) that take its packets to the peer keyd.
+//!
+//! WireGuard packets pass through unchanged: the relay neither reads nor
+//! changes them, so the data plane's encryption stays end to end and any
+//! WireGuard data plane works behind it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use mesh_proto::identity::NodeId;
+use tokio::net::UdpSocket;
+
+use super::frame::{self, Fragmenter, Payload, Reassembler, ReassemblerConfig, Record};
+use super::ladder::{Ladder, Outcome, Rung};
+use super::tcp::{LinkSink, TcpLink};
+
+/// Pings in flight per path; more are not sent (the ladder counts them
+/// lost).
+const MAX_PINGS: usize = 64;
+
+/// Packet counts of one path, for status.
+#[derive(Default)]
+pub struct PathCounters {
+    pub to_peer: [AtomicU64; 3],
+    pub from_peer: [AtomicU64; 3],
+    /// Packets the data plane sent to the relay that no carrier could take.
+    pub no_carrier: AtomicU64,
+    /// Datagrams that were not a relay payload, or fragments refused.
+    pub malformed: AtomicU64,
+    /// Packets that needed more fragments than allowed.
+    pub too_big: AtomicU64,
+}
+
+fn slot(rung: Rung) -> usize {
+    match rung {
+        Rung::Direct => 0,
+        Rung::Quic => 1,
+        Rung::Tcp => 2,
+    }
+}
+
+pub struct PeerPath {
+    pub id: NodeId,
+    /// The peer's name (sanitized), for logs.
+    pub name: Mutex<String>,
+    /// The relay socket, on loopback: the data plane's endpoint for this
+    /// peer while it is on a fallback rung.
+    pub relay: Arc<UdpSocket>,
+    pub relay_addr: SocketAddr,
+    /// Where the local data plane listens (loopback): the only source the
+    /// relay takes packets from, and where it delivers the peer's.
+    dataplane: SocketAddr,
+    /// The peer's data-plane endpoint from the roster (the direct rung).
+    pub direct: Mutex<Option<SocketAddr>>,
+    /// Its keyd endpoint (QUIC, and TCP on the same port).
+    pub keyd: Mutex<Option<SocketAddr>>,
+    quic: Mutex<Option<quinn::Connection>>,
+    tcp: Mutex<Option<Arc<TcpLink>>>,
+    /// The rung the data plane's packets take now.
+    rung: Mutex<Rung>,
+    pub ladder: Mutex<Ladder>,
+    pings: Mutex<HashMap<u64, (Rung, Instant)>>,
+    /// The peer's keyd said its data plane answers path probes.
+    pub peer_answers_probes: AtomicBool,
+    fragmenter: Mutex<Fragmenter>,
+    reassembler: Mutex<Reassembler>,
+    pub counters: PathCounters,
+    /// Wakes the ladder task (a pong, a new carrier).
+    pub wake: tokio::sync::Notify,
+}
+
+impl PeerPath {
+    pub async fn new(id: NodeId, dataplane: SocketAddr, ladder: Ladder) -> std::io::Result<Self> {
+        let relay = UdpSocket::bind(SocketAddr::new(dataplane.ip(), 0)).await?;
+        let relay_addr = relay.local_addr()?;
+        let rung = ladder.current();
+        Ok(Self {
+            id,
+            name: Mutex::new(String::new()),
+            relay: Arc::new(relay),
+            relay_addr,
+            dataplane,
+            direct: Mutex::new(None),
+            keyd: Mutex::new(None),
+            quic: Mutex::new(None),
+            tcp: Mutex::new(None),
+            rung: Mutex::new(rung),
+            ladder: Mutex::new(ladder),
+            pings: Mutex::new(HashMap::new()),
+            peer_answers_probes: AtomicBool::new(false),
+            fragmenter: Mutex::new(Fragmenter::new()),
+            reassembler: Mutex::new(Reassembler::new(ReassemblerConfig::default())),
+            counters: PathCounters::default(),
+            wake: tokio::sync::Notify::new(),
+        })
+    }
+
+    pub fn rung(&self) -> Rung {
+        *lock(&self.rung)
+    }
+
+    pub fn set_rung(&self, rung: Rung) {
+        *lock(&self.rung) = rung;
+    }
+
+    pub fn quic(&self) -> Option<quinn::Connection> {
+        lock(&self.quic)
+            .clone()
+            .filter(|c| c.close_reason().is_none())
+    }
+
+    pub fn tcp(&self) -> Option<Arc<TcpLink>> {
+        lock(&self.tcp).clone().filter(|l| !l.is_closed())
+    }
+
+    /// An authenticated QUIC connection to the peer (an exchange bound to
+    /// it succeeded); `true` if it is new (the caller starts its reader).
+    pub fn attach_quic(&self, conn: &quinn::Connection) -> bool {
+        let mut q = lock(&self.quic);
+        if q.as_ref()
+            .is_some_and(|c| c.stable_id() == conn.stable_id())
+        {
+            return false;
+        }
+        *q = Some(conn.clone());
+        drop(q);
+        self.wake.notify_one();
+        true
+    }
+
+    pub fn attach_tcp(self: &Arc<Self>, link: &Arc<TcpLink>) {
+        link.authenticate(self.clone());
+        let old = lock(&self.tcp).replace(link.clone());
+        if let Some(old) = old.filter(|o| !Arc::ptr_eq(o, link)) {
+            old.close();
+        }
+        self.wake.notify_one();
+    }
+
+    /// Sends a ping on `rung` (QUIC or TCP); `false` if there is no carrier.
+    pub fn ping(&self, rung: Rung, now: Instant) -> bool {
+        let Ok(nonce) = mesh_proto::identity::random_bytes::<8>().map(|b| u64::from_be_bytes(*b))
+        else {
+            return false;
+        };
+        {
+            let mut pings = lock(&self.pings);
+            pings.retain(|_, (_, at)| now.saturating_duration_since(*at).as_secs() < 10);
+            if pings.len() >= MAX_PINGS {
+                return false;
+            }
+            pings.insert(nonce, (rung, now));
+        }
+        match rung {
+            Rung::Quic => self.quic().is_some_and(|c| {
+                let mut out = Vec::with_capacity(9);
+                frame::encode_ping(nonce, &mut out);
+                c.send_datagram(out.into()).is_ok()
+            }),
+            Rung::Tcp => self.tcp().is_some_and(|l| l.send(Record::Ping(nonce))),
+            Rung::Direct => false,
+        }
+    }
+
+    fn pong(&self, nonce: u64) {
+        let Some((rung, sent)) = lock(&self.pings).remove(&nonce) else {
+            self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let rtt = Instant::now().saturating_duration_since(sent);
+        lock(&self.ladder).on_outcome(rung, Outcome::Answered { rtt }, Instant::now());
+        self.wake.notify_one();
+    }
+
+    /// A packet from the peer keyd: to the local data plane.
+    fn deliver(&self, rung: Rung, packet: &[u8]) {
+        self.counters.from_peer[slot(rung)].fetch_add(1, Ordering::Relaxed);
+        // Dropped like any UDP datagram when the data plane's buffer is full.
+        let _ = self.relay.try_send_to(packet, self.dataplane);
+        lock(&self.ladder).on_traffic(rung, Instant::now());
+    }
+
+    /// Reads the QUIC connection's datagrams until it closes.
+    pub async fn quic_reader(self: Arc<Self>, conn: quinn::Connection) {
+        let mut whole = Vec::new();
+        while let Ok(datagram) = conn.read_datagram().await {
+            match frame::decode_datagram(&datagram) {
+                Ok(Payload::Packet(p)) => self.deliver(Rung::Quic, p),
+                Ok(f @ Payload::Fragment { .. }) => {
+                    let Some(f) = f.fragment() else { continue };
+                    let done = lock(&self.reassembler).push_into(f, Instant::now(), &mut whole);
+                    match done {
+                        Ok(true) => self.deliver(Rung::Quic, &whole),
+                        Ok(false) => {}
+                        Err(_) => {
+                            self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                Ok(Payload::Ping(n)) => {
+                    let mut out = Vec::with_capacity(9);
+                    frame::encode_pong(n, &mut out);
+                    let _ = conn.send_datagram(out.into());
+                }
+                Ok(Payload::Pong(n)) => self.pong(n),
+                Ok(Payload::Hello(flags)) => self.hello(flags),
+                Err(_) => {
+                    self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    fn hello(&self, flags: u8) {
+        let answers = flags & frame::HELLO_ANSWERS_PROBES != 0;
+        if self.peer_answers_probes.swap(answers, Ordering::Relaxed) != answers {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Tells the peer keyd whether our data plane answers path probes, on
+    /// every carrier we have.
+    pub fn send_hello(&self, answers_probes: bool) {
+        let flags = if answers_probes {
+            frame::HELLO_ANSWERS_PROBES
+        } else {
+            0
+        };
+        if let Some(c) = self.quic() {
+            let mut out = Vec::with_capacity(2);
+            frame::encode_hello(flags, &mut out);
+            let _ = c.send_datagram(out.into());
+        }
+        if let Some(l) = self.tcp() {
+            l.send(Record::Hello(flags));
+        }
+    }
+
+    /// Takes the data plane's packets from the relay socket to the peer on
+    /// the current rung (the best carrier there is when that is direct:
+    /// the data plane may still hold the relay as its endpoint).
+    pub async fn relay_out(self: Arc<Self>) {
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let Ok((n, from)) = self.relay.recv_from(&mut buf).await else {
+                continue;
+            };
+            if from != self.dataplane {
+                self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let packet = &buf[..n];
+            let rung = self.rung();
+            let sent = match rung {
+                Rung::Tcp => self.send_tcp(packet),
+                Rung::Quic => self.send_quic(packet),
+                Rung::Direct => self.send_quic(packet) || self.send_tcp(packet),
+            };
+            if !sent {
+                self.counters.no_carrier.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn send_tcp(&self, packet: &[u8]) -> bool {
+        let ok = self.tcp().is_some_and(|l| l.send(Record::Packet(packet)));
+        if ok {
+            self.counters.to_peer[slot(Rung::Tcp)].fetch_add(1, Ordering::Relaxed);
+        }
+        ok
+    }
+
+    fn send_quic(&self, packet: &[u8]) -> bool {
+        let Some(conn) = self.quic() else {
+            return false;
+        };
+        let Some(max) = conn.max_datagram_size() else {
+            return false;
+        };
+        let parts = match lock(&self.fragmenter).split(packet, max) {
+            Ok(p) => p,
+            Err(_) => {
+                self.counters.too_big.fetch_add(1, Ordering::Relaxed);
+                return false;
+            }
+        };
+        for part in parts {
+            let mut datagram = Vec::with_capacity(part.encoded_len());
+            part.encode(&mut datagram);
+            if conn.send_datagram(datagram.into()).is_err() {
+                return false;
+            }
+        }
+        self.counters.to_peer[slot(Rung::Quic)].fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// Ends both carriers (the peer left the roster).
+    pub fn close(&self) {
+        if let Some(c) = lock(&self.quic).take() {
+            c.close(0u32.into(), b"peer removed");
+        }
+        if let Some(l) = lock(&self.tcp).take() {
+            l.close();
+        }
+    }
+}
+
+impl LinkSink for PeerPath {
+    fn packet(&self, packet: &[u8]) {
+        self.deliver(Rung::Tcp, packet);
+    }
+
+    fn ping(&self, link: &TcpLink, nonce: u64) {
+        link.send(Record::Pong(nonce));
+    }
+
+    fn pong(&self, nonce: u64) {
+        PeerPath::pong(self, nonce);
+    }
+
+    fn hello(&self, flags: u8) {
+        PeerPath::hello(self, flags);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
