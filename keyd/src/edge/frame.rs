@@ -7,7 +7,10 @@
 //!   1 FRAGMENT id u16 BE ++ index u8 ++ count u8 ++ bytes (count 2..=4, index < count)
 //!   2 PING     nonce u64 BE
 //!   3 PONG     nonce u64 BE
-//! TCP record = kind u8 ++ len u16 BE ++ body; kinds 0, 2, 3 and 4 EXCHANGE.
+//!   5 HELLO    flags u8
+//! TCP record = kind u8 ++ len u16 BE ++ body; kinds 0, 2, 3, 5 and
+//! 4 EXCHANGE (one exchange message). A FRAGMENT, an unknown kind or a
+//! malformed body ends the TCP link.
 //!
 //! Everything here is sans-IO: bytes and `Instant`s in, bytes and events out.
 //! Nothing an unauthenticated or broken peer sends can make it panic or hold
@@ -1215,6 +1218,49 @@ mod tests {
             }
             prop_assert_eq!(whole, Some(packet));
             prop_assert_eq!(r.pending(), 0);
+        }
+
+        #[test]
+        fn fragments_at_path_sizes_round_trip_interleaved(
+            // WireGuard packets up to a 1420-byte MTU and beyond, QUIC
+            // datagram sizes of real paths.
+            lens in proptest::collection::vec(1usize..4_000, 1..8),
+            max in 1_100usize..1_500,
+            keys in proptest::collection::vec(any::<u32>(), 32),
+        ) {
+            let packets: Vec<Vec<u8>> = lens.iter().enumerate()
+                .map(|(n, &len)| (0..len).map(|i| (i * 7 + n) as u8).collect())
+                .collect();
+            let mut f = Fragmenter::new();
+            let mut datagrams = Vec::new();
+            for p in &packets {
+                for d in f.split(p, max).unwrap() {
+                    let mut out = Vec::new();
+                    d.encode(&mut out);
+                    prop_assert!(out.len() <= max);
+                    datagrams.push(out);
+                }
+            }
+            // Any interleaving of all packets' datagrams.
+            let mut order: Vec<usize> = (0..datagrams.len()).collect();
+            order.sort_by_key(|&i| keys[i % keys.len()].rotate_left(i as u32));
+            let t0 = Instant::now();
+            let mut r = Reassembler::default();
+            let mut got = Vec::new();
+            for i in order {
+                match decode_datagram(&datagrams[i]).unwrap() {
+                    Payload::Packet(p) => got.push(p.to_vec()),
+                    p => if let Some(w) = r.push(p.fragment().unwrap(), t0).unwrap() {
+                        got.push(w);
+                    },
+                }
+            }
+            let mut want = packets.clone();
+            want.sort();
+            got.sort();
+            prop_assert_eq!(got, want);
+            prop_assert_eq!(r.pending(), 0);
+            prop_assert_eq!(r.counters().reassembled as usize, lens.iter().filter(|&&l| l + 1 > max).count());
         }
 
         #[test]

@@ -857,7 +857,7 @@ mod tests {
         let mut n = 0u32;
         s.rules[0] = Box::new(move |_| {
             n += 1;
-            n % 2 == 0
+            n.is_multiple_of(2)
         });
         s.run(secs(3600));
         assert!(s.answered[0] > 300);
@@ -866,16 +866,26 @@ mod tests {
 
     #[test]
     fn flapping_current_rung_moves_are_bounded() {
-        // Direct answers for 4 s, is silent for 4 s, and so on: each stay on
-        // Direct needs three answered probes at other_interval first, so an
-        // hour has at most one round trip per 15 s.
+        // Direct works for 20 s, fails for 20 s, and so on: the ladder
+        // follows with at most one move down and one up per cycle, and each
+        // move up waits for three answers in a row.
         let mut s = Sim::new(LadderConfig::default(), [down(), up(), up()]);
         let t0 = s.t0;
-        s.rules[0] = Box::new(move |now| (now - t0).as_secs() % 8 < 4);
+        s.rules[0] = Box::new(move |now| (now - t0).as_secs() % 40 < 20);
         s.run(secs(3600));
-        let moves = s.moves().len();
-        assert!(moves > 0);
-        assert!(moves <= 2 * 3600 / 15, "{moves} moves in an hour");
+        let moves = s.moves();
+        assert!(
+            moves.len() <= 2 * 3600 / 40,
+            "{} moves in an hour",
+            moves.len()
+        );
+        assert!(moves.len() >= 3600 / 40, "the ladder stopped following");
+        for (i, (c, answered)) in s.changes.iter().enumerate().skip(1) {
+            if c.reason == Reason::Recovered {
+                let before = s.changes[i - 1].1[0];
+                assert!(answered[0] - before >= 3);
+            }
+        }
     }
 
     #[test]
