@@ -334,9 +334,16 @@ impl Ladder {
         Some(rung)
     }
 
-    /// What became of the oldest outstanding probe on `rung`. A loss the
-    /// ladder already counted by its own timeout is not counted again; a
-    /// late answer still counts as one.
+    /// What became of a probe on `rung`.
+    ///
+    /// An answer is matched to the outstanding probe sent nearest to
+    /// `now - rtt` and counts towards moving up; one with no outstanding
+    /// probe left (later than `probe_timeout`, already counted lost) still
+    /// shows the rung works and gives an RTT sample, but is no step up.
+    /// A loss resets the run of answers and takes no probe off the
+    /// outstanding list: the ladder's own timeout does that, so a loss the
+    /// driver reports at the timeout (or twice) can never swallow the next
+    /// probe.
     pub fn on_outcome(&mut self, rung: Rung, outcome: Outcome, now: Instant) {
         self.expire_probes(now);
         let s = &mut self.rungs[rung.index()];
@@ -345,9 +352,15 @@ impl Ladder {
         }
         match outcome {
             Outcome::Answered { rtt } => {
-                s.outstanding.pop_front();
+                let sent = now.checked_sub(rtt).unwrap_or(now);
+                let distance = |t: Instant| t.max(sent) - t.min(sent);
+                let probe = (0..s.outstanding.len())
+                    .min_by_key(|&i| s.outstanding.get(i).map(|t| distance(*t)));
+                let in_time = probe.and_then(|i| s.outstanding.remove(i)).is_some();
+                if in_time {
+                    s.streak = s.streak.saturating_add(1);
+                }
                 s.last_heard = Some(now);
-                s.streak = s.streak.saturating_add(1);
                 s.rtt = Some(match s.rtt {
                     None => Rtt {
                         smoothed: rtt,
@@ -358,13 +371,11 @@ impl Ladder {
                         last: rtt,
                     },
                 });
-                self.climb(now);
-            }
-            Outcome::Lost => {
-                if s.outstanding.pop_front().is_some() {
-                    s.streak = 0;
+                if in_time {
+                    self.climb(now);
                 }
             }
+            Outcome::Lost => s.streak = 0,
         }
     }
 
@@ -847,6 +858,80 @@ mod tests {
         probe_direct(&mut l, ok);
         assert_eq!(l.current(), Rung::Quic);
         probe_direct(&mut l, ok);
+        assert_eq!(l.current(), Rung::Direct);
+    }
+
+    #[test]
+    fn late_answers_are_evidence_but_no_step_up() {
+        let mut s = Sim::new(LadderConfig::default(), [down(), up(), up()]);
+        s.run(secs(20));
+        assert_eq!(s.ladder.current(), Rung::Quic);
+        // Direct answers every probe, but 1.5 s late: it works (heard) and
+        // has an RTT, but never earns the climb.
+        let mut t = secs(20);
+        let mut sent = Vec::new();
+        while t < secs(300) {
+            s.run(t);
+            sent.extend(s.probes.drain(..).filter(|(_, r)| *r == Rung::Direct));
+            let now = s.t;
+            let late = ms(1500);
+            sent.retain(|(at, _)| {
+                if *at + late <= now {
+                    s.ladder
+                        .on_outcome(Rung::Direct, Outcome::Answered { rtt: late }, *at + late);
+                    false
+                } else {
+                    true
+                }
+            });
+            t += ms(100);
+        }
+        assert_eq!(s.ladder.current(), Rung::Quic);
+        assert_eq!(s.ladder.rtt(Rung::Direct).map(|r| r.last), Some(ms(1500)));
+    }
+
+    #[test]
+    fn a_loss_reported_at_the_timeout_does_not_swallow_the_next_probe() {
+        // Probes as often as they time out, so the next probe is in flight
+        // when the driver reports the last one lost.
+        let t0 = Instant::now();
+        let config = LadderConfig {
+            allowed: vec![Rung::Direct, Rung::Quic],
+            other_interval: secs(1),
+            ..LadderConfig::default()
+        };
+        let mut l = Ladder::new(config, t0);
+        l.handle_timeout(t0 + secs(3));
+        assert_eq!(l.current(), Rung::Quic);
+        let ok = Outcome::Answered { rtt: RTT };
+        // Each second a Direct probe goes out; then the driver reports the
+        // previous one's outcome (a loss at its timeout, i.e. after the new
+        // probe went out, or an answer).
+        let step = |l: &mut Ladder, n: u64, previous: Option<Outcome>| {
+            let t = t0 + secs(3 + n);
+            while let Some(r) = l.poll_probe(t) {
+                if r == Rung::Quic {
+                    l.on_outcome(r, ok, t);
+                }
+            }
+            if let Some(o) = previous {
+                l.on_outcome(Rung::Direct, o, t);
+            }
+        };
+        let answer = |l: &mut Ladder, n: u64| {
+            l.on_outcome(Rung::Direct, ok, t0 + secs(3 + n) + RTT);
+        };
+        step(&mut l, 0, None);
+        step(&mut l, 1, Some(Outcome::Lost)); // probe 0 lost
+        step(&mut l, 2, Some(Outcome::Lost)); // probe 1 lost, 2 in flight
+        answer(&mut l, 2);
+        step(&mut l, 3, None);
+        answer(&mut l, 3);
+        assert_eq!(l.current(), Rung::Quic);
+        step(&mut l, 4, None);
+        // Probe 2's answer counted although its loss-report neighbour came
+        // after it was sent: up on the third answer.
+        answer(&mut l, 4);
         assert_eq!(l.current(), Rung::Direct);
     }
 
