@@ -73,8 +73,11 @@ type Tasks = Vec<tokio::task::JoinHandle<()>>;
 pub struct Edge {
     config: LadderConfig,
     local: NodeId,
-    /// The local data plane on loopback (relay target and self-probe).
+    /// The local data plane on loopback (the relay's target).
     dataplane: SocketAddr,
+    /// The local data plane as the prober reaches it (its own address: a
+    /// socket bound to the underlay address cannot reach loopback).
+    dataplane_probe: SocketAddr,
     prober: Prober,
     self_answers: AtomicBool,
     paths: Mutex<HashMap<NodeId, (Arc<PeerPath>, Tasks)>>,
@@ -98,6 +101,14 @@ impl Edge {
             config,
             local,
             dataplane: SocketAddr::new(Ipv4Addr::LOCALHOST.into(), wg_listen_port),
+            dataplane_probe: SocketAddr::new(
+                if probe_from.is_unspecified() {
+                    Ipv4Addr::LOCALHOST.into()
+                } else {
+                    probe_from
+                },
+                wg_listen_port,
+            ),
             prober,
             self_answers: AtomicBool::new(false),
             paths: Mutex::new(HashMap::new()),
@@ -242,7 +253,7 @@ async fn self_probe(edge: std::sync::Weak<Edge>) {
         let Some(e) = edge.upgrade() else { return };
         let answers = e
             .prober
-            .probe(e.dataplane, SELF_PROBE_TIMEOUT)
+            .probe(e.dataplane_probe, SELF_PROBE_TIMEOUT)
             .await
             .is_ok();
         if e.self_answers.swap(answers, Ordering::Relaxed) != answers {
