@@ -327,6 +327,9 @@ struct Peer {
     /// The edge ladder's relay socket while the peer is on a fallback rung
     /// (edge/): the data plane's endpoint for it instead of the roster's.
     path_endpoint: Option<std::net::SocketAddr>,
+    /// The last relay it had: back on direct UDP, a data plane that roamed
+    /// to it (the peer still relaying for a moment) is set straight.
+    last_relay: Option<std::net::SocketAddr>,
 }
 
 /// Counters for `keyd status` and the metrics.
@@ -432,6 +435,7 @@ impl MeshPolicy {
             return;
         }
         p.path_endpoint = endpoint;
+        p.last_relay = endpoint.or(p.last_relay);
         let Some(Key {
             psk: Some(psk),
             public_key,
@@ -930,6 +934,7 @@ impl MeshPolicy {
                 exchanges_failed: 0,
                 dials_unanswered: 0,
                 path_endpoint: None,
+                last_relay: None,
             });
             if p.member.cert.fingerprint() != m.cert.fingerprint() {
                 // A renewed certificate: agree a key under it at once. A key
@@ -1082,6 +1087,9 @@ impl MeshPolicy {
                     // Roaming may move a roster endpoint; a relay endpoint
                     // is ours to keep.
                     && (p.path_endpoint.is_none() || v.endpoint == p.path_endpoint)
+                    && (p.path_endpoint.is_some()
+                        || p.last_relay.is_none()
+                        || v.endpoint != p.last_relay)
             });
             if !same {
                 actions.push(Action::Install(PeerInstall {

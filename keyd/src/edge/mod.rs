@@ -28,8 +28,10 @@ use ladder::{Ladder, LadderConfig, LadderStatus, Outcome, Rung};
 use prober::Prober;
 use relay::PeerPath;
 
-/// How often each side tells the other what its data plane can do.
+/// How often each side tells the other what its data plane can do: every
+/// second until the peer's answer is known, then this often.
 const HELLO_INTERVAL: Duration = Duration::from_secs(5);
+const HELLO_EAGER: Duration = Duration::from_secs(1);
 /// A ladder that is off (a data plane without probes, no pin) looks again
 /// this often.
 const IDLE_RECHECK: Duration = Duration::from_secs(1);
@@ -288,13 +290,18 @@ async fn drive(edge: std::sync::Weak<Edge>, path: Arc<PeerPath>) {
     loop {
         let Some(e) = edge.upgrade() else { return };
         let now = Instant::now();
-        if last_hello.is_none_or(|t| now.duration_since(t) >= HELLO_INTERVAL) {
+        let hello_every = if path.peer_answers_probes.load(Ordering::Relaxed) {
+            HELLO_INTERVAL
+        } else {
+            HELLO_EAGER
+        };
+        if last_hello.is_none_or(|t| now.duration_since(t) >= hello_every) {
             path.send_hello(e.self_answers.load(Ordering::Relaxed));
             last_hello = Some(now);
         }
         let wait_until = if e.active(&path) {
             step(&e, &path, now);
-            lock(&path.ladder).poll_timeout().min(now + HELLO_INTERVAL)
+            lock(&path.ladder).poll_timeout().min(now + hello_every)
         } else {
             if path.rung() != Rung::Direct {
                 move_to(&e, &path, Rung::Direct, "the ladder is off for this peer");
@@ -311,12 +318,24 @@ async fn drive(edge: std::sync::Weak<Edge>, path: Arc<PeerPath>) {
     }
 }
 
+/// With the ladder off, the dialing side still keeps a carrier to the peer
+/// keyd (QUIC, or TCP where allowed and QUIC is missing): exchanges and
+/// HELLOs need one.
 fn keep_carriers(e: &Edge, path: &PeerPath) {
-    if e.dials(&path.id) && path.quic().is_none() {
+    if !e.dials(&path.id) {
+        return;
+    }
+    if path.quic().is_none() {
         e.request(Request::Connect {
             peer: path.id,
             rung: Rung::Quic,
         });
+        if e.config.allowed.contains(&Rung::Tcp) && path.tcp().is_none() {
+            e.request(Request::Connect {
+                peer: path.id,
+                rung: Rung::Tcp,
+            });
+        }
     }
 }
 

@@ -78,7 +78,6 @@ impl PeerPath {
     pub async fn new(id: NodeId, dataplane: SocketAddr, ladder: Ladder) -> std::io::Result<Self> {
         let relay = UdpSocket::bind(SocketAddr::new(dataplane.ip(), 0)).await?;
         let relay_addr = relay.local_addr()?;
-        let rung = ladder.current();
         Ok(Self {
             id,
             name: Mutex::new(String::new()),
@@ -89,7 +88,9 @@ impl PeerPath {
             keyd: Mutex::new(None),
             quic: Mutex::new(None),
             tcp: Mutex::new(None),
-            rung: Mutex::new(rung),
+            // Where the data plane starts (the roster's endpoint); the
+            // ladder's first change moves it if it starts elsewhere (a pin).
+            rung: Mutex::new(Rung::Direct),
             ladder: Mutex::new(ladder),
             pings: Mutex::new(HashMap::new()),
             peer_answers_probes: AtomicBool::new(false),
