@@ -77,6 +77,7 @@ pub struct PeerPath {
 impl PeerPath {
     pub async fn new(id: NodeId, dataplane: SocketAddr, ladder: Ladder) -> std::io::Result<Self> {
         let relay = UdpSocket::bind(SocketAddr::new(dataplane.ip(), 0)).await?;
+        grow_buffers(&relay);
         let relay_addr = relay.local_addr()?;
         Ok(Self {
             id,
@@ -327,6 +328,36 @@ impl LinkSink for PeerPath {
 
     fn hello(&self, flags: u8) {
         PeerPath::hello(self, flags);
+    }
+}
+
+/// The data plane writes to the relay in bursts (a GSO batch is up to 64
+/// datagrams at once); the default socket buffers (about 200 KiB) drop
+/// part of a burst whenever the relay task is a moment late. Root may go
+/// past the system's limit (`SO_RCVBUFFORCE`); otherwise up to it.
+fn grow_buffers(socket: &UdpSocket) {
+    use std::os::fd::AsRawFd;
+    const BYTES: libc::c_int = 4 << 20;
+    let fd = socket.as_raw_fd();
+    for (force, plain) in [
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+    ] {
+        let set = |option| {
+            // SAFETY: a valid socket, an int option of the right size.
+            unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    option,
+                    (&BYTES as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            }
+        };
+        if set(force) != 0 {
+            set(plain);
+        }
     }
 }
 
