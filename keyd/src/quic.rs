@@ -45,9 +45,12 @@ const SEND_WINDOW: u64 = 64 * 1024;
 /// A sealed msg1 is 1,600 bytes of Noise (X25519 and ML-KEM-1024 public
 /// keys) and two MACs; anything much longer is refused unread.
 const MAX_SEALED_MSG1: usize = 2048;
-/// Datagrams buffered per connection, each way (about 700 full-size
-/// WireGuard packets): enough for a burst at line rate between two reads.
-const DATAGRAM_BUFFER: usize = 1 << 20;
+/// Datagrams buffered per connection, each way (about 350 full-size
+/// WireGuard packets): a burst at line rate between two reads. An
+/// unauthenticated connection can make us hold this until its exchange
+/// deadline closes it: at most `max_connections` (256) x 512 KiB, from
+/// hosts that passed the source filter and QUIC's address validation.
+const DATAGRAM_BUFFER: usize = 512 << 10;
 /// The largest UDP payload path MTU discovery tries: a 1500-byte IPv4 path.
 /// (quinn's default stops at 1452, the IPv6 figure, which would cost every
 /// full-size WireGuard packet a second datagram on IPv4 paths.)

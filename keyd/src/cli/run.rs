@@ -105,8 +105,8 @@ pub fn status(a: StatusArgs) -> Result<()> {
         println!("WARNING: the data plane could not be read; the table shows keyd's view");
     }
     println!(
-        "{:<16} {:<22} {:<10} {:>6} {:>9} {:>8} {:>8}  last error",
-        "peer", "state", "role", "epoch", "key age", "in wg", "ok/fail"
+        "{:<16} {:<22} {:<10} {:>6} {:>9} {:>8} {:>8} {:<16}  last error",
+        "peer", "state", "role", "epoch", "key age", "in wg", "ok/fail", "path"
     );
     for p in s.peers.values() {
         let key_age = p.key_age_secs.map_or("-".into(), |a| format!("{a}s"));
@@ -115,8 +115,17 @@ pub fn status(a: StatusArgs) -> Result<()> {
             Some(false) => "no",
             None => "?",
         };
+        // The rung, its round trip, and "*" when the ladder is off for
+        // the peer (a data plane that does not answer path probes).
+        let path = p.path.as_ref().map_or("-".into(), |path| {
+            let rtt = path.rtt_ms[path.rung.as_str()]
+                .as_f64()
+                .map_or(String::new(), |ms| format!(" {ms:.2}ms"));
+            let off = if path.ladder { "" } else { "*" };
+            format!("{}{off}{rtt}", path.rung)
+        });
         println!(
-            "{:<16} {:<22} {:<10} {:>6} {:>9} {:>8} {:>8}  {}",
+            "{:<16} {:<22} {:<10} {:>6} {:>9} {:>8} {:>8} {:<16}  {}",
             p.name,
             p.state.label(),
             format!("{:?}", p.role).to_lowercase(),
@@ -128,7 +137,18 @@ pub fn status(a: StatusArgs) -> Result<()> {
                 p.exchanges_ok,
                 p.exchanges_failed + p.dials_unanswered
             ),
+            path,
             p.last_error.as_deref().unwrap_or("-")
+        );
+    }
+    if s
+        .peers
+        .values()
+        .any(|p| p.path.as_ref().is_some_and(|p| !p.ladder))
+    {
+        println!(
+            "path *: the fallback ladder is off for that peer (both data planes must answer \
+             path probes: mesh-node does, stock WireGuard does not); it stays on direct UDP"
         );
     }
     if s.unlisted_in_dataplane > 0 {
