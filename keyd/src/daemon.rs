@@ -840,7 +840,11 @@ fn params(s: &Shared, snap: &Snapshot, expected: Option<NodeId>) -> ExchangePara
 async fn initiate(s: &Shared, member: &Member) -> Result<Established> {
     let id = member.cert.body().node_id;
     let path = s.edge.path(&id);
-    let quic_up = path.as_ref().is_some_and(|p| p.quic().is_some());
+    // QUIC unless it is down or the ladder found that only TCP passes (a
+    // QUIC connection can look up for its idle timeout after UDP stopped).
+    let quic_up = path
+        .as_ref()
+        .is_some_and(|p| p.quic().is_some() && p.rung() != Rung::Tcp);
     if !quic_up && let Some(link) = path.as_ref().and_then(|p| p.tcp()) {
         return initiate_tcp(s, member, &link).await;
     }
