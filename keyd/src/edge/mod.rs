@@ -7,6 +7,7 @@
 //! outcomes and asks the daemon to point the data plane at the relay
 //! ([`Request::Endpoint`]) or to open a carrier ([`Request::Connect`]).
 
+pub mod batch;
 pub mod frame;
 pub mod ladder;
 pub mod prober;

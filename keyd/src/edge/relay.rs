@@ -15,6 +15,7 @@ use std::time::Instant;
 use mesh_proto::identity::NodeId;
 use tokio::net::UdpSocket;
 
+use super::batch::{self, Batch};
 use super::frame::{self, Fragmenter, Payload, Reassembler, ReassemblerConfig, Record};
 use super::ladder::{Ladder, Outcome, Rung};
 use super::tcp::{LinkSink, TcpLink};
@@ -69,6 +70,11 @@ pub struct PeerPath {
     pub peer_answers_probes: AtomicBool,
     fragmenter: Mutex<Fragmenter>,
     reassembler: Mutex<Reassembler>,
+    /// Packets from the TCP link, sent to the data plane after each read.
+    tcp_batch: Mutex<Batch>,
+    /// QUIC datagrams are cut from this (one allocation per 64 KiB, not
+    /// one per packet).
+    arena: Mutex<bytes::BytesMut>,
     pub counters: PathCounters,
     /// Wakes the ladder task (a pong, a new carrier).
     pub wake: tokio::sync::Notify,
@@ -78,6 +84,8 @@ impl PeerPath {
     pub async fn new(id: NodeId, dataplane: SocketAddr, ladder: Ladder) -> std::io::Result<Self> {
         let relay = UdpSocket::bind(SocketAddr::new(dataplane.ip(), 0)).await?;
         grow_buffers(&relay);
+        // Without GRO (an old kernel) each receive is one packet: slower, the same.
+        let _ = batch::enable_gro(&relay);
         let relay_addr = relay.local_addr()?;
         Ok(Self {
             id,
@@ -97,6 +105,8 @@ impl PeerPath {
             peer_answers_probes: AtomicBool::new(false),
             fragmenter: Mutex::new(Fragmenter::new()),
             reassembler: Mutex::new(Reassembler::new(ReassemblerConfig::default())),
+            tcp_batch: Mutex::new(Batch::default()),
+            arena: Mutex::new(bytes::BytesMut::new()),
             counters: PathCounters::default(),
             wake: tokio::sync::Notify::new(),
         })
@@ -179,41 +189,68 @@ impl PeerPath {
         self.wake.notify_one();
     }
 
-    /// A packet from the peer keyd: to the local data plane.
-    fn deliver(&self, rung: Rung, packet: &[u8]) {
-        self.counters.from_peer[slot(rung)].fetch_add(1, Ordering::Relaxed);
-        // Dropped like any UDP datagram when the data plane's buffer is full.
-        let _ = self.relay.try_send_to(packet, self.dataplane);
+    /// Packets from the peer keyd: to the local data plane, in as few sends
+    /// as their sizes allow. Dropped like any UDP datagram when the data
+    /// plane's buffer is full.
+    fn deliver(&self, rung: Rung, packets: &mut Batch) {
+        if packets.is_empty() {
+            return;
+        }
+        self.counters.from_peer[slot(rung)].fetch_add(packets.len() as u64, Ordering::Relaxed);
+        packets.flush(&self.relay, self.dataplane);
         lock(&self.ladder).on_traffic(rung, Instant::now());
     }
 
-    /// Reads the QUIC connection's datagrams until it closes.
+    /// Reads the QUIC connection's datagrams until it closes: after each
+    /// wait, everything already buffered, delivered as one batch.
     pub async fn quic_reader(self: Arc<Self>, conn: quinn::Connection) {
         let mut whole = Vec::new();
-        while let Ok(datagram) = conn.read_datagram().await {
-            match frame::decode_datagram(&datagram) {
-                Ok(Payload::Packet(p)) => self.deliver(Rung::Quic, p),
-                Ok(f @ Payload::Fragment { .. }) => {
-                    let Some(f) = f.fragment() else { continue };
-                    let done = lock(&self.reassembler).push_into(f, Instant::now(), &mut whole);
-                    match done {
-                        Ok(true) => self.deliver(Rung::Quic, &whole),
-                        Ok(false) => {}
-                        Err(_) => {
-                            self.counters.malformed.fetch_add(1, Ordering::Relaxed);
-                        }
+        let mut packets = Batch::default();
+        while let Ok(first) = conn.read_datagram().await {
+            let mut next = Some(first);
+            while let Some(datagram) = next.take() {
+                self.take_datagram(&conn, &datagram, &mut packets, &mut whole);
+                next = ready_now(conn.read_datagram()).await.and_then(Result::ok);
+            }
+            self.deliver(Rung::Quic, &mut packets);
+        }
+    }
+
+    fn take_datagram(
+        &self,
+        conn: &quinn::Connection,
+        datagram: &[u8],
+        packets: &mut Batch,
+        whole: &mut Vec<u8>,
+    ) {
+        let mut push = |p: &[u8]| {
+            if !packets.has_room(p.len()) {
+                self.deliver(Rung::Quic, packets);
+            }
+            packets.push(p);
+        };
+        match frame::decode_datagram(datagram) {
+            Ok(Payload::Packet(p)) => push(p),
+            Ok(f @ Payload::Fragment { .. }) => {
+                let Some(f) = f.fragment() else { return };
+                let done = lock(&self.reassembler).push_into(f, Instant::now(), whole);
+                match done {
+                    Ok(true) => push(whole),
+                    Ok(false) => {}
+                    Err(_) => {
+                        self.counters.malformed.fetch_add(1, Ordering::Relaxed);
                     }
                 }
-                Ok(Payload::Ping(n)) => {
-                    let mut out = Vec::with_capacity(9);
-                    frame::encode_pong(n, &mut out);
-                    let _ = conn.send_datagram(out.into());
-                }
-                Ok(Payload::Pong(n)) => self.pong(n),
-                Ok(Payload::Hello(flags)) => self.hello(flags),
-                Err(_) => {
-                    self.counters.malformed.fetch_add(1, Ordering::Relaxed);
-                }
+            }
+            Ok(Payload::Ping(n)) => {
+                let mut out = Vec::with_capacity(9);
+                frame::encode_pong(n, &mut out);
+                let _ = conn.send_datagram(out.into());
+            }
+            Ok(Payload::Pong(n)) => self.pong(n),
+            Ok(Payload::Hello(flags)) => self.hello(flags),
+            Err(_) => {
+                self.counters.malformed.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
@@ -247,24 +284,25 @@ impl PeerPath {
     /// the current rung (the best carrier there is when that is direct:
     /// the data plane may still hold the relay as its endpoint).
     pub async fn relay_out(self: Arc<Self>) {
-        let mut buf = vec![0u8; 65536];
+        let mut buf = vec![0u8; batch::MAX_BATCH_BYTES];
         loop {
-            let Ok((n, from)) = self.relay.recv_from(&mut buf).await else {
+            let Ok(r) = batch::recv(&self.relay, &mut buf).await else {
                 continue;
             };
-            if from != self.dataplane {
+            if r.from != self.dataplane {
                 self.counters.malformed.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            let packet = &buf[..n];
             let rung = self.rung();
-            let sent = match rung {
-                Rung::Tcp => self.send_tcp(packet),
-                Rung::Quic => self.send_quic(packet),
-                Rung::Direct => self.send_quic(packet) || self.send_tcp(packet),
-            };
-            if !sent {
-                self.counters.no_carrier.fetch_add(1, Ordering::Relaxed);
+            for packet in buf[..r.len].chunks(r.segment) {
+                let sent = match rung {
+                    Rung::Tcp => self.send_tcp(packet),
+                    Rung::Quic => self.send_quic(packet),
+                    Rung::Direct => self.send_quic(packet) || self.send_tcp(packet),
+                };
+                if !sent {
+                    self.counters.no_carrier.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
     }
@@ -291,10 +329,16 @@ impl PeerPath {
                 return false;
             }
         };
+        let mut encoded = Vec::with_capacity(2048);
+        let mut arena = lock(&self.arena);
         for part in parts {
-            let mut datagram = Vec::with_capacity(part.encoded_len());
-            part.encode(&mut datagram);
-            if conn.send_datagram(datagram.into()).is_err() {
+            encoded.clear();
+            part.encode(&mut encoded);
+            if arena.capacity() < encoded.len() {
+                *arena = bytes::BytesMut::with_capacity(64 * 1024);
+            }
+            arena.extend_from_slice(&encoded);
+            if conn.send_datagram(arena.split().freeze()).is_err() {
                 return false;
             }
         }
@@ -315,7 +359,15 @@ impl PeerPath {
 
 impl LinkSink for PeerPath {
     fn packet(&self, packet: &[u8]) {
-        self.deliver(Rung::Tcp, packet);
+        let mut b = lock(&self.tcp_batch);
+        if !b.has_room(packet.len()) {
+            self.deliver(Rung::Tcp, &mut b);
+        }
+        b.push(packet);
+    }
+
+    fn flush(&self) {
+        self.deliver(Rung::Tcp, &mut lock(&self.tcp_batch));
     }
 
     fn ping(&self, link: &TcpLink, nonce: u64) {
@@ -359,6 +411,16 @@ fn grow_buffers(socket: &UdpSocket) {
             set(plain);
         }
     }
+}
+
+/// The output of `fut` if it is ready at once, without waiting.
+async fn ready_now<F: std::future::Future>(fut: F) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    std::future::poll_fn(|cx| match fut.as_mut().poll(cx) {
+        std::task::Poll::Ready(v) => std::task::Poll::Ready(Some(v)),
+        std::task::Poll::Pending => std::task::Poll::Ready(None),
+    })
+    .await
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

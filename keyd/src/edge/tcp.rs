@@ -37,6 +37,8 @@ pub trait LinkSink: Send + Sync {
     fn ping(&self, link: &TcpLink, nonce: u64);
     fn pong(&self, nonce: u64);
     fn hello(&self, flags: u8);
+    /// After the records of one read: send what `packet` gathered.
+    fn flush(&self);
 }
 
 /// One TLS/TCP link to a peer keyd.
@@ -228,6 +230,9 @@ async fn read_loop(
                     link.dropped.fetch_add(1, Ordering::Relaxed);
                 }
             }
+        }
+        if let Some(sink) = link.sink.get() {
+            sink.flush();
         }
     }
     if let Some(link) = link.upgrade() {
