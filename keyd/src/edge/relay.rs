@@ -207,9 +207,11 @@ impl PeerPath {
         let mut whole = Vec::new();
         let mut packets = Batch::default();
         while let Ok(first) = conn.read_datagram().await {
+            // One clock read per wake-up, not one per fragment.
+            let now = Instant::now();
             let mut next = Some(first);
             while let Some(datagram) = next.take() {
-                self.take_datagram(&conn, &datagram, &mut packets, &mut whole);
+                self.take_datagram(&conn, &datagram, &mut packets, &mut whole, now);
                 next = ready_now(conn.read_datagram()).await.and_then(Result::ok);
             }
             self.deliver(Rung::Quic, &mut packets);
@@ -222,6 +224,7 @@ impl PeerPath {
         datagram: &[u8],
         packets: &mut Batch,
         whole: &mut Vec<u8>,
+        now: Instant,
     ) {
         let mut push = |p: &[u8]| {
             if !packets.has_room(p.len()) {
@@ -233,7 +236,7 @@ impl PeerPath {
             Ok(Payload::Packet(p)) => push(p),
             Ok(f @ Payload::Fragment { .. }) => {
                 let Some(f) = f.fragment() else { return };
-                let done = lock(&self.reassembler).push_into(f, Instant::now(), whole);
+                let done = lock(&self.reassembler).push_into(f, now, whole);
                 match done {
                     Ok(true) => push(whole),
                     Ok(false) => {}
