@@ -141,8 +141,7 @@ pub fn status(a: StatusArgs) -> Result<()> {
             p.last_error.as_deref().unwrap_or("-")
         );
     }
-    if s
-        .peers
+    if s.peers
         .values()
         .any(|p| p.path.as_ref().is_some_and(|p| !p.ladder))
     {
