@@ -1101,7 +1101,9 @@ async fn edge_requests_loop(s: Arc<Shared>, mut rx: mpsc::Receiver<edge::Request
                 };
                 let s = s.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = connect_carrier(&s, &member, rung).await {
+                    let result = connect_carrier(&s, &member, rung).await;
+                    s.edge.connect_done(peer, rung, result.is_ok());
+                    if let Err(e) = result {
                         s.log.warn("edge_connect", || {
                             format!(
                                 "edge: cannot open the {rung} carrier to {}: {}",

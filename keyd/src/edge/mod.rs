@@ -7,6 +7,7 @@
 //! outcomes and asks the daemon to point the data plane at the relay
 //! ([`Request::Endpoint`]) or to open a carrier ([`Request::Connect`]).
 
+pub mod backoff;
 pub mod batch;
 pub mod frame;
 pub mod ladder;
@@ -87,6 +88,8 @@ pub struct Edge {
     pub connector: tokio_rustls::TlsConnector,
     pub acceptor: tokio_rustls::TlsAcceptor,
     requests: mpsc::Sender<Request>,
+    /// Carriers that failed to open wait before the next try.
+    connects: Mutex<HashMap<(NodeId, Rung), backoff::ConnectBackoff>>,
 }
 
 impl Edge {
@@ -118,6 +121,7 @@ impl Edge {
             connector,
             acceptor,
             requests,
+            connects: Mutex::new(HashMap::new()),
         });
         tokio::spawn(self_probe(Arc::downgrade(&edge)));
         Ok(edge)
@@ -245,8 +249,28 @@ impl Edge {
     }
 
     fn request(&self, r: Request) {
+        if let Request::Connect { peer, rung } = r
+            && !lock(&self.connects)
+                .get(&(peer, rung))
+                .is_none_or(|b| b.may_try(Instant::now()))
+        {
+            return;
+        }
         // A full queue: the next ladder round asks again.
         let _ = self.requests.try_send(r);
+    }
+
+    /// How an attempt the ladder asked for ([`Request::Connect`]) ended.
+    pub fn connect_done(&self, peer: NodeId, rung: Rung, ok: bool) {
+        let mut connects = lock(&self.connects);
+        if ok {
+            connects.remove(&(peer, rung));
+        } else {
+            connects
+                .entry((peer, rung))
+                .or_default()
+                .failed(Instant::now());
+        }
     }
 }
 

@@ -68,13 +68,9 @@ pub struct PeerPath {
     pings: Mutex<HashMap<u64, (Rung, Instant)>>,
     /// The peer's keyd said its data plane answers path probes.
     pub peer_answers_probes: AtomicBool,
-    fragmenter: Mutex<Fragmenter>,
     reassembler: Mutex<Reassembler>,
     /// Packets from the TCP link, sent to the data plane after each read.
     tcp_batch: Mutex<Batch>,
-    /// QUIC datagrams are cut from this (one allocation per 64 KiB, not
-    /// one per packet).
-    arena: Mutex<bytes::BytesMut>,
     pub counters: PathCounters,
     /// Wakes the ladder task (a pong, a new carrier).
     pub wake: tokio::sync::Notify,
@@ -103,10 +99,8 @@ impl PeerPath {
             ladder: Mutex::new(ladder),
             pings: Mutex::new(HashMap::new()),
             peer_answers_probes: AtomicBool::new(false),
-            fragmenter: Mutex::new(Fragmenter::new()),
             reassembler: Mutex::new(Reassembler::new(ReassemblerConfig::default())),
             tcp_batch: Mutex::new(Batch::default()),
-            arena: Mutex::new(bytes::BytesMut::new()),
             counters: PathCounters::default(),
             wake: tokio::sync::Notify::new(),
         })
@@ -288,6 +282,7 @@ impl PeerPath {
     /// the data plane may still hold the relay as its endpoint).
     pub async fn relay_out(self: Arc<Self>) {
         let mut buf = vec![0u8; batch::MAX_BATCH_BYTES];
+        let mut quic_out = QuicOut::default();
         loop {
             let Ok(r) = batch::recv(&self.relay, &mut buf).await else {
                 continue;
@@ -296,57 +291,37 @@ impl PeerPath {
                 self.counters.malformed.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
+            // Looked up once per burst: the carriers' state is behind locks
+            // that quinn's connection driver takes too.
             let rung = self.rung();
+            let quic = (rung != Rung::Tcp)
+                .then(|| self.quic())
+                .flatten()
+                .and_then(|c| Some((c.max_datagram_size()?, c)));
+            let tcp = (rung != Rung::Quic).then(|| self.tcp()).flatten();
+            let (mut sent, mut lost) = ([0u64; 3], 0u64);
             for packet in buf[..r.len].chunks(r.segment) {
-                let sent = match rung {
-                    Rung::Tcp => self.send_tcp(packet),
-                    Rung::Quic => self.send_quic(packet),
-                    Rung::Direct => self.send_quic(packet) || self.send_tcp(packet),
+                let via = match (&quic, &tcp) {
+                    (Some((max, conn)), _) if rung != Rung::Tcp => quic_out
+                        .send(conn, *max, packet, &self.counters)
+                        .then_some(Rung::Quic),
+                    (_, Some(link)) if rung != Rung::Quic => {
+                        link.send(Record::Packet(packet)).then_some(Rung::Tcp)
+                    }
+                    _ => None,
                 };
-                if !sent {
-                    self.counters.no_carrier.fetch_add(1, Ordering::Relaxed);
+                match via {
+                    Some(rung) => sent[slot(rung)] += 1,
+                    None => lost += 1,
                 }
             }
-        }
-    }
-
-    fn send_tcp(&self, packet: &[u8]) -> bool {
-        let ok = self.tcp().is_some_and(|l| l.send(Record::Packet(packet)));
-        if ok {
-            self.counters.to_peer[slot(Rung::Tcp)].fetch_add(1, Ordering::Relaxed);
-        }
-        ok
-    }
-
-    fn send_quic(&self, packet: &[u8]) -> bool {
-        let Some(conn) = self.quic() else {
-            return false;
-        };
-        let Some(max) = conn.max_datagram_size() else {
-            return false;
-        };
-        let parts = match lock(&self.fragmenter).split(packet, max) {
-            Ok(p) => p,
-            Err(_) => {
-                self.counters.too_big.fetch_add(1, Ordering::Relaxed);
-                return false;
+            for (i, n) in sent.iter().enumerate().filter(|(_, n)| **n > 0) {
+                self.counters.to_peer[i].fetch_add(*n, Ordering::Relaxed);
             }
-        };
-        let mut encoded = Vec::with_capacity(2048);
-        let mut arena = lock(&self.arena);
-        for part in parts {
-            encoded.clear();
-            part.encode(&mut encoded);
-            if arena.capacity() < encoded.len() {
-                *arena = bytes::BytesMut::with_capacity(64 * 1024);
-            }
-            arena.extend_from_slice(&encoded);
-            if conn.send_datagram(arena.split().freeze()).is_err() {
-                return false;
+            if lost > 0 {
+                self.counters.no_carrier.fetch_add(lost, Ordering::Relaxed);
             }
         }
-        self.counters.to_peer[slot(Rung::Quic)].fetch_add(1, Ordering::Relaxed);
-        true
     }
 
     /// Ends both carriers (the peer left the roster).
@@ -413,6 +388,45 @@ fn grow_buffers(socket: &UdpSocket) {
         if set(force) != 0 {
             set(plain);
         }
+    }
+}
+
+/// The relay's QUIC sending state (one task owns it).
+#[derive(Default)]
+struct QuicOut {
+    fragmenter: Fragmenter,
+    /// Datagrams are cut from this: one allocation per 64 KiB, not one per
+    /// packet.
+    arena: bytes::BytesMut,
+    encoded: Vec<u8>,
+}
+
+impl QuicOut {
+    /// One WireGuard packet as one datagram, or fragments when it does not
+    /// fit `max` (the connection's datagram size now).
+    fn send(
+        &mut self,
+        conn: &quinn::Connection,
+        max: usize,
+        packet: &[u8],
+        counters: &PathCounters,
+    ) -> bool {
+        let Ok(parts) = self.fragmenter.split(packet, max) else {
+            counters.too_big.fetch_add(1, Ordering::Relaxed);
+            return false;
+        };
+        for part in parts {
+            self.encoded.clear();
+            part.encode(&mut self.encoded);
+            if self.arena.capacity() < self.encoded.len() {
+                self.arena = bytes::BytesMut::with_capacity(64 * 1024);
+            }
+            self.arena.extend_from_slice(&self.encoded);
+            if conn.send_datagram(self.arena.split().freeze()).is_err() {
+                return false;
+            }
+        }
+        true
     }
 }
 
