@@ -85,6 +85,7 @@ fn node(ca: &CaCert, key: &CaSigningKey, name: &str, octet: u8) -> Node {
             format!("fd99::{octet}/64").parse().expect("prefix"),
         ],
         groups: vec!["web".into()],
+        attributes: Default::default(),
         not_before: T0 - 60,
         not_after: T0 + 30 * DAY,
         wg_public: wg.public_key(),

@@ -446,6 +446,7 @@ mod tests {
                     name: name.into(),
                     addresses: vec![addr.parse().unwrap()],
                     groups: vec![],
+                    attributes: Default::default(),
                     not_before: now - 60,
                     not_after: now + 3600,
                     wg_public: WgPrivateKey::generate().unwrap().public_key(),

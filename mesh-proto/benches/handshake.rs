@@ -80,6 +80,7 @@ fn pair() -> Pair {
                     name: name.into(),
                     addresses: vec![addr.parse().unwrap()],
                     groups: vec!["web".into()],
+                    attributes: Default::default(),
                     not_before: NOW - 10,
                     not_after: NOW + 1000,
                     wg_public: wg.public_key(),

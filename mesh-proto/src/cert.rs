@@ -1,19 +1,26 @@
 //! CA and node certificates.
 //!
 //! A CA certificate is self-signed and names the network. A node certificate
-//! binds a node's name, id, network, overlay addresses, groups, validity
-//! window, WireGuard public key and keyd Noise public key, and names its CA by
-//! fingerprint. Both are postcard-encoded inside a [`Signed`] envelope; files
+//! binds a node's name, id, network, overlay addresses, groups, attributes
+//! (`env=prod`: what firewall policies select on), validity window, WireGuard
+//! public key and keyd Noise public key, and names its CA by fingerprint. Both are postcard-encoded inside a [`Signed`] envelope; files
 //! hold them armored.
+
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::AttributeError;
 use crate::identity::{CaSigningKey, NodeId, NoisePublicKey, WgPublicKey};
 use crate::prefix::IpPrefix;
 use crate::signed::{Fingerprint, Signed};
 use crate::{CertError, CodecError, UnixTime, armor};
 
+/// The version of CA and authority certificate bodies.
 pub const CERT_VERSION: u8 = 1;
+/// The version of node certificate bodies. 2: attributes. A version-1 node
+/// certificate is refused with [`CodecError::Version`], not misread.
+pub const NODE_CERT_VERSION: u8 = 2;
 pub const CA_CERT_LABEL: &str = "PQMESH CA CERTIFICATE";
 pub const NODE_CERT_LABEL: &str = "PQMESH CERTIFICATE";
 pub const AUTHORITY_CERT_LABEL: &str = "PQMESH AUTHORITY CERTIFICATE";
@@ -31,6 +38,9 @@ pub const AUTHORITY_BACKDATE: UnixTime = 60;
 pub const MAX_NAME_LEN: usize = 63;
 pub const MAX_GROUPS: usize = 32;
 pub const MAX_ADDRESSES: usize = 8;
+pub const MAX_ATTRIBUTES: usize = 32;
+pub const MAX_ATTRIBUTE_KEY_LEN: usize = 32;
+pub const MAX_ATTRIBUTE_VALUE_LEN: usize = 64;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CaCertBody {
@@ -50,6 +60,8 @@ pub struct NodeCertBody {
     pub network_id: String,
     pub addresses: Vec<IpPrefix>,
     pub groups: Vec<String>,
+    /// Key-value pairs for policy (`env=prod`); see [`check_attribute`].
+    pub attributes: BTreeMap<String, String>,
     pub not_before: UnixTime,
     pub not_after: UnixTime,
     pub wg_public: WgPublicKey,
@@ -64,6 +76,7 @@ pub struct NodeCertRequest {
     pub name: String,
     pub addresses: Vec<IpPrefix>,
     pub groups: Vec<String>,
+    pub attributes: BTreeMap<String, String>,
     pub not_before: UnixTime,
     pub not_after: UnixTime,
     pub wg_public: WgPublicKey,
@@ -109,6 +122,64 @@ pub fn check_label(field: &'static str, value: &str) -> Result<(), CertError> {
     Ok(())
 }
 
+/// One attribute: the key 1-32 characters of `a-z`, `0-9`, `_`, `.`, `-`;
+/// the value 1-64 printable ASCII characters (space included) except `=`
+/// and `,`, so that `KEY=VALUE[,KEY=VALUE]` lists and logs stay unambiguous.
+pub fn check_attribute(key: &str, value: &str) -> Result<(), AttributeError> {
+    let key_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || "_.-".contains(c);
+    if key.is_empty() || key.len() > MAX_ATTRIBUTE_KEY_LEN || !key.chars().all(key_char) {
+        return Err(AttributeError::Key {
+            key: key.escape_default().to_string(),
+        });
+    }
+    let value_char = |c: char| matches!(c, ' '..='~') && c != '=' && c != ',';
+    if value.is_empty() || value.len() > MAX_ATTRIBUTE_VALUE_LEN || !value.chars().all(value_char) {
+        return Err(AttributeError::Value {
+            key: key.to_string(),
+            value: value.escape_default().to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Every pair checked, and at most [`MAX_ATTRIBUTES`] of them.
+pub fn check_attributes(attributes: &BTreeMap<String, String>) -> Result<(), AttributeError> {
+    if attributes.len() > MAX_ATTRIBUTES {
+        return Err(AttributeError::TooMany {
+            count: attributes.len(),
+        });
+    }
+    attributes
+        .iter()
+        .try_for_each(|(k, v)| check_attribute(k, v))
+}
+
+/// Parses `KEY=VALUE` (the first `=` splits: values hold no `=`) and checks it.
+pub fn parse_attribute(text: &str) -> Result<(String, String), AttributeError> {
+    let (key, value) = text.split_once('=').ok_or_else(|| AttributeError::Syntax {
+        text: text.escape_default().to_string(),
+    })?;
+    check_attribute(key, value)?;
+    Ok((key.to_string(), value.to_string()))
+}
+
+/// Builds a checked attribute map from pairs, refusing a key given twice
+/// (two values for one key would be silently dropped otherwise).
+pub fn attribute_map(
+    pairs: impl IntoIterator<Item = (String, String)>,
+) -> Result<BTreeMap<String, String>, AttributeError> {
+    let mut map = BTreeMap::new();
+    for (k, v) in pairs {
+        check_attribute(&k, &v)?;
+        if map.contains_key(&k) {
+            return Err(AttributeError::Duplicate { key: k });
+        }
+        map.insert(k, v);
+    }
+    check_attributes(&map)?;
+    Ok(map)
+}
+
 fn check_window(not_before: UnixTime, not_after: UnixTime) -> Result<(), CertError> {
     if not_before >= not_after {
         return Err(CertError::Field {
@@ -120,10 +191,14 @@ fn check_window(not_before: UnixTime, not_after: UnixTime) -> Result<(), CertErr
 }
 
 fn check_version(version: u8) -> Result<(), CertError> {
-    if version != CERT_VERSION {
+    check_version_of(version, CERT_VERSION)
+}
+
+fn check_version_of(version: u8, supported: u8) -> Result<(), CertError> {
+    if version != supported {
         return Err(CodecError::Version {
             found: version,
-            supported: CERT_VERSION,
+            supported,
         }
         .into());
     }
@@ -141,7 +216,7 @@ impl CaCertBody {
 
 impl NodeCertBody {
     fn validate(&self) -> Result<(), CertError> {
-        check_version(self.version)?;
+        check_version_of(self.version, NODE_CERT_VERSION)?;
         check_label("name", &self.name)?;
         check_label("network_id", &self.network_id)?;
         check_window(self.not_before, self.not_after)?;
@@ -166,6 +241,7 @@ impl NodeCertBody {
         for g in &self.groups {
             check_label("groups", g)?;
         }
+        check_attributes(&self.attributes)?;
         if self.node_id != NodeId::derive(&self.wg_public, &self.noise_public) {
             return Err(CertError::Field {
                 field: "node_id",
@@ -411,12 +487,13 @@ fn issue_node(
         });
     }
     let body = NodeCertBody {
-        version: CERT_VERSION,
+        version: NODE_CERT_VERSION,
         node_id: NodeId::derive(&req.wg_public, &req.noise_public),
         name: req.name,
         network_id: network_id.to_string(),
         addresses: req.addresses,
         groups: req.groups,
+        attributes: req.attributes,
         not_before: req.not_before,
         not_after: req.not_after,
         wg_public: req.wg_public,
@@ -431,6 +508,12 @@ impl NodeCert {
     /// Decodes and checks every field. Does not check the signature, which
     /// needs the CA: see [`CaCert::signed`] and [`crate::trust`].
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, CertError> {
+        // The version before the layout: a version-1 body (no attributes)
+        // gets the version error, not a confusing decode error.
+        check_version_of(
+            Signed::<NodeCertBody>::body_version(bytes)?,
+            NODE_CERT_VERSION,
+        )?;
         let signed = Signed::<NodeCertBody>::decode(NODE_DOMAIN, bytes)?;
         signed.body.validate()?;
         Ok(Self(signed))
@@ -486,6 +569,7 @@ pub(crate) mod tests {
                 "fd99::1/64".parse().unwrap(),
             ],
             groups: vec!["web".into(), "db".into()],
+            attributes: BTreeMap::from([("env".into(), "prod".into())]),
             not_before: T0 - 60,
             not_after: T0 + 30 * DAY,
             wg_public: wg.public_key(),
@@ -602,17 +686,57 @@ pub(crate) mod tests {
         assert!(CaCert::create(&key, &long, "net", T0, T0 + DAY).is_err());
     }
 
+    /// A node certificate body as version 1 laid it out: no attributes.
+    #[derive(Serialize, Deserialize)]
+    struct NodeCertBodyV1 {
+        version: u8,
+        name: String,
+        node_id: NodeId,
+        network_id: String,
+        addresses: Vec<IpPrefix>,
+        groups: Vec<String>,
+        not_before: UnixTime,
+        not_after: UnixTime,
+        wg_public: WgPublicKey,
+        noise_public: NoisePublicKey,
+        issuer: Fingerprint,
+    }
+
     #[test]
     fn other_certificate_versions_are_refused() {
         let (key, ca, cert) = issued();
-        let mut body = cert.body().clone();
-        body.version = CERT_VERSION + 1;
+        let b = cert.body().clone();
+        // A version-1 certificate, validly signed: refused by its version,
+        // not misread as a version-2 layout.
+        let v1 = NodeCertBodyV1 {
+            version: 1,
+            name: b.name.clone(),
+            node_id: b.node_id,
+            network_id: b.network_id.clone(),
+            addresses: b.addresses.clone(),
+            groups: b.groups.clone(),
+            not_before: b.not_before,
+            not_after: b.not_after,
+            wg_public: b.wg_public,
+            noise_public: b.noise_public,
+            issuer: b.issuer,
+        };
+        let v1 = Signed::sign(NODE_DOMAIN, v1, &key).unwrap().to_bytes();
+        assert_eq!(
+            NodeCert::from_bytes(&v1),
+            Err(CertError::Codec(CodecError::Version {
+                found: 1,
+                supported: NODE_CERT_VERSION
+            }))
+        );
+        let mut body = b;
+        body.version = NODE_CERT_VERSION + 1;
         let future = sign_raw(body, &key);
         assert_eq!(
             NodeCert::from_bytes(&future.to_bytes()),
             Err(CertError::Codec(CodecError::Version {
-                found: CERT_VERSION + 1,
-                supported: CERT_VERSION
+                found: NODE_CERT_VERSION + 1,
+                supported: NODE_CERT_VERSION
             }))
         );
         let mut body = ca.body().clone();
@@ -713,6 +837,101 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn attributes_are_certified_and_round_trip() {
+        let (_, ca, cert) = issued();
+        let again = NodeCert::from_text(&cert.to_text()).unwrap();
+        assert_eq!(again.body().attributes["env"], "prod");
+        assert!(ca.signed(&again));
+        // Signed: changing an attribute breaks the signature.
+        let mut bytes = cert.to_bytes();
+        let pos = bytes.windows(4).position(|w| w == b"prod").unwrap();
+        bytes[pos] = b'q';
+        let altered = NodeCert::from_bytes(&bytes).unwrap();
+        assert_eq!(altered.body().attributes["env"], "qrod");
+        assert!(!ca.signed(&altered));
+    }
+
+    #[test]
+    fn attribute_rules() {
+        let max_key = "k".repeat(MAX_ATTRIBUTE_KEY_LEN);
+        let max_value = "v".repeat(MAX_ATTRIBUTE_VALUE_LEN);
+        for (k, v) in [
+            ("env", "prod"),
+            ("a.b_c-9", "x y/z:1@#"),
+            (max_key.as_str(), max_value.as_str()),
+        ] {
+            assert_eq!(check_attribute(k, v), Ok(()), "{k}={v}");
+        }
+        let long_key = "k".repeat(MAX_ATTRIBUTE_KEY_LEN + 1);
+        for k in ["", "Env", "a b", "a=b", "é", long_key.as_str()] {
+            assert!(
+                matches!(check_attribute(k, "v"), Err(AttributeError::Key { .. })),
+                "{k:?}"
+            );
+        }
+        let long_value = "v".repeat(MAX_ATTRIBUTE_VALUE_LEN + 1);
+        for v in ["", "a=b", "a,b", "a\nb", "\t", "é", long_value.as_str()] {
+            assert!(
+                matches!(check_attribute("k", v), Err(AttributeError::Value { .. })),
+                "{v:?}"
+            );
+        }
+        assert_eq!(
+            parse_attribute("env=prod"),
+            Ok(("env".into(), "prod".into()))
+        );
+        assert!(matches!(
+            parse_attribute("env"),
+            Err(AttributeError::Syntax { .. })
+        ));
+        assert!(matches!(
+            parse_attribute("env=a=b"),
+            Err(AttributeError::Value { .. })
+        ));
+        assert_eq!(
+            attribute_map([("a".into(), "1".into()), ("a".into(), "2".into())]),
+            Err(AttributeError::Duplicate { key: "a".into() })
+        );
+        let many = (0..=MAX_ATTRIBUTES).map(|i| (format!("k{i}"), "v".to_string()));
+        assert_eq!(
+            attribute_map(many),
+            Err(AttributeError::TooMany {
+                count: MAX_ATTRIBUTES + 1
+            })
+        );
+    }
+
+    #[test]
+    fn issuing_and_decoding_apply_the_attribute_rules() {
+        let (key, ca) = test_ca("net-a");
+        let wg = WgPrivateKey::generate().unwrap();
+        let noise = NoisePrivateKey::generate().unwrap();
+        let mut r = request("ok", &wg, &noise);
+        r.attributes.insert("Bad".into(), "x".into());
+        assert!(matches!(
+            ca.issue(&key, r),
+            Err(CertError::Attribute(AttributeError::Key { .. }))
+        ));
+        let mut r = request("ok", &wg, &noise);
+        r.attributes = (0..=MAX_ATTRIBUTES)
+            .map(|i| (format!("k{i}"), "v".to_string()))
+            .collect();
+        assert!(matches!(
+            ca.issue(&key, r),
+            Err(CertError::Attribute(AttributeError::TooMany { .. }))
+        ));
+        // A CA that signs a bad value anyway: every reader still refuses it.
+        let cert = ca.issue(&key, request("ok", &wg, &noise)).unwrap();
+        let mut body = cert.body().clone();
+        body.attributes.insert("env".into(), "a,b".into());
+        let bad = sign_raw(body, &key);
+        assert!(matches!(
+            NodeCert::from_bytes(&bad.to_bytes()),
+            Err(CertError::Attribute(AttributeError::Value { .. }))
+        ));
+    }
+
+    #[test]
     fn fingerprint_hex_round_trip() {
         let (_, _, cert) = issued();
         let fp = cert.fingerprint();
@@ -724,12 +943,17 @@ pub(crate) mod tests {
         #![proptest_config(ProptestConfig::with_cases(64))]
 
         #[test]
-        fn node_cert_round_trips(name in "[a-z][a-z0-9-]{0,20}", groups in proptest::collection::vec("[a-z]{1,8}", 0..5)) {
+        fn node_cert_round_trips(
+            name in "[a-z][a-z0-9-]{0,20}",
+            groups in proptest::collection::vec("[a-z]{1,8}", 0..5),
+            attributes in proptest::collection::btree_map("[a-z0-9_.-]{1,32}", "[ -+.-<>-~-]{1,64}", 0..5),
+        ) {
             let (key, ca) = test_ca("net-p");
             let wg = WgPrivateKey::generate().unwrap();
             let noise = NoisePrivateKey::generate().unwrap();
             let mut r = request(&name, &wg, &noise);
             r.groups = groups;
+            r.attributes = attributes;
             let cert = ca.issue(&key, r).unwrap();
             prop_assert_eq!(NodeCert::from_bytes(&cert.to_bytes()).unwrap(), cert);
         }

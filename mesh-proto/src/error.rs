@@ -49,11 +49,30 @@ pub enum KeyError {
     Random(String),
 }
 
+/// A node certificate attribute (`KEY=VALUE`) that cannot be certified.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum AttributeError {
+    #[error("attribute name `{key}` must be 1-32 characters of a-z, 0-9, '_', '.' or '-'")]
+    Key { key: String },
+    #[error(
+        "attribute `{key}`: value `{value}` must be 1-64 printable ASCII characters without '=' or ','"
+    )]
+    Value { key: String, value: String },
+    #[error("`{text}` is not KEY=VALUE")]
+    Syntax { text: String },
+    #[error("attribute `{key}` is given twice")]
+    Duplicate { key: String },
+    #[error("{count} attributes: a certificate holds at most 32")]
+    TooMany { count: usize },
+}
+
 /// Certificate problems found while decoding, issuing or signing.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum CertError {
     #[error("certificate: {0}")]
     Codec(#[from] CodecError),
+    #[error("invalid certificate attribute: {0}")]
+    Attribute(#[from] AttributeError),
     #[error("invalid certificate field `{field}`: {reason}")]
     Field { field: &'static str, reason: String },
     #[error("signature does not verify")]

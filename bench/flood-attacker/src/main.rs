@@ -208,6 +208,7 @@ fn throwaway_params(network: &str) -> Result<ExchangeParams> {
             name: "attacker".into(),
             addresses: vec!["10.66.0.1/32".parse().map_err(|e: String| anyhow!(e))?],
             groups: vec![],
+            attributes: Default::default(),
             not_before: now - 60,
             not_after: now + 86_400,
             wg_public: WgPrivateKey::generate()?.public_key(),

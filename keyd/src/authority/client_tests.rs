@@ -81,6 +81,7 @@ fn member_with(
                 name: name.into(),
                 addresses: vec![format!("10.88.0.{octet}/24").parse().unwrap()],
                 groups: vec![],
+                attributes: Default::default(),
                 not_before: t - 60,
                 not_after: t + 86_400,
                 wg_public: wg.public_key(),

@@ -14,7 +14,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use mesh_proto::UnixTime;
-use mesh_proto::cert::{AuthorityCert, CaCert, NodeCert, NodeCertRequest, check_label};
+use mesh_proto::cert::{
+    AuthorityCert, CaCert, NodeCert, NodeCertRequest, attribute_map, check_label,
+};
 use mesh_proto::delta::RosterChange;
 use mesh_proto::identity::{CaSigningKey, NodeId, NoisePublicKey, WgPublicKey};
 use mesh_proto::prefix::IpPrefix;
@@ -397,10 +399,9 @@ impl Authority {
         for g in &spec.groups {
             check_label("groups", g)?;
         }
-        for (k, v) in &spec.attributes {
-            check_label("attribute name", k)?;
-            check_label("attribute value", v)?;
-        }
+        // The rules of certificate attributes, and no name twice: what a
+        // token grants must be certifiable at enrollment.
+        attribute_map(spec.attributes.iter().cloned()).map_err(mesh_proto::CertError::from)?;
         if let Some(p) = &spec.name_pattern {
             check_pattern(p)?;
         }
@@ -536,8 +537,8 @@ impl Authority {
                 &req.name,
                 &addresses,
                 &token.groups,
-                req.wg_public,
-                noise_public,
+                &token.attributes,
+                (req.wg_public, noise_public),
                 now,
             )
             .map_err(|e| {
@@ -613,13 +614,15 @@ impl Authority {
             .any(|r| r.node_id == *id || r.wg_public == *wg || r.noise_public == *noise)
     }
 
+    /// A certificate for a node, with the groups and attributes its token
+    /// granted (kept as they are across renewals and renames).
     fn issue(
         &self,
         name: &str,
         addresses: &[IpPrefix],
         groups: &[String],
-        wg_public: WgPublicKey,
-        noise_public: NoisePublicKey,
+        attributes: &[(String, String)],
+        (wg_public, noise_public): (WgPublicKey, NoisePublicKey),
         now: UnixTime,
     ) -> Result<NodeCert, mesh_proto::CertError> {
         let a = self.signer.cert.body();
@@ -632,6 +635,7 @@ impl Authority {
                 name: name.to_string(),
                 addresses: addresses.to_vec(),
                 groups: groups.to_vec(),
+                attributes: attribute_map(attributes.iter().cloned())?,
                 not_before: now.saturating_sub(BACKDATE).max(a.not_before),
                 not_after,
                 wg_public,
@@ -1066,8 +1070,8 @@ impl Authority {
                 &n.name,
                 &addresses,
                 &n.groups,
-                WgPublicKey(n.wg_public),
-                NoisePublicKey(n.noise_public),
+                &n.attributes,
+                (WgPublicKey(n.wg_public), NoisePublicKey(n.noise_public)),
                 now,
             )?;
             n.cert = cert.to_bytes();

@@ -163,6 +163,11 @@ fn a_token_enrolls_a_machine_with_addresses_from_the_pools() {
         ]
     );
     assert_eq!(c.groups, vec!["web".to_string()]);
+    // The token's attributes are certified, for policies to select on.
+    assert_eq!(
+        c.attributes,
+        BTreeMap::from([("tier".to_string(), "front".to_string())])
+    );
     assert_eq!(c.issuer, a.signer().fingerprint());
     assert_eq!(c.not_after, T0 + 1 + 30 * DAY);
     // Listed with the address the authority saw where the node said "any".
@@ -360,6 +365,12 @@ fn certificates_are_renewed_at_two_thirds_with_the_same_keys_and_addresses() {
         (old.wg_public, old.noise_public)
     );
     assert_eq!(new.addresses, old.addresses);
+    assert_eq!(
+        (&new.groups, &new.attributes),
+        (&old.groups, &old.attributes),
+        "groups and attributes kept"
+    );
+    assert_eq!(new.attributes["tier"], "front");
     assert_eq!(new.not_after, later + 30 * DAY);
     // Nothing more is due right after.
     let again = a.handle_timeout(later + 1).unwrap();
@@ -485,11 +496,34 @@ fn rename_reissues_the_certificate() {
     assert!(a.rename_node(&e.node_id, "other", T0).is_err());
     let p = a.rename_node(&e.node_id, "new", T0 + 1).unwrap();
     w.follow(&a, p);
-    assert_eq!(
-        w.follower.member(&e.node_id).unwrap().cert.body().name,
-        "new"
-    );
+    let renamed = w.follower.member(&e.node_id).unwrap().cert.body().clone();
+    assert_eq!(renamed.name, "new");
+    assert_eq!(renamed.attributes, e.cert.body().attributes);
     assert_eq!(a.find_node("new").unwrap(), e.node_id);
+}
+
+#[test]
+fn token_attributes_follow_the_certificate_rules() {
+    let w = world();
+    let mut a = w.open(false, T0);
+    for attributes in [
+        vec![("Tier".to_string(), "front".to_string())],
+        vec![("tier".into(), "a,b".into())],
+        vec![("tier".into(), "a".into()), ("tier".into(), "b".into())],
+    ] {
+        let bad = TokenSpec {
+            attributes: attributes.clone(),
+            ..spec(1)
+        };
+        assert!(
+            matches!(
+                a.create_token(bad, T0),
+                Err(AuthorityError::Cert(mesh_proto::CertError::Attribute(_)))
+            ),
+            "{attributes:?}"
+        );
+    }
+    assert_eq!(a.tokens().count(), 0, "no token stored");
 }
 
 #[test]

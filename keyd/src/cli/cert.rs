@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
-use mesh_proto::cert::NodeCertRequest;
+use mesh_proto::cert::{NodeCertRequest, attribute_map, parse_attribute};
 use mesh_proto::identity::{NoisePublicKey, WgPublicKey};
 use mesh_proto::prefix::IpPrefix;
 
@@ -31,6 +31,9 @@ pub struct IssueArgs {
     /// Group for policy (repeatable).
     #[arg(long = "group")]
     groups: Vec<String>,
+    /// Attribute for policy, KEY=VALUE, e.g. env=prod (repeatable).
+    #[arg(long = "attribute")]
+    attributes: Vec<String>,
     /// How long the certificate is valid.
     #[arg(long, default_value = "90d")]
     valid: String,
@@ -73,6 +76,14 @@ pub fn run(cmd: CertCommand) -> Result<()> {
                 .map_err(|e| anyhow::anyhow!("--address: {e}"))
         })
         .collect::<Result<Vec<_>>>()?;
+    let attributes = attribute_map(
+        a.attributes
+            .iter()
+            .map(|kv| parse_attribute(kv))
+            .collect::<Result<Vec<_>, _>>()
+            .context("--attribute")?,
+    )
+    .context("--attribute")?;
     let now = time::unix_now();
     let valid = time::parse_duration("--valid", &a.valid)?;
     let not_after = (now + valid.as_secs()).min(ca.body().not_after);
@@ -82,6 +93,7 @@ pub fn run(cmd: CertCommand) -> Result<()> {
             name: a.name.clone(),
             addresses,
             groups: a.groups.clone(),
+            attributes,
             not_before: now.max(ca.body().not_before),
             not_after,
             wg_public,

@@ -70,6 +70,7 @@ fn node_json(c: &NodeCert, ca: Option<&CaCert>, now: u64) -> Value {
         "fingerprint": c.fingerprint().to_hex(),
         "addresses": b.addresses.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "groups": b.groups,
+        "attributes": b.attributes,
         "not_before": time::rfc3339(b.not_before),
         "not_after": time::rfc3339(b.not_after),
         "status": validity(b.not_before, b.not_after, now),
@@ -145,6 +146,21 @@ fn print_text(v: &Value, indent: usize) {
                         "-".into()
                     } else {
                         list.join(", ")
+                    }
+                );
+            }
+            // Attributes: `KEY=VALUE` pairs (values hold no '=' or ',').
+            Value::Object(map) => {
+                let pairs: Vec<String> = map
+                    .iter()
+                    .map(|(name, v)| format!("{name}={}", v.as_str().unwrap_or_default()))
+                    .collect();
+                println!(
+                    "{pad}{k:<14}{}",
+                    if pairs.is_empty() {
+                        "-".into()
+                    } else {
+                        pairs.join(", ")
                     }
                 );
             }
