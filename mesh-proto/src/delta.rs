@@ -12,6 +12,9 @@
 //! Both sides derive the next body with the same function ([`apply_ops`]):
 //! members are replaced in place or appended, so the order, and with it the
 //! signed bytes, are the same on the authority and on every node.
+//!
+//! The firewall policy changes by [`SetPolicy`]: the whole new policy (or
+//! none), since a policy is small beside a roster and a rule edit is rare.
 
 use std::collections::{HashMap, HashSet};
 
@@ -26,7 +29,14 @@ use crate::roster::{
 use crate::signed::{Fingerprint, Signed};
 use crate::{CodecError, RosterError, UnixTime};
 
-pub const DELTA_VERSION: u8 = 1;
+/// 2: [`SetPolicy`]. Version-1 deltas are refused with
+/// [`CodecError::Version`].
+pub const DELTA_VERSION: u8 = 2;
+
+/// Replaces the roster's firewall policy: the canonical bytes of
+/// [`crate::firewall::policy::Policy::encode`], or None for no firewall.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetPolicy(pub Option<Vec<u8>>);
 
 /// What the authority changes in a roster.
 #[derive(Clone, Debug, Default)]
@@ -38,6 +48,8 @@ pub struct RosterChange {
     pub remove: Vec<NodeId>,
     pub revoke: Vec<Fingerprint>,
     pub revoke_nodes: Vec<RevokedNode>,
+    /// A new firewall policy (or none), when it changes.
+    pub set_policy: Option<SetPolicy>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,6 +67,7 @@ struct DeltaBody {
     remove: Vec<NodeId>,
     revoke: Vec<Fingerprint>,
     revoke_nodes: Vec<RevokedNode>,
+    set_policy: Option<SetPolicy>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,14 +83,20 @@ pub struct RosterDelta(DeltaWire);
 
 impl RosterDelta {
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, RosterError> {
-        let wire: DeltaWire = postcard_exact(bytes)?;
-        if wire.body.version != DELTA_VERSION {
-            return Err(CodecError::Version {
-                found: wire.body.version,
-                supported: DELTA_VERSION,
+        // The body's version is the wire's first byte (postcard writes the
+        // leading u8 as is): an older layout gets the version error, not a
+        // confusing decode error.
+        match bytes.first() {
+            Some(&version) if version != DELTA_VERSION => {
+                return Err(CodecError::Version {
+                    found: version,
+                    supported: DELTA_VERSION,
+                }
+                .into());
             }
-            .into());
+            _ => {}
         }
+        let wire: DeltaWire = postcard_exact(bytes)?;
         Ok(Self(wire))
     }
 
@@ -93,6 +112,11 @@ impl RosterDelta {
     pub fn serial(&self) -> u64 {
         self.0.body.serial
     }
+
+    /// The policy change this delta carries, if any (untrusted until applied).
+    pub fn set_policy(&self) -> Option<&SetPolicy> {
+        self.0.body.set_policy.as_ref()
+    }
 }
 
 impl Roster {
@@ -107,6 +131,10 @@ impl Roster {
         not_after: UnixTime,
     ) -> Result<(Roster, RosterDelta), RosterError> {
         let (key, signer_fp) = signer.checked(ca)?;
+        // A policy that does not decode is refused before anything is signed.
+        if let Some(SetPolicy(policy)) = &change.set_policy {
+            crate::roster::decode_policy(policy.as_deref(), None)?;
+        }
         let body = DeltaBody {
             version: DELTA_VERSION,
             network_id: self.network_id().to_string(),
@@ -124,6 +152,7 @@ impl Roster {
             remove: change.remove.clone(),
             revoke: change.revoke.clone(),
             revoke_nodes: change.revoke_nodes.clone(),
+            set_policy: change.set_policy.clone(),
         };
         let next_body = apply_ops(self, &body);
         let signed = Signed::sign(ROSTER_DOMAIN, next_body, key).map_err(RosterError::Signing)?;
@@ -230,6 +259,10 @@ fn apply_ops(base: &Roster, delta: &DeltaBody) -> RosterBody {
         members,
         revoked,
         revoked_nodes,
+        policy: match &delta.set_policy {
+            Some(SetPolicy(policy)) => policy.clone(),
+            None => b.policy.clone(),
+        },
     }
 }
 
@@ -242,6 +275,7 @@ mod tests {
     use crate::cert::NodeCert;
     use crate::cert::tests::{DAY, T0, request, test_ca};
     use crate::identity::{CaSigningKey, NoisePrivateKey, WgPrivateKey};
+    use crate::roster::tests::test_policy;
     use crate::roster::{Member, RosterContent};
     use crate::trust::{DEFAULT_MAX_CLOCK_SKEW, Trust};
 
@@ -399,6 +433,131 @@ mod tests {
             "delta {} bytes, roster {}",
             wire.len(),
             r2.to_bytes().len()
+        );
+    }
+
+    fn set_policy(bytes: Option<Vec<u8>>) -> RosterChange {
+        RosterChange {
+            set_policy: Some(SetPolicy(bytes)),
+            ..RosterChange::default()
+        }
+    }
+
+    #[test]
+    fn a_policy_is_set_changed_and_cleared_by_deltas() {
+        let mut n = net();
+        let r1 = n.first(3);
+        assert_eq!(r1.policy(), None);
+        let p1 = test_policy("web-to-db");
+        let (r2, d2) = n.next(&r1, &set_policy(Some(p1.encode())));
+        let node = r1
+            .apply(&RosterDelta::from_bytes(&d2.to_bytes()).unwrap(), &n.ca)
+            .unwrap();
+        assert_eq!(node.to_bytes(), r2.to_bytes());
+        assert_eq!(node.policy(), Some(&p1));
+        assert_eq!(d2.set_policy(), Some(&SetPolicy(Some(p1.encode()))));
+        // A delta that does not touch the policy keeps it.
+        let m = n.member(9);
+        let (r3, d3) = n.next(
+            &r2,
+            &RosterChange {
+                upsert: vec![m],
+                ..RosterChange::default()
+            },
+        );
+        let node = node.apply(&d3, &n.ca).unwrap();
+        assert_eq!(node.policy_bytes(), Some(p1.encode().as_slice()));
+        // Replaced, then cleared: no firewall.
+        let p2 = test_policy("web-to-db-v2");
+        let (r4, d4) = n.next(&r3, &set_policy(Some(p2.encode())));
+        let node = node.apply(&d4, &n.ca).unwrap();
+        assert_eq!(node.policy(), Some(&p2));
+        let (r5, d5) = n.next(&r4, &set_policy(None));
+        let node = node.apply(&d5, &n.ca).unwrap();
+        assert_eq!(node.policy(), None);
+        assert_eq!(node.to_bytes(), r5.to_bytes());
+    }
+
+    #[test]
+    fn policy_deltas_are_refused_on_replay_fork_and_alteration() {
+        let mut n = net();
+        let r1 = n.first(2);
+        let (r2, d2) = n.next(&r1, &set_policy(Some(test_policy("a").encode())));
+        // Replayed on the roster it produced.
+        assert_eq!(
+            r2.apply(&d2, &n.ca).unwrap_err(),
+            RosterError::DeltaGap {
+                current: 2,
+                from: 1
+            }
+        );
+        // A fork: another serial 2 with another policy; the delta after it
+        // does not apply to ours.
+        let (r2b, _) = n.next(&r1, &set_policy(Some(test_policy("b").encode())));
+        let (_, d3b) = n.next(&r2b, &set_policy(None));
+        assert_eq!(
+            r2.apply(&d3b, &n.ca).unwrap_err(),
+            RosterError::DeltaBase { serial: 3 }
+        );
+        // On the path: the policy swapped, or the clearing dropped.
+        let mut swapped = d2.clone();
+        swapped.0.body.set_policy = Some(SetPolicy(Some(test_policy("c").encode())));
+        assert_eq!(
+            r1.apply(&swapped, &n.ca).unwrap_err(),
+            RosterError::BadSignature
+        );
+        let (_, clear) = n.next(&r2, &set_policy(None));
+        let mut kept = clear.clone();
+        kept.0.body.set_policy = None;
+        assert_eq!(
+            r2.apply(&kept, &n.ca).unwrap_err(),
+            RosterError::BadSignature
+        );
+    }
+
+    #[test]
+    fn a_policy_that_does_not_decode_is_never_signed_nor_applied() {
+        let mut n = net();
+        let r1 = n.first(2);
+        let garbage = Some(vec![0xff; 12]);
+        assert!(matches!(
+            r1.next(
+                &n.ca,
+                &n.signer(),
+                &set_policy(garbage.clone()),
+                T0 + 1,
+                T0 + DAY
+            ),
+            Err(RosterError::Policy(_))
+        ));
+        // An authority that signs one anyway: nodes refuse it by its policy.
+        let (_, valid) = n.next(&r1, &set_policy(None));
+        let mut body = valid.0.body.clone();
+        body.set_policy = Some(SetPolicy(garbage));
+        let signed = Signed::sign(ROSTER_DOMAIN, apply_ops(&r1, &body), &n.auth_key).unwrap();
+        let forged = RosterDelta(DeltaWire {
+            body,
+            signature: signed.signature().to_vec(),
+        });
+        assert!(matches!(
+            r1.apply(&forged, &n.ca),
+            Err(RosterError::Policy(_))
+        ));
+    }
+
+    #[test]
+    fn a_version_1_delta_is_refused_by_its_version() {
+        let mut n = net();
+        let r1 = n.first(1);
+        let (_, d) = n.next(&r1, &RosterChange::default());
+        let mut bytes = d.to_bytes();
+        bytes[0] = 1;
+        assert_eq!(
+            RosterDelta::from_bytes(&bytes).unwrap_err(),
+            RosterError::Codec(CodecError::Version {
+                found: 1,
+                supported: DELTA_VERSION
+            })
         );
     }
 

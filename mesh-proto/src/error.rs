@@ -137,6 +137,9 @@ pub enum RosterError {
     SerialReuse { serial: u64 },
     #[error("cannot sign roster: {0}")]
     Signing(CertError),
+    /// The firewall policy the roster carries does not decode or validate.
+    #[error("roster firewall policy: {0}")]
+    Policy(crate::firewall::policy::PolicyError),
     #[error("roster expiry {not_after} is not after its issue time {issued_at}")]
     Validity {
         issued_at: UnixTime,

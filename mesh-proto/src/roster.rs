@@ -10,6 +10,11 @@
 //! updates would otherwise trust peers revoked since forever. Past its expiry
 //! (plus the clock skew tolerated for certificates) [`Roster::check_fresh`]
 //! refuses it and [`crate::trust::Trust::verify_peer`] accepts no peer.
+//!
+//! A roster may carry the network's firewall policy (the canonical bytes of
+//! [`Policy::encode`]), signed and serialed with the membership. A roster
+//! whose policy does not decode is refused whole, when signed and when
+//! verified.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -17,14 +22,15 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::cert::{AuthorityCert, CaCert, NodeCert};
+use crate::firewall::policy::Policy;
 use crate::identity::{CaSigningKey, NodeId, NoisePublicKey, WgPublicKey};
 use crate::signed::{Fingerprint, Signed};
 use crate::{CodecError, RosterError, UnixTime, armor};
 
 /// 3: the body lists authority certificates, names its signer and revokes
-/// nodes by id and keys. Older rosters are refused with
-/// [`CodecError::Version`].
-pub const ROSTER_VERSION: u8 = 3;
+/// nodes by id and keys. 4: the firewall policy. Older rosters are refused
+/// with [`CodecError::Version`].
+pub const ROSTER_VERSION: u8 = 4;
 pub const ROSTER_LABEL: &str = "PQMESH ROSTER";
 pub(crate) const ROSTER_DOMAIN: &[u8] = b"pqmesh roster v1\0";
 
@@ -62,6 +68,9 @@ pub struct RosterBody {
     pub(crate) members: Vec<MemberEntry>,
     pub(crate) revoked: Vec<Fingerprint>,
     pub(crate) revoked_nodes: Vec<RevokedNode>,
+    /// [`Policy::encode`] of the network's firewall policy; None: no
+    /// firewall (everything passes).
+    pub(crate) policy: Option<Vec<u8>>,
 }
 
 /// One member of the network and its underlay endpoints.
@@ -118,11 +127,15 @@ pub struct RosterContent {
     pub members: Vec<Member>,
     pub revoked: Vec<Fingerprint>,
     pub revoked_nodes: Vec<RevokedNode>,
+    /// [`Policy::encode`] of the firewall policy, or None for no firewall.
+    pub policy: Option<Vec<u8>>,
 }
 
 #[derive(Clone, Debug)]
 pub struct Roster {
     signed: Signed<RosterBody>,
+    /// The decoded (and validated) `policy` of the body.
+    policy: Option<Policy>,
     authorities: Vec<AuthorityCert>,
     members: Vec<Member>,
     revoked: HashSet<Fingerprint>,
@@ -164,6 +177,8 @@ impl Roster {
         content: &RosterContent,
     ) -> Result<Self, RosterError> {
         let (key, signer) = signer.checked(ca)?;
+        // Refused before anything is signed.
+        decode_policy(content.policy.as_deref(), None)?;
         let body = body_of(ca, signer, content);
         let signed = Signed::sign(ROSTER_DOMAIN, body, key).map_err(RosterError::Signing)?;
         Self::verify(signed, ca, None)
@@ -267,12 +282,14 @@ impl Roster {
             }
         }
         check_unique(&members)?;
+        let policy = decode_policy(body.policy.as_deref(), previous)?;
         let revoked = body.revoked.iter().copied().collect();
         let revoked_ids = body.revoked_nodes.iter().map(|r| r.node_id).collect();
         let revoked_wg = body.revoked_nodes.iter().map(|r| r.wg_public).collect();
         let revoked_noise = body.revoked_nodes.iter().map(|r| r.noise_public).collect();
         Ok(Self {
             signed,
+            policy,
             authorities,
             members,
             revoked,
@@ -291,8 +308,10 @@ impl Roster {
     pub fn decode_unverified(bytes: &[u8]) -> Result<Self, RosterError> {
         let signed = decode(bytes)?;
         let members = decode_members(&signed.body.members)?;
+        let policy = decode_policy(signed.body.policy.as_deref(), None)?;
         let b = &signed.body;
         Ok(Self {
+            policy,
             authorities: Vec::new(),
             members,
             revoked: b.revoked.iter().copied().collect(),
@@ -379,6 +398,17 @@ impl Roster {
         &self.members
     }
 
+    /// The firewall policy's canonical bytes ([`Policy::encode`]) as signed;
+    /// None: the network has no firewall.
+    pub fn policy_bytes(&self) -> Option<&[u8]> {
+        self.signed.body.policy.as_deref()
+    }
+
+    /// The firewall policy, decoded and validated when the roster was.
+    pub fn policy(&self) -> Option<&Policy> {
+        self.policy.as_ref()
+    }
+
     pub fn revoked(&self) -> impl Iterator<Item = &Fingerprint> {
         self.signed.body.revoked.iter()
     }
@@ -416,6 +446,7 @@ impl Roster {
             members: self.members.clone(),
             revoked: b.revoked.clone(),
             revoked_nodes: b.revoked_nodes.clone(),
+            policy: b.policy.clone(),
         }
     }
 
@@ -518,7 +549,26 @@ fn body_of(ca: &CaCert, signer: Fingerprint, content: &RosterContent) -> RosterB
         members: content.members.iter().map(Member::entry).collect(),
         revoked: content.revoked.clone(),
         revoked_nodes: content.revoked_nodes.clone(),
+        policy: content.policy.clone(),
     }
+}
+
+/// Decodes (and so validates) a roster's policy bytes. The same bytes as
+/// `previous` carried are not decoded again: a delta that leaves the policy
+/// alone costs no rule walk.
+pub(crate) fn decode_policy(
+    bytes: Option<&[u8]>,
+    previous: Option<&Roster>,
+) -> Result<Option<Policy>, RosterError> {
+    let Some(bytes) = bytes else {
+        return Ok(None);
+    };
+    if let Some(p) = previous
+        && p.policy_bytes() == Some(bytes)
+    {
+        return Ok(p.policy.clone());
+    }
+    Policy::decode(bytes).map(Some).map_err(RosterError::Policy)
 }
 
 /// Decodes the envelope, checking the body's version before its layout: an
@@ -661,6 +711,7 @@ pub(crate) mod tests {
             }],
             revoked: vec![],
             revoked_nodes: vec![],
+            policy: None,
         };
         let signed = Signed::sign(ROSTER_DOMAIN, body, &key).unwrap();
         assert!(matches!(
@@ -805,15 +856,146 @@ pub(crate) mod tests {
             .unwrap()
             .signed
             .body;
-        body.version = 4;
-        let v4 = Signed::sign(ROSTER_DOMAIN, body, &key).unwrap().to_bytes();
+        body.version = ROSTER_VERSION + 1;
+        let future = Signed::sign(ROSTER_DOMAIN, body, &key).unwrap().to_bytes();
         assert_eq!(
-            Roster::from_bytes(&v4, &ca).unwrap_err(),
+            Roster::from_bytes(&future, &ca).unwrap_err(),
             RosterError::Codec(CodecError::Version {
-                found: 4,
+                found: ROSTER_VERSION + 1,
                 supported: ROSTER_VERSION
             })
         );
+    }
+
+    /// The body as version 3 laid it out: no policy.
+    #[derive(Serialize, Deserialize)]
+    struct RosterBodyV3 {
+        version: u8,
+        network_id: String,
+        serial: u64,
+        issued_at: UnixTime,
+        not_after: UnixTime,
+        issuer: Fingerprint,
+        signer: Fingerprint,
+        authorities: Vec<Vec<u8>>,
+        members: Vec<MemberEntry>,
+        revoked: Vec<Fingerprint>,
+        revoked_nodes: Vec<RevokedNode>,
+    }
+
+    #[test]
+    fn a_version_3_roster_is_refused_by_its_version() {
+        let (key, ca) = test_ca("net-a");
+        let v3 = RosterBodyV3 {
+            version: 3,
+            network_id: "net-a".into(),
+            serial: 1,
+            issued_at: T0,
+            not_after: T0 + DAY,
+            issuer: ca.fingerprint(),
+            signer: ca.fingerprint(),
+            authorities: vec![],
+            members: vec![],
+            revoked: vec![],
+            revoked_nodes: vec![],
+        };
+        let v3 = Signed::sign(ROSTER_DOMAIN, v3, &key).unwrap().to_bytes();
+        let expect = RosterError::Codec(CodecError::Version {
+            found: 3,
+            supported: ROSTER_VERSION,
+        });
+        assert_eq!(Roster::from_bytes(&v3, &ca).unwrap_err(), expect);
+        assert_eq!(Roster::decode_unverified(&v3).unwrap_err(), expect);
+    }
+
+    /// A small policy: web may reach db on 5432.
+    pub fn test_policy(name: &str) -> Policy {
+        use crate::firewall::policy::{Action, PortRange, Proto, Rule, Selector};
+        let group = |g: &str| Selector {
+            groups: vec![g.into()],
+            ..Selector::default()
+        };
+        Policy {
+            rules: vec![Rule {
+                name: name.into(),
+                action: Action::Allow,
+                from: group("web"),
+                to: group("db"),
+                proto: Proto::Tcp,
+                ports: vec![PortRange {
+                    first: 5432,
+                    last: 5432,
+                }],
+            }],
+        }
+    }
+
+    fn with_policy(policy: Option<Vec<u8>>) -> RosterContent {
+        RosterContent {
+            serial: 1,
+            issued_at: T0,
+            not_after: T0 + DAY,
+            policy,
+            ..RosterContent::default()
+        }
+    }
+
+    #[test]
+    fn the_policy_travels_signed_in_the_roster() {
+        let (key, ca) = test_ca("net-a");
+        let policy = test_policy("web-to-db");
+        let bytes = policy.encode();
+        let r = Roster::sign(&ca, &Signer::Root(&key), &with_policy(Some(bytes.clone()))).unwrap();
+        let again = Roster::from_text(&r.to_text(), &ca).unwrap();
+        assert_eq!(again.policy_bytes(), Some(bytes.as_slice()));
+        assert_eq!(again.policy(), Some(&policy));
+        assert_eq!(again.content().policy, Some(bytes));
+        let unverified = Roster::decode_unverified(&r.to_bytes()).unwrap();
+        assert_eq!(unverified.policy(), Some(&policy));
+        // No policy: no firewall.
+        let none = Roster::build(&ca, &key, 1, T0, T0 + DAY, vec![], vec![]).unwrap();
+        assert_eq!(none.policy_bytes(), None);
+        assert_eq!(
+            Roster::from_bytes(&none.to_bytes(), &ca).unwrap().policy(),
+            None
+        );
+        // Covered by the signature: a rule changed on the way is refused.
+        let mut tampered = r.to_bytes();
+        let at = tampered.windows(9).position(|w| w == b"web-to-db").unwrap();
+        tampered[at] = b'x';
+        assert_eq!(
+            Roster::from_bytes(&tampered, &ca).unwrap_err(),
+            RosterError::BadSignature
+        );
+    }
+
+    #[test]
+    fn a_policy_that_does_not_decode_is_refused_when_signed_and_when_verified() {
+        let (key, ca) = test_ca("net-a");
+        let garbage = vec![0xff; 12];
+        assert!(matches!(
+            Roster::sign(
+                &ca,
+                &Signer::Root(&key),
+                &with_policy(Some(garbage.clone()))
+            ),
+            Err(RosterError::Policy(_))
+        ));
+        // A CA that signs one anyway: nodes still refuse it.
+        let mut body = Roster::build(&ca, &key, 1, T0, T0 + DAY, vec![], vec![])
+            .unwrap()
+            .signed
+            .body;
+        body.policy = Some(garbage);
+        let bytes = Signed::sign(ROSTER_DOMAIN, body, &key).unwrap().to_bytes();
+        assert!(matches!(
+            Roster::from_bytes(&bytes, &ca),
+            Err(RosterError::Policy(_))
+        ));
+        assert!(matches!(
+            Roster::decode_unverified(&bytes),
+            Err(RosterError::Policy(_))
+        ));
     }
 
     #[test]
