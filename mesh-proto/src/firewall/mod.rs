@@ -7,6 +7,7 @@
 //! Sans-IO like the rest of this crate: bytes and time in, decisions out.
 
 pub mod conntrack;
+pub mod document;
 pub mod engine;
 pub mod packet;
 pub mod policy;
