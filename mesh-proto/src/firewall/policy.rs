@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use super::engine::PeerInfo;
-use crate::cert::{MAX_GROUPS, check_label};
+use crate::cert::{MAX_GROUPS, MAX_NAME_LEN, check_attributes, check_label};
 use crate::prefix::IpPrefix;
 
 /// The most rules a policy may hold.
@@ -297,21 +297,23 @@ impl Selector {
             side,
             reason,
         };
-        // Certificates only carry labels (cert::check_label), so anything
-        // else can never be equal to a member's group, name or attribute.
+        // Certificates only carry labels (cert::check_label) and checked
+        // attributes, so anything else can never equal a member's.
         for (what, value) in self
             .groups
             .iter()
             .map(|g| ("group", g))
             .chain(self.names.iter().map(|n| ("name", n)))
-            .chain(self.attributes.keys().map(|k| ("attribute key", k)))
-            .chain(self.attributes.values().map(|v| ("attribute value", v)))
         {
             if check_label("", value).is_err() {
                 return Err(never(format!(
-                    "{what} `{value}` is not a label a certificate can carry (letters, digits, '-', '_' or '.')"
+                    "{what} `{}` is not a label a certificate can carry (1-{MAX_NAME_LEN} letters, digits, '-', '_' or '.')",
+                    value.escape_default()
                 )));
             }
+        }
+        if let Err(e) = check_attributes(&self.attributes) {
+            return Err(never(format!("no certificate can carry it: {e}")));
         }
         let distinct: BTreeSet<&String> = self.groups.iter().collect();
         if distinct.len() > MAX_GROUPS {
@@ -1017,10 +1019,33 @@ mod tests {
         check(&|p| p.rules[0].to.names = vec![String::new()], &unsat);
         check(
             &|p| {
-                p.rules[0].to.attributes.insert("env".into(), "a/b".into());
+                p.rules[0].to.attributes.insert("env".into(), "a=b".into());
             },
             &unsat,
         );
+        check(
+            &|p| {
+                p.rules[0].to.attributes.insert("Env".into(), "prod".into());
+            },
+            &unsat,
+        );
+        check(
+            &|p| {
+                p.rules[0].to.attributes = (0..=crate::cert::MAX_ATTRIBUTES)
+                    .map(|i| (format!("k{i}"), "v".to_string()))
+                    .collect()
+            },
+            &unsat,
+        );
+        // What a certificate can carry is accepted.
+        let mut p = Policy {
+            rules: vec![base()],
+        };
+        p.rules[0]
+            .to
+            .attributes
+            .insert("region".into(), "us east 1".into());
+        assert_eq!(p.validate(), Ok(()));
         check(
             &|p| p.rules[0].to.groups = (0..=MAX_GROUPS).map(|i| format!("g{i}")).collect(),
             &unsat,
