@@ -1,12 +1,14 @@
 //! Builds the WireGuard device: gotatun's `Device` on a TUN interface with
 //! its UDP transport. Configuration arrives later through the UAPI.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use gotatun::device::{Device, DeviceBuilder};
 use gotatun::tun::tun_async_device::TunDevice;
 
+use crate::firewall::Firewall;
 use crate::transports;
 
 /// gotatun's own transports: plain TUN reads and writes, one packet each.
@@ -67,14 +69,16 @@ const UDP_BUFFER: usize = 4 << 20;
 
 /// The device on our transports, its data path on a thread of its own that
 /// busy-polls for `busy_poll` after a burst (zero: never), with
-/// `crypto_threads` helping it seal and open large batches (zero: none).
+/// `crypto_threads` helping it seal and open large batches (zero: none),
+/// its traffic filtered by `firewall`.
 pub async fn build_offload(
     ifname: &str,
+    firewall: Arc<Firewall>,
     busy_poll: Duration,
     crypto_threads: usize,
     split_directions: bool,
 ) -> Result<Device<OffloadTransports>> {
-    let (tx, rx) = transports::tun::open(ifname).with_context(|| tun_context(ifname))?;
+    let (tx, rx) = transports::tun::open(ifname, firewall).with_context(|| tun_context(ifname))?;
     DeviceBuilder::new()
         .with_udp(transports::udp::GsoUdpFactory {
             buffer_size: UDP_BUFFER,

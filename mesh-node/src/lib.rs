@@ -5,5 +5,6 @@
 pub mod api;
 pub mod counters;
 pub mod device;
+pub mod firewall;
 pub mod metrics;
 pub mod transports;

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use mesh_node::firewall::{self, Firewall};
 use mesh_node::{api, counters::Counters, device, metrics};
+use mesh_proto::firewall::conntrack::ConntrackConfig;
 use tracing::{error, info, warn};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -69,6 +71,10 @@ enum Cmd {
         /// else 2.
         #[arg(long, value_parser = clap::value_parser!(u8).range(1..=2))]
         data_path_threads: Option<u8>,
+        /// With `offload`: flows the firewall tracks at most; when the table
+        /// is full the oldest flow is evicted (and counted).
+        #[arg(long, default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(1..=16_777_216))]
+        firewall_max_flows: u64,
     },
 }
 
@@ -82,6 +88,7 @@ fn main() -> ExitCode {
         busy_poll_us,
         crypto_threads,
         data_path_threads,
+        firewall_max_flows,
     } = Cli::parse().command;
     let busy_poll = Duration::from_micros(busy_poll_us.into());
     let crypto_threads = crypto_threads.map_or_else(
@@ -99,9 +106,15 @@ fn main() -> ExitCode {
                 log_file.as_deref(),
                 metrics_listen,
                 transports,
-                busy_poll,
-                crypto_threads,
-                split_directions,
+                DataPath {
+                    busy_poll,
+                    crypto_threads,
+                    split_directions,
+                    conntrack: ConntrackConfig {
+                        max_flows: firewall_max_flows as usize,
+                        ..ConntrackConfig::default()
+                    },
+                },
             )
         } else {
             daemonize(&ifname)
@@ -212,15 +225,28 @@ fn detach_stderr() {
     }
 }
 
+/// How the data path of `--transports offload` runs.
+struct DataPath {
+    busy_poll: Duration,
+    crypto_threads: usize,
+    split_directions: bool,
+    /// The firewall's flow table.
+    conntrack: ConntrackConfig,
+}
+
 fn run(
     ifname: &str,
     log_file: Option<&std::path::Path>,
     metrics: Option<std::net::SocketAddr>,
     transports: TransportKind,
-    busy_poll: Duration,
-    crypto_threads: usize,
-    split_directions: bool,
+    data_path: DataPath,
 ) -> Result<()> {
+    let DataPath {
+        busy_poll,
+        crypto_threads,
+        split_directions,
+        conntrack,
+    } = data_path;
     init_logging(log_file)?;
     // One malloc arena for all threads: packet buffers come from gotatun's
     // pool, so the data path rarely allocates, and per-thread arenas only
@@ -243,11 +269,19 @@ fn run(
     runtime.block_on(async {
         match transports {
             TransportKind::Offload => {
+                let firewall = Arc::new(Firewall::new(conntrack));
                 serve(
                     ifname,
                     metrics,
-                    device::build_offload(ifname, busy_poll, crypto_threads, split_directions)
-                        .await?,
+                    device::build_offload(
+                        ifname,
+                        firewall.clone(),
+                        busy_poll,
+                        crypto_threads,
+                        split_directions,
+                    )
+                    .await?,
+                    Some(firewall),
                     &format!(
                         "offloaded TUN, UDP GSO/GRO, {} data-path thread(s) busy-polling {} µs, \
                          {crypto_threads} crypto threads",
@@ -262,6 +296,9 @@ fn run(
                     ifname,
                     metrics,
                     device::build_default(ifname, crypto_threads).await?,
+                    // gotatun's own TUN has no hook: no firewall socket,
+                    // which tells keyd that this data plane filters nothing.
+                    None,
                     &format!("gotatun's default transports, {crypto_threads} crypto threads"),
                 )
                 .await
@@ -270,20 +307,31 @@ fn run(
     })
 }
 
-/// Serves the UAPI for `device` until SIGINT/SIGTERM, then shuts down cleanly.
+/// Serves the UAPI for `device` (and the firewall's control socket, when it
+/// has one) until SIGINT/SIGTERM, then shuts down cleanly.
 async fn serve<T: gotatun::device::DeviceTransports>(
     ifname: &str,
     metrics: Option<std::net::SocketAddr>,
     device: gotatun::device::Device<T>,
+    firewall: Option<Arc<Firewall>>,
     transports: &str,
 ) -> Result<()> {
     {
         let device = Arc::new(device);
+        // Bound before the UAPI socket, whose answer tells `mesh-node up`
+        // and keyd that we are ready: the firewall socket is there by then.
+        let control = match &firewall {
+            Some(fw) => Some(tokio::spawn(firewall::control::serve(
+                firewall::control::bind(ifname)?,
+                fw.clone(),
+            ))),
+            None => None,
+        };
         let listener = api::bind(ifname)?;
         let counters = Arc::new(Counters::default());
         let drops = device.counters().await;
         if let Some(addr) = metrics {
-            metrics::serve(addr, counters.clone(), drops.clone()).await?;
+            metrics::serve(addr, counters.clone(), drops.clone(), firewall.clone()).await?;
         }
         let watcher = tokio::spawn(metrics::watch_drops(drops.clone(), Duration::from_secs(10)));
         let server = tokio::spawn(api::serve(listener, device.clone(), counters.clone()));
@@ -298,6 +346,11 @@ async fn serve<T: gotatun::device::DeviceTransports>(
         info!("{reason}: shutting down {ifname}");
         server.abort();
         watcher.abort();
+        if let Some(control) = control {
+            control.abort();
+            let _ = control.await;
+            let _ = std::fs::remove_file(firewall::control::socket_path(ifname));
+        }
         // An aborted task lets go of its device handle only once it has
         // been dropped, which awaiting it waits for.
         let _ = server.await;
@@ -307,7 +360,10 @@ async fn serve<T: gotatun::device::DeviceTransports>(
             Ok(device) => device.stop().await,
             Err(_) => error!("device still in use at shutdown; exiting anyway"),
         }
-        info!("{}", metrics::render(&counters, &drops).trim_end());
+        info!(
+            "{}",
+            metrics::render(&counters, &drops, firewall.as_deref()).trim_end()
+        );
         // What the crypto pool carried (tests read it to know the path ran).
         info!(
             "crypto pool: {} packets sealed, {} opened",

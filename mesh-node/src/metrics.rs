@@ -16,9 +16,13 @@ use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
 use crate::counters::{Counters, PROBES};
+use crate::firewall::Firewall;
 
-pub fn render(counters: &Counters, device: &DeviceCounters) -> String {
+pub fn render(counters: &Counters, device: &DeviceCounters, firewall: Option<&Firewall>) -> String {
     let mut s = counters.render();
+    if let Some(firewall) = firewall {
+        firewall.render_into(&mut s);
+    }
     PROBES.render_into(&mut s);
     let name = "mesh_node_rx_dropped_source_not_allowed_total";
     let _ = writeln!(
@@ -34,6 +38,7 @@ pub async fn serve(
     addr: SocketAddr,
     counters: Arc<Counters>,
     device: Arc<DeviceCounters>,
+    firewall: Option<Arc<Firewall>>,
 ) -> Result<()> {
     let listener = TcpListener::bind(addr)
         .await
@@ -43,7 +48,7 @@ pub async fn serve(
             let Ok((mut stream, _)) = listener.accept().await else {
                 continue;
             };
-            let body = render(&counters, &device);
+            let body = render(&counters, &device, firewall.as_deref());
             tokio::spawn(async move {
                 // Read the request head (bounded); the answer does not depend on it.
                 let mut buf = [0u8; 2048];

@@ -9,6 +9,10 @@
 //! stack also works per 64 KB. Packets were authenticated by WireGuard's
 //! AEAD, so, as in the kernel's WireGuard, the stack need not verify their
 //! checksums again.
+//!
+//! The firewall ([`crate::firewall`]) sees each packet on both sides: after
+//! the split on the way out, before coalescing on the way in, under one lock
+//! per batch.
 
 use std::ffi::CString;
 use std::io;
@@ -21,7 +25,10 @@ use gotatun::tun::{IpRecv, IpSend, MtuWatcher};
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
+use mesh_proto::firewall::engine::Direction;
+
 use super::gso::{self, VIRTIO_NET_HDR_LEN, VirtioNetHdr};
+use crate::firewall::Firewall;
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
@@ -47,8 +54,9 @@ struct IfReq {
     _pad: [u8; 22],
 }
 
-/// Creates the offloaded TUN interface `name`.
-pub fn open(name: &str) -> io::Result<(TunSend, TunRecv)> {
+/// Creates the offloaded TUN interface `name`, its traffic filtered by
+/// `firewall`.
+pub fn open(name: &str, firewall: Arc<Firewall>) -> io::Result<(TunSend, TunRecv)> {
     let path = CString::new("/dev/net/tun").map_err(io::Error::other)?;
     // SAFETY: plain open(2) of a NUL-terminated path.
     let fd = unsafe {
@@ -93,9 +101,11 @@ pub fn open(name: &str) -> io::Result<(TunSend, TunRecv)> {
             fd: fd.clone(),
             pending: Vec::with_capacity(WRITE_BATCH),
             scratch: Vec::with_capacity(READ_BUF),
+            firewall: firewall.clone(),
         },
         TunRecv {
             fd,
+            firewall,
             mtu,
             read_buf: vec![0; READ_BUF],
             scratch: Vec::with_capacity(READ_BUF),
@@ -169,6 +179,7 @@ pub struct TunSend {
     fd: Arc<OwnedFd>,
     pending: Vec<Packet<[u8]>>,
     scratch: Vec<u8>,
+    firewall: Arc<Firewall>,
 }
 
 impl IpSend for TunSend {
@@ -190,6 +201,11 @@ impl TunSend {
     /// error; after any other failed write (a full queue) the rest of the
     /// batch is dropped, as a full NIC queue would drop it; TCP recovers.
     fn write_pending(&mut self) -> io::Result<()> {
+        {
+            let mut firewall = self.firewall.batch();
+            self.pending
+                .retain(|p| firewall.allows(Direction::Inbound, p));
+        }
         if self.pending.is_empty() {
             return Ok(());
         }
@@ -245,6 +261,7 @@ fn write_now(fd: &OwnedFd, hdr: &VirtioNetHdr, pkt: &[u8]) -> io::Result<()> {
 /// Reads from the interface and yields plain IP packets.
 pub struct TunRecv {
     fd: Arc<OwnedFd>,
+    firewall: Arc<Firewall>,
     mtu: MtuWatcher,
     read_buf: Vec<u8>,
     scratch: Vec<u8>,
@@ -281,7 +298,12 @@ impl IpRecv for TunRecv {
         loop {
             let n = self.read().await?;
             let out = &mut self.out;
+            // The firewall's lock is held for this read's packets only.
+            let mut firewall = self.firewall.batch();
             let result = gso::split(&self.read_buf[..n], &mut self.scratch, |pkt| {
+                if !firewall.allows(Direction::Outbound, pkt) {
+                    return;
+                }
                 let mut p = pool.get();
                 if pkt.len() > p.len() {
                     debug!(
@@ -297,6 +319,7 @@ impl IpRecv for TunRecv {
                     Err(e) => debug!("tun: not an IP packet: {e}"),
                 }
             });
+            drop(firewall);
             if let Err(e) = result {
                 warn!("tun: cannot split packet from the kernel: {e}");
             }
