@@ -413,3 +413,122 @@ fn rosters_expire_when_the_ca_says() {
     let text = keyd(&["inspect", p(&roster)]).ok();
     assert!(text.contains("not_after"), "{text}");
 }
+
+#[test]
+fn attributes_and_the_firewall_policy_through_the_ca_tooling() {
+    let net = Net::new("demo");
+    let ca_dir = net.ca();
+    let dir = net.root.join("web-1");
+    keyd(&["key", "generate", "--dir", p(&dir)]).ok();
+    let cert = dir.join("node.crt");
+    let issue = |extra: &[&str]| {
+        let mut args = vec![
+            "cert",
+            "issue",
+            "--ca-dir",
+            p(&ca_dir),
+            "--name",
+            "web-1",
+            "--address",
+            "10.99.0.1/24",
+            "--key-dir",
+            p(&dir),
+            "--out",
+            p(&cert),
+        ];
+        args.extend_from_slice(extra);
+        keyd(&args)
+    };
+    let err = issue(&["--attribute", "env"]).err();
+    assert!(
+        err.contains("--attribute") && err.contains("KEY=VALUE"),
+        "{err}"
+    );
+    let err = issue(&["--attribute", "env=a,b"]).err();
+    assert!(err.contains("--attribute") && err.contains("env"), "{err}");
+    issue(&["--attribute", "env=prod", "--attribute", "tier=front"]).ok();
+    let v = json(&keyd(&["inspect", p(&cert), "--json"]).ok());
+    assert_eq!(v["attributes"]["env"], "prod");
+    assert_eq!(v["attributes"]["tier"], "front");
+    let text = keyd(&["inspect", p(&cert)]).ok();
+    assert!(text.contains("env=prod, tier=front"), "{text}");
+
+    let policy = net.root.join("policy.toml");
+    fs::write(
+        &policy,
+        r#"
+[[rule]]
+name = "web-to-db"
+action = "allow"
+from = { attributes = { tier = "front" } }
+to = { groups = ["db"] }
+proto = "tcp"
+ports = ["5432"]
+"#,
+    )
+    .unwrap();
+    let roster = net.root.join("roster");
+    let ca_cert = net.ca().join("ca.crt");
+    let build = |extra: &[&str]| {
+        let mut args = vec![
+            "roster",
+            "build",
+            "--ca-dir",
+            p(&ca_dir),
+            "--member",
+            p(&cert),
+        ];
+        args.extend_from_slice(extra);
+        keyd(&args)
+    };
+    build(&["--policy", p(&policy), "--out", p(&roster)]).ok();
+    let inspect =
+        |r: &Path| json(&keyd(&["inspect", p(r), "--ca-cert", p(&ca_cert), "--json"]).ok());
+    let v = inspect(&roster);
+    assert_eq!(v["policy_rules"][0], "web-to-db");
+    assert_eq!(v["members"][0]["attributes"]["tier"], "front");
+    // A revocation keeps the policy; so does a roster built on this one.
+    let c2 = net.node("n2", "10.99.0.2/24");
+    let r2 = net.root.join("r2");
+    build(&[
+        "--member",
+        p(&c2),
+        "--previous",
+        p(&roster),
+        "--out",
+        p(&r2),
+    ])
+    .ok();
+    assert_eq!(inspect(&r2)["policy_rules"][0], "web-to-db");
+    keyd(&[
+        "roster",
+        "revoke",
+        "--ca-dir",
+        p(&ca_dir),
+        "--roster",
+        p(&r2),
+        "--cert",
+        p(&c2),
+    ])
+    .ok();
+    let v = inspect(&r2);
+    assert_eq!(
+        (v["serial"].as_u64(), &v["policy_rules"][0]),
+        (Some(3), &serde_json::json!("web-to-db"))
+    );
+    // Only --no-policy removes it.
+    let r4 = net.root.join("r4");
+    build(&["--previous", p(&r2), "--no-policy", "--out", p(&r4)]).ok();
+    assert!(inspect(&r4)["policy_rules"].is_null());
+    // A bad policy: the error names the file and the rule; nothing written.
+    fs::write(
+        &policy,
+        "[[rule]]\nname = \"dup\"\naction = \"allow\"\nfrom = { any = true }\nto = { any = true }\n\
+         [[rule]]\nname = \"dup\"\naction = \"allow\"\nfrom = { any = true }\nto = { any = true }\n",
+    )
+    .unwrap();
+    let bad = net.root.join("bad");
+    let err = build(&["--policy", p(&policy), "--out", p(&bad)]).err();
+    assert!(err.contains("policy.toml") && err.contains("dup"), "{err}");
+    assert!(!bad.exists());
+}

@@ -15,7 +15,8 @@ use tracing::warn;
 use super::server::{AdminHandle, AdminOp};
 
 pub const SOCKET: &str = "admin.sock";
-const MAX_REQUEST: u64 = 64 * 1024;
+/// A firewall policy of the largest size (64 KiB encoded) in base64, with room.
+const MAX_REQUEST: u64 = 256 * 1024;
 const DEADLINE: Duration = Duration::from_secs(10);
 
 /// Serves the socket until the process ends.

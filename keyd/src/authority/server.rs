@@ -78,6 +78,14 @@ pub enum AdminOp {
     AdoptKey {
         fingerprint: String,
     },
+    /// Set the firewall policy: standard base64 of `Policy::encode()` (the
+    /// CLI parsed and checked the source; the authority checks again).
+    PolicySet {
+        policy: String,
+    },
+    PolicyShow,
+    /// Remove the firewall policy (no firewall: everything passes).
+    PolicyClear,
     Status,
 }
 
@@ -432,6 +440,16 @@ fn token_json(t: &super::store::TokenRecord, now: u64) -> Value {
     })
 }
 
+/// The policy in force with the roster that carries it.
+fn policy_json(a: &Authority) -> Value {
+    json!({
+        "serial": a.roster().serial(),
+        "policy": a.policy(),
+        "rules": a.policy().map(|p| p.rules.len()),
+        "bytes": a.roster().policy_bytes().map(<[u8]>::len),
+    })
+}
+
 fn admin(a: &mut Authority, op: AdminOp, state_dir: &std::path::Path, s: &Shared) -> Result<Value> {
     let now = unix_now();
     Ok(match op {
@@ -486,6 +504,19 @@ fn admin(a: &mut Authority, op: AdminOp, state_dir: &std::path::Path, s: &Shared
             a.roll_to(key, now)?;
             json!({"signer": a.signer().fingerprint().to_hex(), "serial": a.roster().serial()})
         }
+        AdminOp::PolicySet { policy } => {
+            use base64::Engine;
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(policy.trim())
+                .map_err(|e| anyhow!("the policy is not base64: {e}"))?;
+            a.set_policy(Some(&bytes), now)?;
+            policy_json(a)
+        }
+        AdminOp::PolicyClear => {
+            a.set_policy(None, now)?;
+            policy_json(a)
+        }
+        AdminOp::PolicyShow => policy_json(a),
         AdminOp::Status => {
             let counters = s
                 .counters
@@ -501,6 +532,7 @@ fn admin(a: &mut Authority, op: AdminOp, state_dir: &std::path::Path, s: &Shared
                 "members": a.roster().members().len(),
                 "nodes": a.nodes().count(),
                 "revoked_nodes": a.roster().revoked_nodes().len(),
+                "policy_rules": a.policy().map(|p| p.rules.len()),
                 "tokens": a.tokens().count(),
                 "signer": a.signer().fingerprint().to_hex(),
                 "signer_not_after": a.signer().body().not_after,

@@ -175,3 +175,43 @@ async fn the_admin_socket_refuses_malformed_requests_and_reports_errors() {
     // Still serving.
     assert!(a.admin(AdminOp::Status).await.is_ok());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_policy_is_set_shown_and_cleared_over_the_admin_socket() {
+    use base64::Engine;
+    use mesh_proto::firewall::policy::Policy;
+    let a = start().await;
+    let v = a.admin(AdminOp::PolicyShow).await.unwrap();
+    assert!(v["policy"].is_null(), "{v}");
+    let serial = v["serial"].as_u64().unwrap();
+    let policy = Policy::from_toml(
+        "[[rule]]\nname = \"web-to-db\"\naction = \"allow\"\nfrom = { groups = [\"web\"] }\n\
+         to = { groups = [\"db\"] }\nproto = \"tcp\"\nports = [\"5432\"]\n",
+    )
+    .unwrap();
+    let encoded = base64::engine::general_purpose::STANDARD.encode(policy.encode());
+    let v = a
+        .admin(AdminOp::PolicySet { policy: encoded })
+        .await
+        .unwrap();
+    assert_eq!(v["serial"].as_u64(), Some(serial + 1), "{v}");
+    assert_eq!(v["rules"], 1);
+    assert_eq!(v["policy"]["rules"][0]["name"], "web-to-db");
+    let back: Policy = serde_json::from_value(v["policy"].clone()).unwrap();
+    assert_eq!(back, policy);
+    let status = a.admin(AdminOp::Status).await.unwrap();
+    assert_eq!(status["policy_rules"], 1);
+    // Refused with the reason; nothing published.
+    for bad in ["not base64!", "//8="] {
+        let e = a
+            .admin(AdminOp::PolicySet { policy: bad.into() })
+            .await
+            .unwrap_err();
+        assert!(format!("{e}").contains("policy"), "{e}");
+    }
+    let v = a.admin(AdminOp::PolicyShow).await.unwrap();
+    assert_eq!(v["serial"].as_u64(), Some(serial + 1));
+    let v = a.admin(AdminOp::PolicyClear).await.unwrap();
+    assert!(v["policy"].is_null(), "{v}");
+    assert_eq!(v["serial"].as_u64(), Some(serial + 2));
+}

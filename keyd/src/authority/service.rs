@@ -17,7 +17,8 @@ use mesh_proto::UnixTime;
 use mesh_proto::cert::{
     AuthorityCert, CaCert, NodeCert, NodeCertRequest, attribute_map, check_label,
 };
-use mesh_proto::delta::RosterChange;
+use mesh_proto::delta::{RosterChange, SetPolicy};
+use mesh_proto::firewall::policy::{Policy, PolicyError};
 use mesh_proto::identity::{CaSigningKey, NodeId, NoisePublicKey, WgPublicKey};
 use mesh_proto::prefix::IpPrefix;
 use mesh_proto::roster::{Member, RevokedNode, Roster, RosterContent, Signer};
@@ -104,6 +105,8 @@ pub enum AuthorityError {
     Roster(#[from] mesh_proto::RosterError),
     #[error("certificate: {0}")]
     Cert(#[from] mesh_proto::CertError),
+    #[error("firewall policy: {0}")]
+    Policy(#[from] PolicyError),
     #[error("the store holds another network (`{found}`, expected `{expected}`)")]
     WrongNetwork { expected: String, found: String },
     #[error("the store's roster is signed by {signer}, but no key file for it was found")]
@@ -778,6 +781,43 @@ impl Authority {
             .or_else(|| named(false))
             .map(|n| NodeId(n.node_id))
             .ok_or_else(|| AuthorityError::NoSuchNode(crate::text::name(what)))
+    }
+
+    /// The firewall policy in force (the roster's), if any.
+    pub fn policy(&self) -> Option<&Policy> {
+        self.roster.policy()
+    }
+
+    /// Sets the network's firewall policy from its encoding
+    /// ([`Policy::encode`]), or removes it (`None`: no firewall). The bytes
+    /// are decoded and validated (bounded, see [`Policy::decode`]) and the
+    /// canonical encoding is what the roster carries. Publishes one delta;
+    /// nothing when the policy is already in force.
+    pub fn set_policy(
+        &mut self,
+        encoded: Option<&[u8]>,
+        now: UnixTime,
+    ) -> Result<Option<Published>, AuthorityError> {
+        let canonical = encoded
+            .map(|bytes| Policy::decode(bytes).map(|p| p.encode()))
+            .transpose()?;
+        if canonical.as_deref() == self.roster.policy_bytes() {
+            return Ok(None);
+        }
+        let rules = self.roster.policy().map_or(0, |p| p.rules.len());
+        let change = RosterChange {
+            set_policy: Some(SetPolicy(canonical)),
+            ..RosterChange::default()
+        };
+        let published = self.publish(change, vec![], vec![], None, now)?;
+        info!(
+            serial = self.roster.serial(),
+            before = rules,
+            after = self.roster.policy().map_or(0, |p| p.rules.len()),
+            cleared = self.roster.policy().is_none(),
+            "firewall policy changed"
+        );
+        Ok(published)
     }
 
     /// Revokes a node as a whole: its id and both keys, so that every

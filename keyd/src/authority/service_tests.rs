@@ -830,3 +830,72 @@ fn a_commit_that_landed_despite_an_error_still_publishes() {
     w.follow(&a, out);
     assert!(w.follower.member(&e.node_id).is_none());
 }
+
+const POLICY: &str = r#"
+[[rule]]
+name = "web-to-db"
+action = "allow"
+from = { groups = ["web"] }
+to = { groups = ["db"] }
+proto = "tcp"
+ports = ["5432"]
+"#;
+
+#[test]
+fn the_policy_is_published_as_a_delta_kept_across_changes_and_restarts() {
+    let mut w = world();
+    let mut a = w.open(false, T0);
+    w.start_following(&a);
+    assert!(a.policy().is_none());
+    let policy = Policy::from_toml(POLICY).unwrap();
+    let p = a.set_policy(Some(&policy.encode()), T0 + 1).unwrap();
+    assert!(p.is_some());
+    w.follow(&a, p);
+    assert_eq!(w.follower.policy(), Some(&policy), "the node has it");
+    // Setting it again publishes nothing.
+    assert!(
+        a.set_policy(Some(&policy.encode()), T0 + 2)
+            .unwrap()
+            .is_none()
+    );
+    // Other changes (an enrollment, the roster's refresh) keep it.
+    let (t, _) = a.create_token(spec(1), T0).unwrap();
+    let e = enroll(&mut a, &t, &machine(), "web-1", 1, T0 + 3).unwrap();
+    w.follow(&a, e.published);
+    let p = a.handle_timeout(T0 + 6 * DAY).unwrap();
+    w.follow(&a, p);
+    assert_eq!(w.follower.policy(), Some(&policy));
+    // Stored with the roster: a restarted authority has it.
+    let serial = a.roster().serial();
+    drop(a);
+    let mut a = w.open(false, T0 + 6 * DAY);
+    assert_eq!(a.policy(), Some(&policy));
+    assert_eq!(a.roster().serial(), serial);
+    // Cleared: no firewall on the nodes.
+    let p = a.set_policy(None, T0 + 6 * DAY + 1).unwrap();
+    w.follow(&a, p);
+    assert_eq!(w.follower.policy(), None);
+    assert!(a.set_policy(None, T0 + 6 * DAY + 2).unwrap().is_none());
+}
+
+#[test]
+fn a_bad_policy_is_refused_before_anything_is_signed() {
+    let w = world();
+    let mut a = w.open(false, T0);
+    let serial = a.roster().serial();
+    // Bytes that do not decode.
+    assert!(matches!(
+        a.set_policy(Some(&[0xff; 12]), T0 + 1),
+        Err(AuthorityError::Policy(_))
+    ));
+    // A policy that decodes but does not validate (a rule name twice).
+    let mut twice = Policy::from_toml(POLICY).unwrap();
+    twice.rules.push(twice.rules[0].clone());
+    assert!(matches!(
+        a.set_policy(Some(&twice.encode()), T0 + 1),
+        Err(AuthorityError::Policy(PolicyError::DuplicateName { .. }))
+    ));
+    assert_eq!(a.roster().serial(), serial, "nothing published");
+    assert!(a.take_published().is_empty());
+    assert!(a.policy().is_none());
+}

@@ -41,6 +41,29 @@ pub enum AuthorityCommand {
     /// Roll the signing key over to one certified now by the root key
     /// (which may live offline: `--root-key`).
     RotateKey(RotateArgs),
+    /// The network's firewall policy, published to every node in the roster.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PolicyCommand {
+    /// Check a policy.toml and publish it (a signed roster update).
+    Set(PolicySetArgs),
+    /// The policy in force.
+    Show(JsonDirArgs),
+    /// Remove the policy: no firewall, everything passes.
+    Clear(JsonDirArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct PolicySetArgs {
+    #[command(flatten)]
+    d: DirArgs,
+    /// The policy source (TOML, `[[rule]]` tables).
+    file: PathBuf,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -335,6 +358,94 @@ pub fn run(cmd: AuthorityCommand) -> Result<()> {
             })
         }
         AuthorityCommand::RotateKey(a) => rotate_key(a),
+        AuthorityCommand::Policy(c) => policy(c),
+    }
+}
+
+fn policy(cmd: PolicyCommand) -> Result<()> {
+    use base64::Engine;
+    let (dir, op, json) = match cmd {
+        PolicyCommand::Set(a) => {
+            // Checked here first, so the error names the file and the rule.
+            let policy = super::roster::load_policy(&a.file)?;
+            let encoded = base64::engine::general_purpose::STANDARD.encode(policy.encode());
+            (a.d.dir, AdminOp::PolicySet { policy: encoded }, a.json)
+        }
+        PolicyCommand::Show(a) => (a.d.dir, AdminOp::PolicyShow, a.json),
+        PolicyCommand::Clear(a) => (a.d.dir, AdminOp::PolicyClear, a.json),
+    };
+    let v = admin::request(&dir, &op)?;
+    show(json, &v, print_policy)
+}
+
+/// `serial N: K rules`, then one line per rule:
+/// `name  allow  groups=web -> groups=db  tcp 5432,8000-8080`.
+fn print_policy(v: &Value) {
+    let rules = v["policy"]["rules"].as_array();
+    match rules {
+        None => println!(
+            "roster serial {}: no firewall policy (everything passes)",
+            v["serial"]
+        ),
+        Some(rules) => {
+            println!("roster serial {}: {} rules", v["serial"], rules.len());
+            for r in rules {
+                println!(
+                    "{:<24} {:<5}  {} -> {}  {}",
+                    r["name"].as_str().unwrap_or(""),
+                    r["action"].as_str().unwrap_or("").to_lowercase(),
+                    selector_text(&r["from"]),
+                    selector_text(&r["to"]),
+                    proto_text(r),
+                );
+            }
+        }
+    }
+}
+
+fn selector_text(s: &Value) -> String {
+    if s["any"] == Value::Bool(true) {
+        return "any".into();
+    }
+    let list = |key: &str| -> Vec<String> {
+        s[key]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|x| x.as_str().map_or_else(|| x.to_string(), str::to_string))
+            .collect()
+    };
+    let mut parts = Vec::new();
+    for key in ["groups", "names", "cidrs"] {
+        let items = list(key);
+        if !items.is_empty() {
+            parts.push(format!("{key}={}", items.join("+")));
+        }
+    }
+    for (k, val) in s["attributes"].as_object().into_iter().flatten() {
+        parts.push(format!("{k}={}", val.as_str().unwrap_or("")));
+    }
+    parts.join(",")
+}
+
+fn proto_text(r: &Value) -> String {
+    let proto = r["proto"].as_str().unwrap_or("").to_lowercase();
+    let ports: Vec<String> = r["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            if p["first"] == p["last"] {
+                p["first"].to_string()
+            } else {
+                format!("{}-{}", p["first"], p["last"])
+            }
+        })
+        .collect();
+    if ports.is_empty() {
+        proto
+    } else {
+        format!("{proto} {}", ports.join(","))
     }
 }
 

@@ -119,6 +119,11 @@ fn roster_json(r: &Roster, checked: bool, now: u64) -> Value {
         }).collect::<Vec<_>>(),
         "revoked": r.revoked().map(|f| f.to_hex()).collect::<Vec<_>>(),
         "revoked_nodes": r.revoked_nodes().iter().map(|n| n.node_id.to_string()).collect::<Vec<_>>(),
+        "firewall": match r.policy() {
+            Some(p) => format!("{} rules", p.rules.len()),
+            None => "none (no policy: everything passes)".into(),
+        },
+        "policy_rules": r.policy().map(|p| p.rules.iter().map(|rule| rule.name.clone()).collect::<Vec<_>>()),
     })
 }
 

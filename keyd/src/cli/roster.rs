@@ -3,6 +3,11 @@
 //! Every roster also expires (`--valid`, default 7 days): a node that stops
 //! getting new rosters stops trusting its peers instead of trusting revoked
 //! ones forever, so the CA must publish a fresh roster before then.
+//!
+//! A roster may carry the network's firewall policy (`--policy FILE`, the
+//! TOML source format of `mesh_proto::firewall::policy`). A new roster keeps
+//! the policy of the one it replaces unless told otherwise: dropping it by
+//! omission would open every port of every member.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -12,7 +17,8 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use mesh_proto::RosterError;
 use mesh_proto::cert::{CaCert, NodeCert};
-use mesh_proto::roster::{Member, Roster};
+use mesh_proto::firewall::policy::Policy;
+use mesh_proto::roster::{Member, Roster, RosterContent, Signer};
 use mesh_proto::signed::Fingerprint;
 
 use crate::{files, time};
@@ -42,6 +48,13 @@ pub struct BuildArgs {
     /// How long nodes accept this roster (humantime: 7d, 12h, ...).
     #[arg(long, default_value = DEFAULT_VALID)]
     valid: String,
+    /// Firewall policy (policy.toml) the roster carries. Default: the
+    /// --previous roster's, else none (no firewall).
+    #[arg(long, conflicts_with = "no_policy")]
+    policy: Option<PathBuf>,
+    /// Carry no firewall policy, even if --previous has one.
+    #[arg(long)]
+    no_policy: bool,
     /// Where to write the roster.
     #[arg(long)]
     out: PathBuf,
@@ -117,14 +130,29 @@ fn valid_context(e: RosterError) -> anyhow::Error {
     }
 }
 
+/// Reads, parses and validates a policy source file; errors name the file
+/// (and, from the parser, the rule).
+pub fn load_policy(path: &Path) -> Result<Policy> {
+    let text = files::read_text(path)?;
+    let policy = Policy::from_toml(&text).with_context(|| format!("{}", path.display()))?;
+    policy
+        .validate()
+        .with_context(|| format!("{}", path.display()))?;
+    Ok(policy)
+}
+
 fn load_roster(path: &Path, ca: &CaCert) -> Result<Roster> {
     Roster::from_text(&files::read_text(path)?, ca).with_context(|| format!("{}", path.display()))
 }
 
 fn write(out: &Path, roster: &Roster) -> Result<()> {
     files::write_document(out, &roster.to_text())?;
+    let policy = match roster.policy() {
+        Some(p) => format!("{} firewall rules", p.rules.len()),
+        None => "no firewall".into(),
+    };
     println!(
-        "wrote {} (serial {}, {} members, {} revoked, valid until {})",
+        "wrote {} (serial {}, {} members, {} revoked, {policy}, valid until {})",
         out.display(),
         roster.serial(),
         roster.members().len(),
@@ -164,9 +192,24 @@ fn build(a: BuildArgs) -> Result<()> {
             bail!("member `{}` has a revoked certificate", m.cert.body().name);
         }
     }
+    let policy = match (&a.policy, a.no_policy) {
+        (Some(path), _) => Some(load_policy(path)?.encode()),
+        (None, true) => None,
+        (None, false) => previous
+            .as_ref()
+            .and_then(|p| p.policy_bytes().map(<[u8]>::to_vec)),
+    };
     let (issued_at, not_after) = validity(&a.valid)?;
-    let roster = Roster::build(&ca, &key, serial, issued_at, not_after, members, revoked)
-        .map_err(valid_context)?;
+    let content = RosterContent {
+        serial,
+        issued_at,
+        not_after,
+        members,
+        revoked,
+        policy,
+        ..RosterContent::default()
+    };
+    let roster = Roster::sign(&ca, &Signer::Root(&key), &content).map_err(valid_context)?;
     if let Some(p) = &previous {
         // Root-signed: the signer rule passes whatever the time.
         Roster::check_update(Some(p), &roster, issued_at, 0)?;
@@ -202,15 +245,16 @@ fn revoke(a: RevokeArgs) -> Result<()> {
         }
     }
     let (issued_at, not_after) = validity(&a.valid)?;
-    let roster = Roster::build(
-        &ca,
-        &key,
-        current.serial() + 1,
+    // Everything but the members and revocations stays: the policy above
+    // all (a revocation must not open the firewall).
+    let content = RosterContent {
+        serial: current.serial() + 1,
         issued_at,
         not_after,
         members,
         revoked,
-    )
-    .map_err(valid_context)?;
+        ..current.content()
+    };
+    let roster = Roster::sign(&ca, &Signer::Root(&key), &content).map_err(valid_context)?;
     write(a.out.as_deref().unwrap_or(&a.roster), &roster)
 }
