@@ -119,6 +119,14 @@ impl Responder {
 
     /// Decides on a datagram at `now`, counting what is dropped.
     pub fn judge(&mut self, datagram: &[u8], now: Instant) -> Verdict {
+        self.judge_from(datagram, false, now)
+    }
+
+    /// As [`judge`](Self::judge); a request from loopback (keyd checking
+    /// that its own data plane answers probes) is answered outside the
+    /// bucket, so a flood from outside cannot make this data plane look
+    /// probe-less to its keyd. Loopback sources cannot come from outside.
+    pub fn judge_from(&mut self, datagram: &[u8], loopback: bool, now: Instant) -> Verdict {
         let Some(p) = probe::parse(datagram) else {
             return Verdict::Pass;
         };
@@ -127,7 +135,7 @@ impl Responder {
                 Counters::inc(&self.counters.responses_dropped);
                 Verdict::Drop
             }
-            ProbeKind::Request if self.bucket.take(now) => {
+            ProbeKind::Request if loopback || self.bucket.take(now) => {
                 Verdict::Answer(Probe::response(p.nonce))
             }
             ProbeKind::Request => {
@@ -141,7 +149,14 @@ impl Responder {
     /// `socket` without waiting (a full send buffer drops the answer).
     /// Returns whether the datagram was a probe, and so is not gotatun's.
     pub fn receive(&mut self, datagram: &[u8], from: SocketAddr, socket: &UdpSocket) -> bool {
-        match self.judge(datagram, Instant::now()) {
+        // A dual-stack socket names IPv4 sources as ::ffff:a.b.c.d.
+        let loopback = match from.ip() {
+            std::net::IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .map_or(v6.is_loopback(), |v4| v4.is_loopback()),
+            ip => ip.is_loopback(),
+        };
+        match self.judge_from(datagram, loopback, Instant::now()) {
             Verdict::Pass => false,
             Verdict::Drop => true,
             Verdict::Answer(answer) => {
@@ -259,6 +274,11 @@ mod tests {
         let later = now + Duration::from_millis(100);
         assert!(matches!(r.judge(&req, later), Verdict::Answer(_)));
         assert_eq!(r.judge(&req, later), Verdict::Drop);
+        // The bucket is empty, but keyd's own check from loopback is answered.
+        assert!(matches!(
+            r.judge_from(&req, true, later),
+            Verdict::Answer(_)
+        ));
     }
 
     /// Through the real socket: a GSO batch of WireGuard-sized datagrams
