@@ -43,6 +43,23 @@ to = { any = true }
 proto = "icmp"
 "#;
 
+const WEB_TO_DB_TCP_AND_UDP: &str = r#"
+[[rule]]
+name = "web-to-db"
+action = "allow"
+from = { groups = ["web"] }
+to = { groups = ["db"] }
+proto = "tcp"
+ports = ["5432"]
+
+[[rule]]
+name = "web-to-db-udp"
+action = "allow"
+from = { groups = ["web"] }
+to = { groups = ["db"] }
+proto = "udp"
+"#;
+
 const PING_ONLY: &str = r#"
 [[rule]]
 name = "ping"
@@ -55,6 +72,11 @@ proto = "icmp"
 /// Two mesh-nodes as [`Pair::new`] makes them, both serving metrics, A with
 /// a data-path thread per direction (both threads share its flow table).
 fn pair(subnet: u8) -> Pair {
+    pair_with(subnet, &[])
+}
+
+/// [`pair`], with more arguments for A's `mesh-node up`.
+fn pair_with(subnet: u8, a_extra: &[&str]) -> Pair {
     let (na, nb) = (Netns::new(), Netns::new());
     let (ua, ub) = link(&na, &nb, subnet);
     let keys = WgKeys::new();
@@ -73,7 +95,9 @@ fn pair(subnet: u8) -> Pair {
             overlay: Ipv4Addr::new(10, 77, 0, host),
         }
     };
-    let a = side(na, &["--data-path-threads", "2"], ua, 1);
+    let mut a_args = vec!["--data-path-threads", "2"];
+    a_args.extend_from_slice(a_extra);
+    let a = side(na, &a_args, ua, 1);
     let b = side(nb, &[], ub, 2);
     let psk = keys.psk("psk0");
     a.configure(&b, &psk);
@@ -331,4 +355,71 @@ fn a_new_document_without_the_rule_cuts_an_established_stream_and_keeps_others()
     stop.store(true, Ordering::Relaxed);
     writer.join().expect("writer");
     reader.join().expect("reader");
+}
+
+/// A flood of new flows fills A's table to its bound (the oldest unanswered
+/// flows make room) while an established TCP connection keeps working; the
+/// ICMP error about an allowed flow (port unreachable) reaches its sender.
+#[test]
+fn a_flood_of_flows_stays_bounded_and_icmp_errors_about_allowed_flows_pass() {
+    const MAX_FLOWS: u64 = 32;
+    let p = pair_with(123, &["--firewall-max-flows", &MAX_FLOWS.to_string()]);
+    let (a, b) = (&p.a, &p.b);
+    echo_server(b, 5432);
+    install(&p, a, 1, Some(WEB_TO_DB_TCP_AND_UDP));
+    install(&p, b, 1, None);
+
+    // B answers a datagram to a closed port with an ICMP port unreachable:
+    // it passes A's firewall as an error about a flow A opened, and the
+    // connected socket reports it.
+    let to = b.overlay;
+    let refused = a.ns.enter(move || {
+        let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        sock.connect((to, 9)).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        sock.send(b"anyone?").unwrap();
+        let mut buf = [0u8; 16];
+        sock.recv(&mut buf)
+    });
+    match refused {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+        other => panic!("expected the port unreachable to arrive, got {other:?}"),
+    }
+
+    // An established connection, used before and after the flood.
+    let target = SocketAddr::from((b.overlay, 5432));
+    let mut conn =
+        a.ns.enter(move || TcpStream::connect_timeout(&target, Duration::from_secs(5)))
+            .expect("web -> db:5432 connects");
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut round_trip = |what: &str| {
+        conn.write_all(b"hello\n").unwrap();
+        let mut got = [0u8; 6];
+        conn.read_exact(&mut got)
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(&got, b"hello\n");
+    };
+    round_trip("before the flood");
+
+    // 400 new UDP flows, each to its own port of B, none answered (fewer
+    // than the TUN queue's 500 packets: the kernel queues them all; the
+    // round trip after them, queued behind, shows they were all seen).
+    const FLOOD: u64 = 400;
+    let to = b.overlay;
+    a.ns.enter(move || {
+        let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        for port in 20_000..20_000 + FLOOD as u16 {
+            let _ = sock.send_to(b"flood", (to, port));
+        }
+    });
+    round_trip("after the flood");
+    assert_eq!(a.metric("mesh_node_firewall_flows"), MAX_FLOWS);
+    let (new, evicted) = (
+        a.metric("mesh_node_firewall_flows_new_total"),
+        a.metric("mesh_node_firewall_flows_evicted_total"),
+    );
+    assert!(
+        evicted >= FLOOD - MAX_FLOWS,
+        "the flood recycled the table: {new} new, {evicted} evicted"
+    );
 }

@@ -201,13 +201,13 @@ impl TunSend {
     /// error; after any other failed write (a full queue) the rest of the
     /// batch is dropped, as a full NIC queue would drop it; TCP recovers.
     fn write_pending(&mut self) -> io::Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
         {
             let mut firewall = self.firewall.batch();
             self.pending
                 .retain(|p| firewall.allows(Direction::Inbound, p));
-        }
-        if self.pending.is_empty() {
-            return Ok(());
         }
         let mut failed = None;
         // Coalesced packets live in `scratch`: write each as it is formed.
