@@ -52,17 +52,21 @@ pub enum KeyError {
 /// A node certificate attribute (`KEY=VALUE`) that cannot be certified.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum AttributeError {
-    #[error("attribute name `{key}` must be 1-32 characters of a-z, 0-9, '_', '.' or '-'")]
+    #[error(
+        "attribute name `{key}` must be 1-{max} characters of a-z, 0-9, '_', '.' or '-'",
+        max = crate::cert::MAX_ATTRIBUTE_KEY_LEN
+    )]
     Key { key: String },
     #[error(
-        "attribute `{key}`: value `{value}` must be 1-64 printable ASCII characters without '=' or ','"
+        "attribute `{key}`: value `{value}` must be 1-{max} printable ASCII characters without '=' or ','",
+        max = crate::cert::MAX_ATTRIBUTE_VALUE_LEN
     )]
     Value { key: String, value: String },
     #[error("`{text}` is not KEY=VALUE")]
     Syntax { text: String },
     #[error("attribute `{key}` is given twice")]
     Duplicate { key: String },
-    #[error("{count} attributes: a certificate holds at most 32")]
+    #[error("{count} attributes: a certificate holds at most {max}", max = crate::cert::MAX_ATTRIBUTES)]
     TooMany { count: usize },
 }
 
