@@ -506,12 +506,26 @@ fn a_pinned_tcp_rung_carries_traffic_from_the_start() {
     assert_relayed(&mesh, 0, 1);
     assert_relayed(&mesh, 1, 0);
     let rung_before = counter(&mesh, 0, &counting.table, "rung");
+    // keyd's own count of WireGuard packets it carried on each rung (the
+    // TCP counter above also sees the ladder's pings and HELLOs).
+    let packets = |rung: &str| -> (u64, u64) {
+        let p = path(&mesh, 0, 1);
+        let n = |i: usize| p[rung][i].as_u64().unwrap_or(0);
+        (n(0), n(1))
+    };
+    let (tcp_out, tcp_in) = packets("tcp_packets");
     assert_eq!(mesh.ping(0, 1, 10, "0.1"), 10, "ping over the pinned rung");
     assert_eq!(mesh.ping(1, 0, 10, "0.1"), 10, "both ways");
     assert!(
         counter(&mesh, 0, &counting.table, "rung") > rung_before,
         "the pings went over keyd's TCP connection"
     );
+    let (tcp_out2, tcp_in2) = packets("tcp_packets");
+    assert!(
+        tcp_out2 >= tcp_out + 20 && tcp_in2 >= tcp_in + 20,
+        "20 echo requests and 20 replies each way over the TCP rung: out {tcp_out}->{tcp_out2}, in {tcp_in}->{tcp_in2}"
+    );
+    assert_eq!(packets("quic_packets"), (0, 0), "nothing on the QUIC rung");
     // Pinned: no move up, though every better rung would answer. Up-moves
     // take 3 answered probes 5 s apart; watch longer than that.
     let until = Instant::now() + Duration::from_secs(16);

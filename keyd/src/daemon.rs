@@ -461,6 +461,7 @@ impl Driver {
                 let Established {
                     peer, epoch, psk, ..
                 } = *est;
+                self.s.edge.peer_reachable(peer.node_id());
                 self.policy
                     .exchange_established(peer.cert(), epoch, psk, role, now);
             }
@@ -1091,14 +1092,18 @@ async fn edge_requests_loop(s: Arc<Shared>, mut rx: mpsc::Receiver<edge::Request
                 }
             }
             edge::Request::Connect { peer, rung } => {
+                // The member first: a request for a peer that just left the
+                // roster must not leave its entry behind.
+                let Some(member) = s.snapshot.borrow().roster.member(&peer).cloned() else {
+                    continue;
+                };
                 let fresh = s
                     .edge_connecting
                     .lock()
                     .is_ok_and(|mut c| c.insert((peer, rung)));
-                let member = s.snapshot.borrow().roster.member(&peer).cloned();
-                let (true, Some(member)) = (fresh, member) else {
+                if !fresh {
                     continue;
-                };
+                }
                 let s = s.clone();
                 tokio::spawn(async move {
                     let result = connect_carrier(&s, &member, rung).await;

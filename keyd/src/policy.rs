@@ -328,7 +328,7 @@ struct Peer {
     /// (edge/): the data plane's endpoint for it instead of the roster's.
     path_endpoint: Option<std::net::SocketAddr>,
     /// The last relay it had: back on direct UDP, a data plane that roamed
-    /// to it (the peer still relaying for a moment) is set straight.
+    /// to it (the peer still relaying for a moment) is set straight, once.
     last_relay: Option<std::net::SocketAddr>,
 }
 
@@ -1092,6 +1092,11 @@ impl MeshPolicy {
                         || v.endpoint != p.last_relay)
             });
             if !same {
+                // Set straight once: if the peer keeps relaying, roaming
+                // follows its packets and is left alone from then on.
+                if p.path_endpoint.is_none() {
+                    p.last_relay = None;
+                }
                 actions.push(Action::Install(PeerInstall {
                     node: p.member.cert.body().node_id,
                     public_key: k.public_key,

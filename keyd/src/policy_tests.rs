@@ -632,9 +632,12 @@ fn a_path_endpoint_is_installed_kept_and_dropped() {
     // Back to direct: the roster's endpoint, and roaming is not undone.
     sim.policy.set_path_endpoint(id, None, sim.now);
     assert_eq!(endpoint_of(&sim.perform()), Some(roster_endpoint));
-    // Roamed to the old relay (the peer still relaying): set straight.
+    // Roamed to the old relay (the peer still relaying): set straight, once;
+    // if it roams there again the peer is relaying, and roaming follows it.
     sim.observe_with_endpoint(&[(wg(&peer), Some(&psk(2)))], ips.clone(), Some(relay));
     assert_eq!(endpoint_of(&sim.perform()), Some(roster_endpoint));
+    sim.observe_with_endpoint(&[(wg(&peer), Some(&psk(2)))], ips.clone(), Some(relay));
+    assert_eq!(endpoint_of(&sim.perform()), None);
     let roamed: std::net::SocketAddr = "192.0.2.77:51820".parse().unwrap();
     sim.observe_with_endpoint(&[(wg(&peer), Some(&psk(2)))], ips, Some(roamed));
     assert_eq!(endpoint_of(&sim.perform()), None);

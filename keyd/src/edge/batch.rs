@@ -17,8 +17,11 @@ const UDP_SEGMENT: libc::c_int = 103;
 const UDP_GRO: libc::c_int = 104;
 /// The kernel's limit on segments in one GSO send.
 pub const MAX_SEGMENTS: usize = 64;
-/// One IP datagram's worth of UDP payload: a GRO message is at most this.
+/// A receive buffer holds any (coalesced) message.
 pub const MAX_BATCH_BYTES: usize = 65535;
+/// One GSO send: the kernel refuses more than 65,507 bytes of UDP payload
+/// (EMSGSIZE); mesh-node's transport keeps the same margin.
+pub const MAX_SEND_BYTES: usize = 65000;
 
 /// A control-message buffer for one int (`UDP_GRO`, `UDP_SEGMENT`), with
 /// `cmsghdr`'s alignment, which the `CMSG_*` macros need.
@@ -139,7 +142,7 @@ pub struct Batch {
 impl Default for Batch {
     fn default() -> Self {
         Self {
-            data: Vec::with_capacity(MAX_BATCH_BYTES),
+            data: Vec::with_capacity(MAX_SEND_BYTES),
             starts: Vec::with_capacity(MAX_SEGMENTS),
         }
     }
@@ -161,7 +164,7 @@ impl Batch {
 
     /// Room for `bytes` more without passing one send's limits.
     pub fn has_room(&self, bytes: usize) -> bool {
-        self.starts.len() < MAX_SEGMENTS && self.data.len() + bytes <= MAX_BATCH_BYTES
+        self.starts.len() < MAX_SEGMENTS && self.data.len() + bytes <= MAX_SEND_BYTES
     }
 
     fn packet(&self, i: usize) -> &[u8] {
@@ -188,13 +191,15 @@ impl Batch {
             let start = self.starts[i];
             let end = self.starts.get(j).copied().unwrap_or(self.data.len());
             let bytes = &self.data[start..end];
-            let ok = if j - i == 1 {
-                socket.try_send_to(bytes, to).is_ok()
-            } else {
-                send_segments(socket, bytes, size, to).is_ok()
-            };
-            if ok {
+            if j - i == 1 {
+                sent += usize::from(socket.try_send_to(bytes, to).is_ok());
+            } else if send_segments(socket, bytes, size, to).is_ok() {
                 sent += j - i;
+            } else {
+                // GSO refused (an old kernel, a size limit): one by one.
+                sent += (i..j)
+                    .filter(|&k| socket.try_send_to(self.packet(k), to).is_ok())
+                    .count();
             }
             i = j;
         }
@@ -294,6 +299,32 @@ mod tests {
         assert_eq!(got, want);
     }
 
+    /// The largest batch `has_room` lets through goes out whole (the
+    /// kernel's limit is 65,507 bytes per send): 62 x 1,040 bytes.
+    #[tokio::test]
+    async fn a_full_batch_is_within_the_kernels_limit() {
+        let rx = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        enable_gro(&rx).unwrap();
+        let tx = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let mut batch = Batch::default();
+        let mut n = 0;
+        while batch.has_room(1040) {
+            batch.push(&[7; 1040]);
+            n += 1;
+        }
+        assert_eq!(n, 62);
+        assert_eq!(batch.flush(&tx, rx.local_addr().unwrap()), n);
+        let mut buf = vec![0u8; MAX_BATCH_BYTES];
+        let mut got = 0;
+        while got < n {
+            let r = tokio::time::timeout(std::time::Duration::from_secs(5), recv(&rx, &mut buf))
+                .await
+                .expect("all of it arrives")
+                .unwrap();
+            got += r.len / 1040;
+        }
+    }
+
     #[test]
     fn room_is_bounded_by_segments_and_bytes() {
         let mut b = Batch::default();
@@ -303,8 +334,8 @@ mod tests {
         }
         assert!(!b.has_room(10));
         let mut b = Batch::default();
-        b.push(&[0; 65000]);
-        assert!(!b.has_room(1000));
-        assert!(b.has_room(535));
+        b.push(&[0; 64000]);
+        assert!(!b.has_room(1001));
+        assert!(b.has_room(1000));
     }
 }

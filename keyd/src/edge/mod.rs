@@ -41,6 +41,8 @@ const IDLE_RECHECK: Duration = Duration::from_secs(1);
 /// was restarted or replaced may have gained or lost path probes.
 const SELF_PROBE_INTERVAL: Duration = Duration::from_secs(30);
 const SELF_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+/// Misses in a row (2 s apart) before our data plane counts as probe-less.
+const SELF_PROBE_MISSES: u32 = 3;
 
 /// What the ladder needs the daemon to do.
 #[derive(Debug)]
@@ -69,6 +71,9 @@ pub struct PathStatus {
     /// Packets relayed to / from the peer keyd over quic and tcp.
     pub relayed_out: u64,
     pub relayed_in: u64,
+    /// The same per rung: `[to the peer, from the peer]`.
+    pub quic_packets: [u64; 2],
+    pub tcp_packets: [u64; 2],
 }
 
 /// A path's tasks (relay, ladder, carrier readers), stopped with it.
@@ -79,9 +84,10 @@ pub struct Edge {
     local: NodeId,
     /// The local data plane on loopback (the relay's target).
     dataplane: SocketAddr,
-    /// The local data plane as the prober reaches it (its own address: a
-    /// socket bound to the underlay address cannot reach loopback).
-    dataplane_probe: SocketAddr,
+    /// Probes our own data plane from loopback: mesh-node answers loopback
+    /// sources outside the rate limit that flooders share, so a flood of
+    /// probes from outside cannot make this node look probe-less.
+    self_prober: Prober,
     prober: Prober,
     self_answers: AtomicBool,
     paths: Mutex<HashMap<NodeId, (Arc<PeerPath>, Tasks)>>,
@@ -103,18 +109,12 @@ impl Edge {
         config.validate()?;
         let (connector, acceptor) = tcp::tls()?;
         let prober = Prober::bind(SocketAddr::new(probe_from, 0)).await?;
+        let self_prober = Prober::bind(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0)).await?;
         let edge = Arc::new(Self {
             config,
             local,
             dataplane: SocketAddr::new(Ipv4Addr::LOCALHOST.into(), wg_listen_port),
-            dataplane_probe: SocketAddr::new(
-                if probe_from.is_unspecified() {
-                    Ipv4Addr::LOCALHOST.into()
-                } else {
-                    probe_from
-                },
-                wg_listen_port,
-            ),
+            self_prober,
             prober,
             self_answers: AtomicBool::new(false),
             paths: Mutex::new(HashMap::new()),
@@ -216,9 +216,9 @@ impl Edge {
         let path = self.path(id)?;
         let on = self.active(&path);
         let s: LadderStatus = lock(&path.ladder).status(Instant::now());
-        let sum = |a: &[std::sync::atomic::AtomicU64; 3]| {
-            a[1].load(Ordering::Relaxed) + a[2].load(Ordering::Relaxed)
-        };
+        let c = &path.counters;
+        let get = |a: &[std::sync::atomic::AtomicU64; 3], i: usize| a[i].load(Ordering::Relaxed);
+        let sum = |a: &[std::sync::atomic::AtomicU64; 3]| get(a, 1) + get(a, 2);
         Some(PathStatus {
             rung: path.rung(),
             ladder: on,
@@ -227,6 +227,8 @@ impl Edge {
             last_change: serde_json::to_value(s.last_change).unwrap_or_default(),
             relayed_out: sum(&path.counters.to_peer),
             relayed_in: sum(&path.counters.from_peer),
+            quic_packets: [get(&c.to_peer, 1), get(&c.from_peer, 1)],
+            tcp_packets: [get(&c.to_peer, 2), get(&c.from_peer, 2)],
         })
     }
 
@@ -244,10 +246,19 @@ impl Edge {
     /// stay on direct UDP).
     fn active(&self, path: &PeerPath) -> bool {
         self.config.pin.is_some()
+            || !self.config.allowed.contains(&Rung::Direct)
             || (self.self_answers.load(Ordering::Relaxed)
                 && path.peer_answers_probes.load(Ordering::Relaxed))
     }
 
+    /// An exchange with `peer` succeeded: its keyd is up again, so carriers
+    /// that failed to open may be tried at once.
+    pub fn peer_reachable(&self, peer: NodeId) {
+        lock(&self.connects).retain(|(id, _), _| *id != peer);
+    }
+
+    /// Asks for a carrier (dropped on a full queue: the next round asks
+    /// again). Endpoint moves are sent by `move_to`, awaited.
     fn request(&self, r: Request) {
         if let Request::Connect { peer, rung } = r
             && !lock(&self.connects)
@@ -276,14 +287,27 @@ impl Edge {
 
 /// Probes our own data plane on loopback: does it answer path probes?
 async fn self_probe(edge: std::sync::Weak<Edge>) {
+    let mut misses = 0u32;
     loop {
         let Some(e) = edge.upgrade() else { return };
-        let answers = e
-            .prober
-            .probe(e.dataplane_probe, SELF_PROBE_TIMEOUT)
+        let answered = e
+            .self_prober
+            .probe(e.dataplane, SELF_PROBE_TIMEOUT)
             .await
             .is_ok();
-        if e.self_answers.swap(answers, Ordering::Relaxed) != answers {
+        // One answer says yes; only several misses in a row say no (a lost
+        // probe, a data plane restarting).
+        misses = if answered { 0 } else { misses + 1 };
+        let answers = if answered {
+            Some(true)
+        } else if misses >= SELF_PROBE_MISSES {
+            Some(false)
+        } else {
+            None
+        };
+        if let Some(answers) = answers
+            && e.self_answers.swap(answers, Ordering::Relaxed) != answers
+        {
             info!(
                 "edge: the local data plane {} path probes",
                 if answers {
@@ -299,8 +323,8 @@ async fn self_probe(edge: std::sync::Weak<Edge>) {
             }
         }
         drop(e);
-        // Quickly at first (the data plane may start after keyd).
-        tokio::time::sleep(if answers {
+        // Quickly until it answers (the data plane may start after keyd).
+        tokio::time::sleep(if answered {
             SELF_PROBE_INTERVAL
         } else {
             Duration::from_secs(2)
@@ -315,7 +339,8 @@ async fn drive(edge: std::sync::Weak<Edge>, path: Arc<PeerPath>) {
     loop {
         let Some(e) = edge.upgrade() else { return };
         let now = Instant::now();
-        let hello_every = if path.peer_answers_probes.load(Ordering::Relaxed) {
+        // Eagerly until the peer's HELLO came (whatever it said).
+        let hello_every = if path.peer_hello_seen.load(Ordering::Relaxed) {
             HELLO_INTERVAL
         } else {
             HELLO_EAGER
@@ -324,16 +349,26 @@ async fn drive(edge: std::sync::Weak<Edge>, path: Arc<PeerPath>) {
             path.send_hello(e.self_answers.load(Ordering::Relaxed));
             last_hello = Some(now);
         }
+        // The dialing side keeps the carriers up whatever the ladder says:
+        // exchanges and HELLOs need them, and the peer may pin a rung.
+        keep_carriers(&e, &path);
         let wait_until = if e.active(&path) {
-            step(&e, &path, now);
+            let moves = step(&e, &path, now);
+            for (to, why) in moves {
+                move_to(&e, &path, to, &why).await;
+            }
+            // The data plane follows the ladder, also after the ladder was
+            // off for a while (it does not move then; see `active`).
+            let current = lock(&path.ladder).current();
+            if path.rung() != current {
+                move_to(&e, &path, current, "ladder").await;
+            }
             lock(&path.ladder).poll_timeout().min(now + hello_every)
         } else {
-            if path.rung() != Rung::Direct {
-                move_to(&e, &path, Rung::Direct, "the ladder is off for this peer");
-            }
-            // The carriers are still kept up (exchanges use them).
-            keep_carriers(&e, &path);
-            now + IDLE_RECHECK
+            // Off (the capability is unknown or missing): stay on the rung
+            // we are on, probe nothing, climb nothing. A pair that never had
+            // the ladder stays on direct UDP.
+            now + IDLE_RECHECK.min(hello_every)
         };
         drop(e);
         tokio::select! {
@@ -343,9 +378,8 @@ async fn drive(edge: std::sync::Weak<Edge>, path: Arc<PeerPath>) {
     }
 }
 
-/// With the ladder off, the dialing side still keeps a carrier to the peer
-/// keyd (QUIC, or TCP where allowed and QUIC is missing): exchanges and
-/// HELLOs need one.
+/// The dialing side opens a missing carrier (within the backoff): QUIC, and
+/// TCP where allowed.
 fn keep_carriers(e: &Edge, path: &PeerPath) {
     if !e.dials(&path.id) {
         return;
@@ -355,16 +389,17 @@ fn keep_carriers(e: &Edge, path: &PeerPath) {
             peer: path.id,
             rung: Rung::Quic,
         });
-        if e.config.allowed.contains(&Rung::Tcp) && path.tcp().is_none() {
-            e.request(Request::Connect {
-                peer: path.id,
-                rung: Rung::Tcp,
-            });
-        }
+    }
+    if e.config.allowed.contains(&Rung::Tcp) && path.tcp().is_none() {
+        e.request(Request::Connect {
+            peer: path.id,
+            rung: Rung::Tcp,
+        });
     }
 }
 
-fn step(e: &Arc<Edge>, path: &Arc<PeerPath>, now: Instant) {
+/// One round of the ladder: the probes it asks for, and the moves it made.
+fn step(e: &Arc<Edge>, path: &Arc<PeerPath>, now: Instant) -> Vec<(Rung, String)> {
     let probes: Vec<Rung> = {
         let mut l = lock(&path.ladder);
         l.handle_timeout(now);
@@ -389,8 +424,12 @@ fn step(e: &Arc<Edge>, path: &Arc<PeerPath>, now: Instant) {
                     path.wake.notify_one();
                 });
             }
-            Rung::Quic | Rung::Tcp => {
-                if !path.ping(rung, now) {
+            Rung::Quic | Rung::Tcp => match path.ping(rung, now) {
+                relay::Ping::Sent => {}
+                // Busy with packets: the ladder times the probe out itself
+                // if no answer comes; the carrier is there.
+                relay::Ping::Busy => {}
+                relay::Ping::NoCarrier => {
                     lock(&path.ladder).on_outcome(rung, Outcome::Lost, now);
                     if e.dials(&path.id) {
                         e.request(Request::Connect {
@@ -399,19 +438,18 @@ fn step(e: &Arc<Edge>, path: &Arc<PeerPath>, now: Instant) {
                         });
                     }
                 }
-            }
+            },
         }
     }
-    let changes: Vec<_> = {
-        let mut l = lock(&path.ladder);
-        std::iter::from_fn(|| l.poll_change()).collect()
-    };
-    for c in changes {
-        move_to(e, path, c.to, &format!("{:?}", c.reason).to_lowercase());
-    }
+    let mut l = lock(&path.ladder);
+    std::iter::from_fn(|| l.poll_change())
+        .map(|c| (c.to, format!("{:?}", c.reason).to_lowercase()))
+        .collect()
 }
 
-fn move_to(e: &Edge, path: &PeerPath, to: Rung, why: &str) {
+/// Moves the peer's packets to `to`: the data plane's endpoint changes
+/// through the policy (awaited: a move is never dropped on a full queue).
+async fn move_to(e: &Edge, path: &PeerPath, to: Rung, why: &str) {
     let from = path.rung();
     if from == to {
         return;
@@ -421,10 +459,13 @@ fn move_to(e: &Edge, path: &PeerPath, to: Rung, why: &str) {
         "edge: peer {} moves from {from} to {to} ({why})",
         lock(&path.name)
     );
-    e.request(Request::Endpoint {
-        peer: path.id,
-        endpoint: (to != Rung::Direct).then_some(path.relay_addr),
-    });
+    let _ = e
+        .requests
+        .send(Request::Endpoint {
+            peer: path.id,
+            endpoint: (to != Rung::Direct).then_some(path.relay_addr),
+        })
+        .await;
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -18,7 +18,17 @@ use tokio::net::UdpSocket;
 use super::batch::{self, Batch};
 use super::frame::{self, Fragmenter, Payload, Reassembler, ReassemblerConfig, Record};
 use super::ladder::{Ladder, Outcome, Rung};
-use super::tcp::{LinkSink, TcpLink};
+use super::tcp::{LinkSink, SendError, TcpLink};
+
+/// What became of a ping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ping {
+    Sent,
+    /// The carrier is there but its queue is full: no answer expected,
+    /// and no reason to open another.
+    Busy,
+    NoCarrier,
+}
 
 /// Pings in flight per path; more are not sent (the ladder counts them
 /// lost).
@@ -35,6 +45,8 @@ pub struct PathCounters {
     pub malformed: AtomicU64,
     /// Packets that needed more fragments than allowed.
     pub too_big: AtomicU64,
+    /// Packets from the peer the data plane's socket did not take (full).
+    pub dataplane_full: AtomicU64,
 }
 
 fn slot(rung: Rung) -> usize {
@@ -68,6 +80,10 @@ pub struct PeerPath {
     pings: Mutex<HashMap<u64, (Rung, Instant)>>,
     /// The peer's keyd said its data plane answers path probes.
     pub peer_answers_probes: AtomicBool,
+    /// The peer's keyd sent a HELLO at all.
+    pub peer_hello_seen: AtomicBool,
+    /// The peer left the roster: no carrier is attached any more.
+    closed: AtomicBool,
     reassembler: Mutex<Reassembler>,
     /// Packets from the TCP link, sent to the data plane after each read.
     tcp_batch: Mutex<Batch>,
@@ -99,6 +115,8 @@ impl PeerPath {
             ladder: Mutex::new(ladder),
             pings: Mutex::new(HashMap::new()),
             peer_answers_probes: AtomicBool::new(false),
+            peer_hello_seen: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
             reassembler: Mutex::new(Reassembler::new(ReassemblerConfig::default())),
             tcp_batch: Mutex::new(Batch::default()),
             counters: PathCounters::default(),
@@ -128,6 +146,9 @@ impl PeerPath {
     /// it succeeded); `true` if it is new (the caller starts its reader).
     pub fn attach_quic(&self, conn: &quinn::Connection) -> bool {
         let mut q = lock(&self.quic);
+        if self.closed.load(Ordering::Relaxed) {
+            return false;
+        }
         if q.as_ref()
             .is_some_and(|c| c.stable_id() == conn.stable_id())
         {
@@ -140,36 +161,52 @@ impl PeerPath {
     }
 
     pub fn attach_tcp(self: &Arc<Self>, link: &Arc<TcpLink>) {
+        let mut tcp = lock(&self.tcp);
+        if self.closed.load(Ordering::Relaxed) {
+            link.close();
+            return;
+        }
         link.authenticate(self.clone());
-        let old = lock(&self.tcp).replace(link.clone());
+        let old = tcp.replace(link.clone());
+        drop(tcp);
         if let Some(old) = old.filter(|o| !Arc::ptr_eq(o, link)) {
             old.close();
         }
         self.wake.notify_one();
     }
 
-    /// Sends a ping on `rung` (QUIC or TCP); `false` if there is no carrier.
-    pub fn ping(&self, rung: Rung, now: Instant) -> bool {
+    /// Sends a ping on `rung` (QUIC or TCP).
+    pub fn ping(&self, rung: Rung, now: Instant) -> Ping {
         let Ok(nonce) = mesh_proto::identity::random_bytes::<8>().map(|b| u64::from_be_bytes(*b))
         else {
-            return false;
+            return Ping::Busy;
         };
         {
             let mut pings = lock(&self.pings);
             pings.retain(|_, (_, at)| now.saturating_duration_since(*at).as_secs() < 10);
             if pings.len() >= MAX_PINGS {
-                return false;
+                return Ping::Busy;
             }
             pings.insert(nonce, (rung, now));
         }
         match rung {
-            Rung::Quic => self.quic().is_some_and(|c| {
-                let mut out = Vec::with_capacity(9);
-                frame::encode_ping(nonce, &mut out);
-                c.send_datagram(out.into()).is_ok()
-            }),
-            Rung::Tcp => self.tcp().is_some_and(|l| l.send(Record::Ping(nonce))),
-            Rung::Direct => false,
+            Rung::Quic => match self.quic() {
+                None => Ping::NoCarrier,
+                Some(c) => {
+                    let mut out = Vec::with_capacity(9);
+                    frame::encode_ping(nonce, &mut out);
+                    match c.send_datagram(out.into()) {
+                        Ok(()) => Ping::Sent,
+                        Err(_) => Ping::NoCarrier,
+                    }
+                }
+            },
+            Rung::Tcp => match self.tcp().map(|l| l.send(Record::Ping(nonce))) {
+                None | Some(Err(SendError::Closed)) => Ping::NoCarrier,
+                Some(Ok(())) => Ping::Sent,
+                Some(Err(_)) => Ping::Busy,
+            },
+            Rung::Direct => Ping::NoCarrier,
         }
     }
 
@@ -190,8 +227,14 @@ impl PeerPath {
         if packets.is_empty() {
             return;
         }
-        self.counters.from_peer[slot(rung)].fetch_add(packets.len() as u64, Ordering::Relaxed);
-        packets.flush(&self.relay, self.dataplane);
+        let offered = packets.len();
+        let sent = packets.flush(&self.relay, self.dataplane);
+        self.counters.from_peer[slot(rung)].fetch_add(sent as u64, Ordering::Relaxed);
+        if sent < offered {
+            self.counters
+                .dataplane_full
+                .fetch_add((offered - sent) as u64, Ordering::Relaxed);
+        }
         lock(&self.ladder).on_traffic(rung, Instant::now());
     }
 
@@ -254,6 +297,7 @@ impl PeerPath {
 
     fn hello(&self, flags: u8) {
         let answers = flags & frame::HELLO_ANSWERS_PROBES != 0;
+        self.peer_hello_seen.store(true, Ordering::Relaxed);
         if self.peer_answers_probes.swap(answers, Ordering::Relaxed) != answers {
             self.wake.notify_one();
         }
@@ -273,7 +317,7 @@ impl PeerPath {
             let _ = c.send_datagram(out.into());
         }
         if let Some(l) = self.tcp() {
-            l.send(Record::Hello(flags));
+            let _ = l.send(Record::Hello(flags));
         }
     }
 
@@ -305,9 +349,10 @@ impl PeerPath {
                     (Some((max, conn)), _) if rung != Rung::Tcp => quic_out
                         .send(conn, *max, packet, &self.counters)
                         .then_some(Rung::Quic),
-                    (_, Some(link)) if rung != Rung::Quic => {
-                        link.send(Record::Packet(packet)).then_some(Rung::Tcp)
-                    }
+                    (_, Some(link)) if rung != Rung::Quic => link
+                        .send(Record::Packet(packet))
+                        .is_ok()
+                        .then_some(Rung::Tcp),
                     _ => None,
                 };
                 match via {
@@ -326,10 +371,17 @@ impl PeerPath {
 
     /// Ends both carriers (the peer left the roster).
     pub fn close(&self) {
-        if let Some(c) = lock(&self.quic).take() {
+        // Under the carriers' locks, so that an attach racing with this
+        // sees it (attach_* check it holding the same lock).
+        let (conn, link) = {
+            let (mut quic, mut tcp) = (lock(&self.quic), lock(&self.tcp));
+            self.closed.store(true, Ordering::Relaxed);
+            (quic.take(), tcp.take())
+        };
+        if let Some(c) = conn {
             c.close(0u32.into(), b"peer removed");
         }
-        if let Some(l) = lock(&self.tcp).take() {
+        if let Some(l) = link {
             l.close();
         }
     }
@@ -349,7 +401,7 @@ impl LinkSink for PeerPath {
     }
 
     fn ping(&self, link: &TcpLink, nonce: u64) {
-        link.send(Record::Pong(nonce));
+        let _ = link.send(Record::Pong(nonce));
     }
 
     fn pong(&self, nonce: u64) {

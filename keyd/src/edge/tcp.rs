@@ -31,6 +31,19 @@ const EXCHANGE_QUEUE: usize = 4;
 /// every second while the ladder probes it).
 const READ_IDLE: Duration = Duration::from_secs(15);
 
+/// Why a record was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendError {
+    /// The writer is behind (bulk traffic): like a full socket buffer.
+    Full,
+    Closed,
+    TooLong,
+}
+
+/// Before an exchange on the link succeeded, an exchange record longer
+/// than any first message is refused (mesh-proto's msg1 is about 1.6 KB).
+const MAX_UNAUTHENTICATED_RECORD: usize = 4096;
+
 /// Where a link's packets and pongs go once it is authenticated.
 pub trait LinkSink: Send + Sync {
     fn packet(&self, packet: &[u8]);
@@ -140,17 +153,19 @@ impl TcpLink {
         }
     }
 
-    /// Queues one record; `false` if the queue is full or the link closed.
-    pub fn send(&self, record: Record<'_>) -> bool {
+    /// Queues one record without waiting.
+    pub fn send(&self, record: Record<'_>) -> Result<(), SendError> {
         let mut out = Vec::new();
         if record.encode(&mut out).is_err() {
-            return false;
+            return Err(SendError::TooLong);
         }
-        let ok = self.send.try_send(out).is_ok();
-        if !ok {
+        self.send.try_send(out).map_err(|e| {
             self.dropped.fetch_add(1, Ordering::Relaxed);
-        }
-        ok
+            match e {
+                mpsc::error::TrySendError::Full(_) => SendError::Full,
+                mpsc::error::TrySendError::Closed(_) => SendError::Closed,
+            }
+        })
     }
 
     /// The exchange channel of this link (one exchange at a time).
@@ -214,10 +229,12 @@ async fn read_loop(
                 Some(Ok(r)) => r,
             };
             match (record, link.sink.get()) {
-                (Record::Exchange(msg), _) => {
+                (Record::Exchange(msg), sink) => {
                     // A full exchange queue means a peer sending faster
                     // than any exchange reads: not a keyd.
-                    if exchanges.try_send(msg.to_vec()).is_err() {
+                    if (sink.is_none() && msg.len() > MAX_UNAUTHENTICATED_RECORD)
+                        || exchanges.try_send(msg.to_vec()).is_err()
+                    {
                         link.close();
                         return;
                     }
@@ -248,11 +265,9 @@ pub struct LinkIo<'a> {
 
 impl crate::quic::MessageIo for LinkIo<'_> {
     async fn write(&mut self, msg: &[u8]) -> Result<()> {
-        if self.link.send(Record::Exchange(msg)) {
-            Ok(())
-        } else {
-            Err(anyhow!("the TCP link to {} is closed", self.link.remote))
-        }
+        self.link
+            .send(Record::Exchange(msg))
+            .map_err(|e| anyhow!("cannot send to {} on the TCP link: {e:?}", self.link.remote))
     }
 
     async fn read(&mut self) -> Result<Vec<u8>> {
