@@ -74,7 +74,10 @@ pub struct Document {
     /// Higher than the last one the data plane took (keyd: the roster's
     /// serial): a lower or equal one is refused as stale.
     pub generation: u64,
-    /// `Policy::encode`, base64; `None`: no firewall, everything passes.
+    /// `Policy::encode`, base64; `null`: no firewall, everything passes.
+    /// The key must be there: a document that forgot it is refused rather
+    /// than read as "no firewall".
+    #[serde(deserialize_with = "Option::deserialize")]
     pub policy: Option<String>,
     pub local: WirePeer,
     pub peers: Vec<WirePeer>,
@@ -282,6 +285,12 @@ mod tests {
             Document::parse(b"{\"generation\": 1}"),
             Err(DocumentError::Json(_))
         ));
+        // Without its policy key a document is refused, not read as "no
+        // firewall"; with `null` it means exactly that.
+        let no_key = br#"{"generation":1,"local":{"name":"a"},"peers":[]}"#;
+        assert!(matches!(Document::parse(no_key), Err(DocumentError::Json(_))));
+        let null = br#"{"generation":1,"policy":null,"local":{"name":"a"},"peers":[]}"#;
+        assert_eq!(Document::parse(null).map(|p| p.policy), Ok(None));
         assert!(matches!(
             Document::parse(&vec![b' '; MAX_DOCUMENT + 1]),
             Err(DocumentError::TooLong(_))
