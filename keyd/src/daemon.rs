@@ -40,7 +40,7 @@ use crate::policy::{
 };
 use crate::ratelimit::{LogLimiter, SharedLogLimiter, Verdict};
 use crate::state::{self, PersistedState};
-use crate::{files, quic, text, time};
+use crate::{files, firewall, quic, text, time};
 
 /// Exchanges one keyd runs as initiator at once.
 const MAX_DIALS_IN_FLIGHT: usize = 8;
@@ -76,6 +76,9 @@ pub struct Status {
     pub authority: Option<client::LinkStatus>,
     #[serde(flatten)]
     pub counters: Counters,
+    /// The data plane's firewall (issue 13).
+    #[serde(default)]
+    pub firewall: firewall::FirewallStatus,
 }
 
 /// Inputs from the tasks to the policy's owner.
@@ -392,6 +395,7 @@ pub async fn run(config: Config, reset_state: bool) -> Result<()> {
         rosters_refused: 0,
         limiter: LogLimiter::default(),
         next_status: Instant::now(),
+        firewall: FirewallPush::default(),
     }
     .run(rx)
     .await;
@@ -429,12 +433,29 @@ struct Driver {
     rosters_refused: u64,
     limiter: LogLimiter,
     next_status: Instant,
+    firewall: FirewallPush,
 }
+
+/// The firewall document in the data plane: what was pushed for which
+/// roster serial and which data-plane incarnation (a restarted data plane
+/// starts without one).
+#[derive(Default)]
+struct FirewallPush {
+    /// Bumped whenever the data plane was (re)configured.
+    dataplane_epoch: u64,
+    pushed: Option<(u64, u64)>,
+    retry_at: Option<Instant>,
+    status: firewall::FirewallStatus,
+}
+
+/// A refused or failed push is tried again after this.
+const FIREWALL_RETRY: Duration = Duration::from_secs(5);
 
 impl Driver {
     async fn run(mut self, mut rx: mpsc::Receiver<Input>) {
         loop {
             self.perform().await;
+            self.ensure_firewall().await;
             self.log_events();
             self.s
                 .snapshot
@@ -560,12 +581,16 @@ impl Driver {
                     }),
                     Action::ReadDataPlane => continue,
                     Action::ConfigureInterface => {
+                        self.firewall.dataplane_epoch += 1;
                         let key = self.wg_key.clone();
                         let port = self.s.config.wg_listen_port;
                         self.blocking(move |dp| dp.configure_interface(&key, port))
                             .await
                     }
                     Action::Install(_) | Action::Remove(_) => {
+                        // The policy first: a (re)started data plane never
+                        // carries a peer's traffic without it.
+                        self.ensure_firewall().await;
                         let start = i - 1;
                         while i < actions.len()
                             && matches!(actions[i], Action::Install(_) | Action::Remove(_))
@@ -737,6 +762,46 @@ impl Driver {
         });
     }
 
+    /// Pushes the firewall document for the current roster, once per roster
+    /// serial and data-plane incarnation (again after a failure, later).
+    async fn ensure_firewall(&mut self) {
+        let f = &mut self.firewall;
+        let wanted = (self.policy.roster().serial(), f.dataplane_epoch);
+        let retry = f.retry_at.is_some_and(|t| Instant::now() >= t);
+        if f.pushed == Some(wanted) && !retry {
+            return;
+        }
+        let doc = firewall::document_for(self.policy.roster(), self.policy.my_cert());
+        let ifname = self.s.config.interface.clone();
+        let status = tokio::task::spawn_blocking(move || firewall::push(&ifname, &doc))
+            .await
+            .unwrap_or_else(|e| firewall::FirewallStatus {
+                state: firewall::FirewallState::Failed,
+                detail: Some(format!("the push task failed: {e}")),
+                ..Default::default()
+            });
+        let f = &mut self.firewall;
+        if status != f.status {
+            match status.state {
+                firewall::FirewallState::Enforced => info!(
+                    "firewall: roster serial {}'s policy in force in the data plane ({} rules, {} peers)",
+                    wanted.0, status.rules, status.peers
+                ),
+                firewall::FirewallState::NoPolicy => {
+                    info!("firewall: the roster has no policy; every member reaches every other")
+                }
+                _ => warn!(
+                    "firewall: {}",
+                    status.detail.as_deref().unwrap_or("not enforced")
+                ),
+            }
+        }
+        f.retry_at = (status.state == firewall::FirewallState::Failed)
+            .then(|| Instant::now() + FIREWALL_RETRY);
+        f.pushed = Some(wanted);
+        f.status = status;
+    }
+
     fn write_status(&self) {
         let now = now();
         let roster = self.policy.roster();
@@ -776,6 +841,7 @@ impl Driver {
                 .as_ref()
                 .map(|l| l.lock().unwrap_or_else(|p| p.into_inner()).clone()),
             counters: self.policy.counters().clone(),
+            firewall: self.firewall.status.clone(),
         };
         if let Ok(json) = serde_json::to_string_pretty(&status)
             && let Err(e) = files::write_document(&status_path(&self.s.config), &json)

@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod edge;
 pub mod files;
+pub mod firewall;
 pub mod policy;
 pub mod quic;
 pub mod ratelimit;

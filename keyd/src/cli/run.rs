@@ -101,6 +101,31 @@ pub fn status(a: StatusArgs) -> Result<()> {
                 .map_or(String::new(), |e| format!(" (last: {e})"))
         );
     }
+    {
+        use crate::firewall::FirewallState as F;
+        let f = &s.firewall;
+        let line = match f.state {
+            F::Enforced => format!(
+                "enforced by the data plane: roster serial {}'s policy, {} rules, {} peers",
+                f.generation.unwrap_or(0),
+                f.rules,
+                f.peers
+            ),
+            F::NoPolicy => "no policy in the roster: every member reaches every other".into(),
+            F::NotSupported => format!(
+                "NOT ENFORCED: {}",
+                f.detail
+                    .as_deref()
+                    .unwrap_or("the data plane has no firewall")
+            ),
+            F::Failed => format!(
+                "NOT IN FORCE: {}",
+                f.detail.as_deref().unwrap_or("the data plane refused it")
+            ),
+            F::Unknown => "not pushed yet".into(),
+        };
+        println!("firewall: {line}");
+    }
     if !s.dataplane_reachable {
         println!("WARNING: the data plane could not be read; the table shows keyd's view");
     }
