@@ -6,6 +6,7 @@ mod cert;
 mod inspect;
 mod join;
 mod key;
+mod policy;
 mod roster;
 mod run;
 
@@ -50,6 +51,10 @@ pub enum Command {
     Authority(authority::AuthorityCommand),
     /// Enroll this machine with a join token.
     Join(join::JoinArgs),
+    /// The firewall policy: check it, show whom it lets reach whom, explain
+    /// a decision.
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -63,6 +68,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Status(a) => run::status(a),
         Command::Authority(c) => authority::run(c),
         Command::Join(a) => join::run(a),
+        Command::Policy(c) => policy::run(c),
     }
 }
 
