@@ -79,6 +79,10 @@ pub struct Opts {
     /// TOML appended to a node's keyd.toml (after every top-level key, so
     /// it may open sections such as `[edge]`): (node index, TOML).
     pub extra_config: Vec<(usize, &'static str)>,
+    /// Certificate groups: (node index, group), repeatable.
+    pub groups: Vec<(usize, &'static str)>,
+    /// A firewall policy (TOML source) for the first roster.
+    pub policy: Option<&'static str>,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -124,24 +128,31 @@ impl Mesh {
             let dir = work.path().join(format!("node{i}"));
             keyd(&["key", "generate", "--dir", p(&dir)]);
             let overlay = format!("10.98.{subnet}.{i}");
-            keyd(&[
+            let name = format!("node{i}");
+            let address = format!("{overlay}/24");
+            let crt = dir.join("node.crt");
+            let mut args = vec![
                 "cert",
                 "issue",
                 "--ca-dir",
                 p(&ca),
                 "--name",
-                &format!("node{i}"),
+                &name,
                 "--address",
-                &format!("{overlay}/24"),
+                &address,
                 "--key-dir",
                 p(&dir),
                 "--out",
-                p(&dir.join("node.crt")),
+                p(&crt),
                 "--valid",
                 opts.short_lived
                     .filter(|(n, _)| *n == i - 1)
                     .map_or("1d", |(_, v)| v),
-            ]);
+            ];
+            for (_, g) in opts.groups.iter().filter(|(n, _)| *n == i - 1) {
+                args.extend(["--group", g]);
+            }
+            keyd(&args);
             members.push(format!(
                 "{},wg=192.168.{subnet}.{i}:51820,keyd=192.168.{subnet}.{i}:51821",
                 p(&dir.join("node.crt"))
@@ -164,6 +175,9 @@ impl Mesh {
             skew: opts.skew,
             extra_config: opts.extra_config,
         };
+        if let Some(policy) = opts.policy {
+            std::fs::write(mesh.policy_file(), policy).unwrap();
+        }
         mesh.publish_roster(opts.listed.unwrap_or(planes.len()));
         for (i, plane) in planes.iter().enumerate() {
             mesh.start_data_plane(i, *plane);
@@ -175,7 +189,12 @@ impl Mesh {
     pub fn start_data_plane(&mut self, i: usize, plane: Plane) {
         let n = &mut self.nodes[i];
         n.daemon = Some(match plane {
-            Plane::MeshNode => Daemon::mesh_node(&n.ns, &mesh_node_bin(), &n.ifname),
+            Plane::MeshNode => Daemon::mesh_node_with(
+                &n.ns,
+                &mesh_node_bin(),
+                &n.ifname,
+                &["--metrics-listen", METRICS_ADDR],
+            ),
             Plane::WireguardGo => Daemon::wireguard_go(&n.ns, &n.ifname),
         });
         n.ns.ok(&[
@@ -324,7 +343,23 @@ impl Mesh {
         for m in &self.members[..listed] {
             args.extend(["--member", m.as_str()]);
         }
+        let policy = self.policy_file();
+        if policy.exists() {
+            args.extend(["--policy", p(&policy)]);
+        }
         keyd(&args);
+    }
+
+    /// Where the firewall policy source lives (taken by `publish_roster`
+    /// when it exists).
+    pub fn policy_file(&self) -> PathBuf {
+        self.work.path().join("policy.toml")
+    }
+
+    /// Publishes a roster (serial + 1, all nodes) carrying `policy`.
+    pub fn publish_policy(&self, policy: &str) {
+        std::fs::write(self.policy_file(), policy).unwrap();
+        self.publish_roster(self.nodes.len());
     }
 
     /// In a 2-node mesh: (the node that dials, the other). The lower node id dials.
