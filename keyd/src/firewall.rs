@@ -28,9 +28,10 @@ pub fn peer_info(cert: &mesh_proto::cert::NodeCert) -> PeerInfo {
         name: b.name.clone(),
         groups: b.groups.clone(),
         attributes: b.attributes.clone(),
-        // Host routes, as keyd installs them as allowed IPs: a /24 of a
-        // certificate would make every member's lookup overlap.
-        addresses: b.addresses.iter().map(|a| a.host()).collect(),
+        // The allowed IPs keyd installs (host routes): the source of a
+        // decrypted packet is one of them, and a certificate's /24 would
+        // make every member's lookup overlap.
+        addresses: crate::policy::allowed_ips(cert),
     }
 }
 

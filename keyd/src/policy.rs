@@ -1170,7 +1170,9 @@ fn member_refusal(roster: &Roster, m: &Member, now: Now, skew: u64) -> Option<Cu
     }
 }
 
-fn allowed_ips(cert: &NodeCert) -> Vec<IpPrefix> {
+/// A member's allowed IPs in the data plane: its certificate's addresses
+/// as host routes (the firewall's peer lookup uses the same).
+pub fn allowed_ips(cert: &NodeCert) -> Vec<IpPrefix> {
     cert.body().addresses.iter().map(|a| a.host()).collect()
 }
 
