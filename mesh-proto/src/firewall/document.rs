@@ -288,7 +288,10 @@ mod tests {
         // Without its policy key a document is refused, not read as "no
         // firewall"; with `null` it means exactly that.
         let no_key = br#"{"generation":1,"local":{"name":"a"},"peers":[]}"#;
-        assert!(matches!(Document::parse(no_key), Err(DocumentError::Json(_))));
+        assert!(matches!(
+            Document::parse(no_key),
+            Err(DocumentError::Json(_))
+        ));
         let null = br#"{"generation":1,"policy":null,"local":{"name":"a"},"peers":[]}"#;
         assert_eq!(Document::parse(null).map(|p| p.policy), Ok(None));
         assert!(matches!(
