@@ -47,7 +47,7 @@ fn main() -> Result<()> {
         &identity(local)?,
         &peers,
     );
-    let mut s = UnixStream::connect(socket).with_context(|| format!("{socket}"))?;
+    let mut s = UnixStream::connect(socket).with_context(|| socket.clone())?;
     s.write_all(doc.to_line().as_bytes())?;
     let mut line = String::new();
     BufReader::new(s).read_line(&mut line)?;
