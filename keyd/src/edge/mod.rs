@@ -34,6 +34,8 @@ use relay::PeerPath;
 /// second until the peer's answer is known, then this often.
 const HELLO_INTERVAL: Duration = Duration::from_secs(5);
 const HELLO_EAGER: Duration = Duration::from_secs(1);
+/// A new path leaves its carriers to the policy's first exchange this long.
+const CARRIER_GRACE: Duration = Duration::from_secs(3);
 /// A ladder that is off (a data plane without probes, no pin) looks again
 /// this often.
 const IDLE_RECHECK: Duration = Duration::from_secs(1);
@@ -379,9 +381,11 @@ async fn drive(edge: std::sync::Weak<Edge>, path: Arc<PeerPath>) {
 }
 
 /// The dialing side opens a missing carrier (within the backoff): QUIC, and
-/// TCP where allowed.
+/// TCP where allowed. Not in a path's first seconds: the policy's first
+/// exchange opens the QUIC connection then, and every extra carrier costs
+/// the new peer an exchange while it is busy joining the mesh.
 fn keep_carriers(e: &Edge, path: &PeerPath) {
-    if !e.dials(&path.id) {
+    if !e.dials(&path.id) || path.created.elapsed() < CARRIER_GRACE {
         return;
     }
     if path.quic().is_none() {
@@ -431,7 +435,7 @@ fn step(e: &Arc<Edge>, path: &Arc<PeerPath>, now: Instant) -> Vec<(Rung, String)
                 relay::Ping::Busy => {}
                 relay::Ping::NoCarrier => {
                     lock(&path.ladder).on_outcome(rung, Outcome::Lost, now);
-                    if e.dials(&path.id) {
+                    if e.dials(&path.id) && path.created.elapsed() >= CARRIER_GRACE {
                         e.request(Request::Connect {
                             peer: path.id,
                             rung,

@@ -59,6 +59,7 @@ fn slot(rung: Rung) -> usize {
 
 pub struct PeerPath {
     pub id: NodeId,
+    pub created: Instant,
     /// The peer's name (sanitized), for logs.
     pub name: Mutex<String>,
     /// The relay socket, on loopback: the data plane's endpoint for this
@@ -101,6 +102,7 @@ impl PeerPath {
         let relay_addr = relay.local_addr()?;
         Ok(Self {
             id,
+            created: Instant::now(),
             name: Mutex::new(String::new()),
             relay: Arc::new(relay),
             relay_addr,
