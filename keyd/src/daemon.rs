@@ -450,6 +450,8 @@ struct FirewallPush {
 
 /// A refused or failed push is tried again after this.
 const FIREWALL_RETRY: Duration = Duration::from_secs(5);
+/// A taken one is sent again this often (answered `stale` while in force).
+const FIREWALL_REFRESH: Duration = Duration::from_secs(30);
 
 impl Driver {
     async fn run(mut self, mut rx: mpsc::Receiver<Input>) {
@@ -598,11 +600,27 @@ impl Driver {
                             i += 1;
                         }
                         let batch = &actions[start..i];
+                        // Fail closed: a data plane whose firewall did not
+                        // take the roster's policy gets no peer (removals
+                        // still go through); the policy retries the installs.
+                        let blocked = self.firewall_blocks_installs();
+                        let (refused, allowed): (Vec<&Action>, Vec<&Action>) = batch
+                            .iter()
+                            .partition(|a| blocked.is_some() && matches!(a, Action::Install(_)));
                         let changes: Vec<PeerChange> =
-                            batch.iter().filter_map(peer_change).collect();
+                            allowed.iter().filter_map(|a| peer_change(a)).collect();
                         let result = self.blocking(move |dp| dp.change_peers(&changes)).await;
-                        for a in batch {
+                        for a in allowed {
                             self.report(a, &result, &mut unreachable);
+                        }
+                        if let Some(why) = blocked {
+                            let refusal = Err(CallError {
+                                message: why,
+                                unreachable: false,
+                            });
+                            for a in refused {
+                                self.report(a, &refusal, &mut unreachable);
+                            }
                         }
                         continue;
                     }
@@ -762,11 +780,28 @@ impl Driver {
         });
     }
 
+    /// Why no peer may be installed now: the roster has a policy and the
+    /// data plane's firewall (it has one) did not take it. A data plane
+    /// without a firewall gets its peers (status says NOT ENFORCED).
+    fn firewall_blocks_installs(&self) -> Option<String> {
+        let s = &self.firewall.status;
+        (self.policy.roster().policy().is_some() && s.state == firewall::FirewallState::Failed)
+            .then(|| {
+                format!(
+                    "the data plane's firewall has not taken the roster's policy: {}",
+                    s.detail.as_deref().unwrap_or("unknown")
+                )
+            })
+    }
+
     /// Pushes the firewall document for the current roster, once per roster
     /// serial and data-plane incarnation (again after a failure, later).
     async fn ensure_firewall(&mut self) {
         let f = &mut self.firewall;
         let wanted = (self.policy.roster().serial(), f.dataplane_epoch);
+        // Also every FIREWALL_REFRESH: a data plane restarted behind our
+        // back (its key set by someone else) answers with an older
+        // generation, or none, and gets the document again.
         let retry = f.retry_at.is_some_and(|t| Instant::now() >= t);
         if f.pushed == Some(wanted) && !retry {
             return;
@@ -796,8 +831,14 @@ impl Driver {
                 ),
             }
         }
-        f.retry_at = (status.state == firewall::FirewallState::Failed)
-            .then(|| Instant::now() + FIREWALL_RETRY);
+        f.retry_at = Some(
+            Instant::now()
+                + if status.state == firewall::FirewallState::Failed {
+                    FIREWALL_RETRY
+                } else {
+                    FIREWALL_REFRESH
+                },
+        );
         f.pushed = Some(wanted);
         f.status = status;
     }

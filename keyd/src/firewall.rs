@@ -147,8 +147,11 @@ fn push_to(socket: PathBuf, doc: &Document) -> FirewallStatus {
             rules,
             peers,
         } => in_force(generation, rules, peers),
-        // This very generation is in force already (keyd restarted).
-        Answer::Stale { in_force: g } if g == doc.generation => in_force(g, 0, doc.peers.len()),
+        // This very generation is in force already (keyd restarted, or
+        // the periodic refresh).
+        Answer::Stale { in_force: g } if g == doc.generation => {
+            in_force(g, rules_in(doc), doc.peers.len())
+        }
         Answer::Stale { in_force: g } => failed(
             FirewallState::Failed,
             format!(
@@ -164,6 +167,14 @@ fn push_to(socket: PathBuf, doc: &Document) -> FirewallStatus {
             ),
         ),
     }
+}
+
+/// The rule count of the policy a document carries.
+fn rules_in(doc: &Document) -> usize {
+    Document::parse(doc.to_line().trim_end().as_bytes())
+        .ok()
+        .and_then(|p| p.policy)
+        .map_or(0, |p| p.rules.len())
 }
 
 #[cfg(test)]

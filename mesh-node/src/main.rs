@@ -75,6 +75,11 @@ enum Cmd {
         /// is full the oldest flow is evicted (and counted).
         #[arg(long, default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(1..=16_777_216))]
         firewall_max_flows: u64,
+        /// With `offload`: carry nothing until keyd has given the firewall
+        /// its first document (for hosts whose policy must hold even if
+        /// mesh-node restarts behind keyd's back).
+        #[arg(long)]
+        firewall_required: bool,
     },
 }
 
@@ -89,6 +94,7 @@ fn main() -> ExitCode {
         crypto_threads,
         data_path_threads,
         firewall_max_flows,
+        firewall_required,
     } = Cli::parse().command;
     let busy_poll = Duration::from_micros(busy_poll_us.into());
     let crypto_threads = crypto_threads.map_or_else(
@@ -114,6 +120,7 @@ fn main() -> ExitCode {
                         max_flows: firewall_max_flows as usize,
                         ..ConntrackConfig::default()
                     },
+                    firewall_required,
                 },
             )
         } else {
@@ -232,6 +239,7 @@ struct DataPath {
     split_directions: bool,
     /// The firewall's flow table.
     conntrack: ConntrackConfig,
+    firewall_required: bool,
 }
 
 fn run(
@@ -246,6 +254,7 @@ fn run(
         crypto_threads,
         split_directions,
         conntrack,
+        firewall_required,
     } = data_path;
     init_logging(log_file)?;
     // One malloc arena for all threads: packet buffers come from gotatun's
@@ -269,7 +278,7 @@ fn run(
     runtime.block_on(async {
         match transports {
             TransportKind::Offload => {
-                let firewall = Arc::new(Firewall::new(conntrack));
+                let firewall = Arc::new(Firewall::with_required(conntrack, firewall_required));
                 serve(
                     ifname,
                     metrics,

@@ -67,6 +67,8 @@ pub struct Firewall {
 
 struct Inner {
     ruleset: Option<Ruleset>,
+    /// `--firewall-required`: until the first document, nothing passes.
+    required: bool,
     conntrack: Conntrack,
     last_expire: Instant,
     log: LogBudget,
@@ -80,10 +82,18 @@ struct Inner {
 
 impl Firewall {
     pub fn new(config: ConntrackConfig) -> Self {
+        Self::with_required(config, false)
+    }
+
+    /// `required`: drop everything until the first document arrives (a
+    /// data plane that must never carry traffic without its policy, even
+    /// when it was restarted behind keyd's back).
+    pub fn with_required(config: ConntrackConfig, required: bool) -> Self {
         Self {
-            enforcing: AtomicBool::new(false),
+            enforcing: AtomicBool::new(required),
             inner: Mutex::new(Inner {
                 ruleset: None,
+                required,
                 conntrack: Conntrack::new(config),
                 last_expire: Instant::now(),
                 log: LogBudget::default(),
@@ -259,6 +269,7 @@ impl Firewall {
             ("policy", c.dropped_policy),
             ("no_peer", c.dropped_no_peer),
             ("not_tracked", c.dropped_not_tracked),
+            ("not_local", c.dropped_not_local),
             ("malformed", c.dropped_malformed),
         ] {
             let _ = writeln!(s, "{name}{{reason=\"{reason}\"}} {n}");
@@ -282,13 +293,18 @@ impl Batch<'_> {
             ruleset,
             conntrack,
             log,
+            required,
             ..
         } = inner;
-        let Some(Ruleset {
+        let Some(ruleset) = ruleset else {
+            // No document yet: with --firewall-required nothing passes.
+            return !*required;
+        };
+        let Ruleset {
             engine: Some(engine),
             generation,
             ..
-        }) = ruleset
+        } = ruleset
         else {
             return true;
         };
@@ -306,6 +322,17 @@ impl Batch<'_> {
                 return false;
             }
         };
+        let local = match dir {
+            Direction::Inbound => meta.dst,
+            Direction::Outbound => meta.src,
+        };
+        if !engine.is_local(local) {
+            conntrack.record_drop(DropReason::NotLocal);
+            if log.grant(now) {
+                log_drop(dir, &meta, engine, &DropReason::NotLocal);
+            }
+            return false;
+        }
         match conntrack.check(dir, &meta, engine, *generation, now) {
             Verdict::Pass => true,
             Verdict::Drop(reason) => {
@@ -333,6 +360,7 @@ fn log_drop(dir: Direction, meta: &PacketMeta, engine: &Engine, reason: &DropRea
         DropReason::Policy { rule: None } => "default deny".to_string(),
         DropReason::NoPeer => "no peer holds the address".to_string(),
         DropReason::NotTracked => "belongs to no tracked flow and cannot open one".to_string(),
+        DropReason::NotLocal => "not to or from this node (no forwarding through it)".to_string(),
         other => other.label().to_string(),
     };
     warn!(
@@ -560,6 +588,48 @@ mod tests {
         fw.install(ruleset(1, None)).unwrap();
         assert!(fw.batch().inner.is_none(), "policy null: no lock either");
         assert!(fw.batch().allows(Direction::Inbound, b"not even a packet"));
+    }
+
+    /// A member that forwards (a router, a container host) is no way
+    /// around the policy: inbound packets must be for this node, outbound
+    /// ones from it, whatever the rules between the two members allow.
+    #[test]
+    fn packets_not_to_or_from_this_node_are_dropped() {
+        const ALL: &str = "[[rule]]\nname = \"all\"\naction = \"allow\"\n\
+            from = { any = true }\nto = { any = true }\nproto = \"any\"\n";
+        let fw = Firewall::new(ConntrackConfig::default());
+        fw.install(ruleset(1, Some(ALL))).unwrap();
+        let mut b = fw.batch();
+        // db1 (.2) sends web1 (.1) a packet for .9: not this node's.
+        assert!(!b.allows(Direction::Inbound, &tcp(2, 40000, 9, 22, SYN)));
+        // web1 forwards something from .9 to db1: not from this node.
+        assert!(!b.allows(Direction::Outbound, &tcp(9, 40000, 2, 22, SYN)));
+        // Its own flows pass.
+        assert!(b.allows(Direction::Outbound, &tcp(1, 40000, 2, 22, SYN)));
+        drop(b);
+        let m = metrics(&fw);
+        let line = "mesh_node_firewall_drops_total{reason=\"not_local\"} 2";
+        assert!(m.lines().any(|l| l == line), "{line} in {m}");
+    }
+
+    /// `--firewall-required`: nothing passes before the first document; a
+    /// document without a policy then opens the data plane.
+    #[test]
+    fn a_required_firewall_carries_nothing_before_its_first_document() {
+        let fw = Firewall::with_required(ConntrackConfig::default(), true);
+        assert!(
+            !fw.batch()
+                .allows(Direction::Outbound, &tcp(1, 40000, 2, 22, SYN))
+        );
+        assert!(
+            !fw.batch()
+                .allows(Direction::Inbound, &tcp(2, 40000, 1, 22, SYN))
+        );
+        fw.install(ruleset(1, None)).unwrap();
+        assert!(
+            fw.batch()
+                .allows(Direction::Outbound, &tcp(1, 40000, 2, 22, SYN))
+        );
     }
 
     #[test]

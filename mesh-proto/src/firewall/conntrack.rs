@@ -72,6 +72,10 @@ pub enum DropReason {
     /// A packet that belongs to no tracked flow and cannot open one: a TCP
     /// segment other than a SYN, or an ICMP error about no tracked flow.
     NotTracked,
+    /// An inbound packet not for this node, or an outbound one not from it
+    /// (counted through [`Conntrack::record_drop`]): forwarding through a
+    /// member is not a way around the policy.
+    NotLocal,
     /// Never returned: a full table evicts its oldest flow (counted) instead.
     TableFull,
 }
@@ -85,6 +89,7 @@ impl DropReason {
             DropReason::NoPeer => "no_peer",
             DropReason::Malformed => "malformed",
             DropReason::NotTracked => "not_tracked",
+            DropReason::NotLocal => "not_local",
             DropReason::TableFull => "table_full",
         }
     }
@@ -112,6 +117,7 @@ pub struct ConntrackCounters {
     pub dropped_no_peer: u64,
     pub dropped_malformed: u64,
     pub dropped_not_tracked: u64,
+    pub dropped_not_local: u64,
 }
 
 /// What the table knows of one flow.
@@ -362,6 +368,7 @@ impl Conntrack {
             DropReason::NoPeer => c.dropped_no_peer += 1,
             DropReason::Malformed => c.dropped_malformed += 1,
             DropReason::NotTracked => c.dropped_not_tracked += 1,
+            DropReason::NotLocal => c.dropped_not_local += 1,
             DropReason::TableFull => {}
         }
     }

@@ -138,6 +138,11 @@ pub struct Engine {
     outbound: Vec<u32>,
     inbound: Vec<u32>,
     addresses: AddressTable,
+    /// This node's own addresses: an inbound packet must be for one of
+    /// them and an outbound one from one of them, or a node that forwards
+    /// (a router, a container host) would relay flows the policy forbids
+    /// between two other members.
+    local: Vec<IpPrefix>,
 }
 
 impl Engine {
@@ -206,6 +211,7 @@ impl Engine {
             inbound.push(intern(inb));
         }
         Engine {
+            local: local.addresses.clone(),
             rules,
             rule_names: policy.rules.iter().map(|r| r.name.clone()).collect(),
             peer_names: peers.iter().map(|p| p.name.clone()).collect(),
@@ -251,6 +257,13 @@ impl Engine {
     }
 
     /// The name of rule `rule` ("" for an index out of range).
+    /// Whether `ip` is one of this node's own addresses.
+    pub fn is_local(&self, ip: IpAddr) -> bool {
+        self.local
+            .iter()
+            .any(|p| crate::firewall::policy::prefix_contains(p, ip))
+    }
+
     pub fn rule_name(&self, rule: usize) -> &str {
         self.rule_names.get(rule).map(String::as_str).unwrap_or("")
     }
