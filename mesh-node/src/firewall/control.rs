@@ -149,7 +149,10 @@ async fn handle(mut stream: UnixStream, firewall: &Arc<Firewall>) {
             firewall
                 .documents_refused
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            warn!("firewall document refused: {e}");
+            // The reason can quote the document (a field name, a rule
+            // name): escaped and cut before it reaches the log.
+            let why: String = e.to_string().chars().take(200).collect();
+            warn!("firewall document refused: {}", why.escape_debug());
             match e {
                 RefusalError::Stale(InstallError::Stale { in_force, .. }) => {
                     Answer::Stale { in_force }
