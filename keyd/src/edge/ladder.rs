@@ -239,6 +239,8 @@ pub struct Ladder {
     changes: u64,
     last_change: Change,
     queued: VecDeque<Change>,
+    /// Off: see [`Ladder::set_active`].
+    active: bool,
 }
 
 impl Ladder {
@@ -291,7 +293,29 @@ impl Ladder {
             changes: 0,
             last_change: start,
             queued: VecDeque::from([start]),
+            active: true,
         }
+    }
+
+    /// Switches the ladder off or on. Off, it probes nothing and moves
+    /// nowhere (the driver keeps the data plane where it is); switched on,
+    /// it starts afresh from `now`: every rung probed at once, and the
+    /// current one given `down_after` from now to be heard, because time
+    /// spent off is no evidence of silence.
+    pub fn set_active(&mut self, active: bool, now: Instant) {
+        if active && !self.active {
+            self.since = now;
+            for s in self.rungs.iter_mut().filter(|s| s.enabled) {
+                s.next_probe = Some(now);
+                s.outstanding.clear();
+                s.streak = 0;
+            }
+        }
+        self.active = active;
+    }
+
+    pub fn active(&self) -> bool {
+        self.active
     }
 
     pub fn current(&self) -> Rung {
@@ -318,6 +342,9 @@ impl Ladder {
     /// A rung to probe now; call until `None`. Each returned probe is
     /// outstanding until `on_outcome` or `probe_timeout`.
     pub fn poll_probe(&mut self, now: Instant) -> Option<Rung> {
+        if !self.active {
+            return None;
+        }
         self.handle_timeout(now);
         let rung = Rung::ALL.into_iter().find(|r| {
             let s = &self.rungs[r.index()];
@@ -345,6 +372,10 @@ impl Ladder {
     /// driver reports at the timeout (or twice) can never swallow the next
     /// probe.
     pub fn on_outcome(&mut self, rung: Rung, outcome: Outcome, now: Instant) {
+        // A probe from before the ladder was switched off counts for nothing.
+        if !self.active {
+            return;
+        }
         self.expire_probes(now);
         let s = &mut self.rungs[rung.index()];
         if !s.enabled {
@@ -390,8 +421,12 @@ impl Ladder {
         }
     }
 
-    /// When `poll_probe` and `handle_timeout` need calling next.
+    /// When `poll_probe` and `handle_timeout` need calling next (off: not
+    /// before a day, nothing is due).
     pub fn poll_timeout(&self) -> Instant {
+        if !self.active {
+            return self.since + Duration::from_secs(86_400);
+        }
         let mut next = self.down_deadline();
         for s in self.rungs.iter().filter(|s| s.enabled) {
             let lost = s
@@ -408,6 +443,9 @@ impl Ladder {
 
     /// Counts lost probes and applies the down rule.
     pub fn handle_timeout(&mut self, now: Instant) {
+        if !self.active {
+            return;
+        }
         self.expire_probes(now);
         if self.down_deadline().is_some_and(|t| t <= now) {
             self.descend(now);
@@ -1154,6 +1192,40 @@ mod tests {
             LadderConfigError::PinNotAllowed(Rung::Quic).to_string(),
             "edge.pin = \"quic\" is not in edge.rungs"
         );
+    }
+
+    /// The CI failure of stop 17: a ladder off (our data plane's probe
+    /// answer or the peer's HELLO not known yet) for longer than
+    /// `down_after` must not count that time as silence: switched on, it
+    /// moved to quic at once, without one probe on direct.
+    #[test]
+    fn time_switched_off_is_not_silence() {
+        let c = LadderConfig::default();
+        let mut s = Sim::new(c.clone(), [up(), up(), up()]);
+        s.ladder.set_active(false, s.t0);
+        // Off: nothing to probe, nothing moves, however long.
+        let off = s.t0 + secs(10);
+        s.ladder.handle_timeout(off);
+        assert_eq!(s.ladder.poll_probe(off), None);
+        s.t = off;
+        s.ladder.set_active(true, off);
+        s.run(secs(30));
+        assert_eq!(s.moves(), [], "moved without probing first");
+        assert_eq!(s.ladder.current(), Rung::Direct);
+        // Probing starts again at once: every rung, the moment it is on.
+        assert_eq!(s.probes.first(), Some(&(off, Rung::Direct)));
+        assert!(s.probed(Rung::Direct) >= 20);
+
+        // Direct silent since before the ladder was off: it moves, but only
+        // `down_after` (and a probe timeout) after it was switched on.
+        let mut s = Sim::new(c.clone(), [down(), up(), up()]);
+        s.ladder.set_active(false, s.t0);
+        s.t = off;
+        s.ladder.set_active(true, off);
+        s.run(secs(30));
+        assert_eq!(s.moves(), [(Rung::Direct, Rung::Quic, Reason::Silent)]);
+        let at = s.changes.last().map(|(ch, _)| ch.at).unwrap();
+        assert!(at >= off + c.down_after, "moved {:?} after on", at - off);
     }
 
     #[test]

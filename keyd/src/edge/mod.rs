@@ -354,7 +354,9 @@ async fn drive(edge: std::sync::Weak<Edge>, path: Arc<PeerPath>) {
         // The dialing side keeps the carriers up whatever the ladder says:
         // exchanges and HELLOs need them, and the peer may pin a rung.
         keep_carriers(&e, &path);
-        let wait_until = if e.active(&path) {
+        let active = e.active(&path);
+        lock(&path.ladder).set_active(active, now);
+        let wait_until = if active {
             let moves = step(&e, &path, now);
             for (to, why) in moves {
                 move_to(&e, &path, to, &why).await;
