@@ -2,6 +2,8 @@
 //! next to the UAPI socket: keyd writes one firewall document
 //! ([`mesh_proto::firewall::document`], which defines the format for both
 //! sides) and a newline per connection; we answer one line and close.
+//! `mesh-node status` writes [`STATUS_REQUEST`] instead and gets the
+//! firewall's [`FirewallStatus`] as one JSON line.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -15,7 +17,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
-use super::{Firewall, InstallError, Ruleset};
+use super::{Firewall, FirewallStatus, InstallError, Ruleset};
 use crate::api::SOCKET_DIR;
 
 pub use document::socket_path;
@@ -141,9 +143,26 @@ async fn read_document(stream: &mut UnixStream) -> Result<Vec<u8>, RefusalError>
     Ok(buf)
 }
 
-/// Serves one connection: one document, one answer.
+/// The line that asks for the status instead of bringing a document (a
+/// document is a JSON object, so the two cannot be confused).
+pub const STATUS_REQUEST: &str = "status";
+
+/// Serves one connection: one document, one answer (or the status).
 async fn handle(mut stream: UnixStream, firewall: &Arc<Firewall>) {
-    let answer = match apply(&mut stream, firewall).await {
+    let read = read_document(&mut stream).await;
+    if let Ok(line) = &read
+        && line == STATUS_REQUEST.as_bytes()
+    {
+        let mut json = serde_json::to_string(&firewall.status()).unwrap_or_default();
+        json.push('\n');
+        let _ = tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(json.as_bytes())).await;
+        return;
+    }
+    let result = match read {
+        Ok(line) => apply(line, firewall).await,
+        Err(e) => Err(e),
+    };
+    let answer = match result {
         Ok(answer) => answer,
         Err(e) => {
             firewall
@@ -165,8 +184,7 @@ async fn handle(mut stream: UnixStream, firewall: &Arc<Firewall>) {
     let _ = tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(line.as_bytes())).await;
 }
 
-async fn apply(stream: &mut UnixStream, firewall: &Arc<Firewall>) -> Result<Answer, RefusalError> {
-    let line = read_document(stream).await?;
+async fn apply(line: Vec<u8>, firewall: &Arc<Firewall>) -> Result<Answer, RefusalError> {
     // Compiling is CPU-bound (up to 1,000 rules over every peer): off the
     // runtime, which also serves the UAPI and WireGuard's timers.
     let ruleset = tokio::task::spawn_blocking(move || compile(&line))
@@ -187,6 +205,60 @@ async fn apply(stream: &mut UnixStream, firewall: &Arc<Firewall>) -> Result<Answ
         generation,
         rules,
         peers,
+    })
+}
+
+/// Why `mesh-node status` could not get the firewall's status.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error(
+        "cannot connect to {path}: {source} (is mesh-node running on this interface, and may this user use its sockets?)"
+    )]
+    Connect {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot talk to {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path} gave no status (an older mesh-node?): {answer}")]
+    Unexpected { path: String, answer: String },
+}
+
+/// Asks the mesh-node serving `ifname` for its firewall's status.
+pub fn query_status(ifname: &str) -> Result<FirewallStatus, StatusError> {
+    use std::io::{BufRead, Write};
+    let path = socket_path(ifname);
+    let shown = path.display().to_string();
+    let io = |source| StatusError::Io {
+        path: shown.clone(),
+        source,
+    };
+    let mut stream =
+        std::os::unix::net::UnixStream::connect(&path).map_err(|source| StatusError::Connect {
+            path: shown.clone(),
+            source,
+        })?;
+    stream.set_read_timeout(Some(READ_TIMEOUT)).map_err(io)?;
+    stream.set_write_timeout(Some(WRITE_TIMEOUT)).map_err(io)?;
+    stream
+        .write_all(format!("{STATUS_REQUEST}\n").as_bytes())
+        .map_err(io)?;
+    let mut line = String::new();
+    std::io::BufReader::new(std::io::Read::take(&stream, 1 << 20))
+        .read_line(&mut line)
+        .map_err(io)?;
+    serde_json::from_str(&line).map_err(|_| StatusError::Unexpected {
+        path: shown.clone(),
+        answer: line
+            .trim_end()
+            .chars()
+            .take(200)
+            .collect::<String>()
+            .escape_debug()
+            .to_string(),
     })
 }
 

@@ -11,6 +11,7 @@
 //! filtered and the data path takes no lock.
 
 pub mod control;
+pub mod status;
 
 use std::collections::BTreeMap;
 use std::fmt::{self, Write};
@@ -23,6 +24,8 @@ use mesh_proto::firewall::conntrack::{Conntrack, ConntrackConfig, DropReason, Ve
 use mesh_proto::firewall::engine::{Direction, Engine};
 use mesh_proto::firewall::packet::{self, PacketMeta};
 use tracing::warn;
+
+pub use status::{Drops, FirewallStatus, RuleHits};
 
 /// How often tracked flows are expired, from the batch path.
 const EXPIRE_EVERY: Duration = Duration::from_secs(1);
@@ -181,65 +184,17 @@ impl Firewall {
 
     /// Appends the firewall's metrics in Prometheus text format.
     pub fn render_into(&self, s: &mut String) {
-        let inner = self.lock();
-        let generation = inner.ruleset.as_ref().map_or(0, |r| r.generation);
-        let rules = inner.ruleset.as_ref().map_or(0, Ruleset::rules);
-        let c = inner.conntrack.counters();
-        gauge(
-            s,
-            "mesh_node_firewall_generation",
-            "Generation of the firewall document in force (0: none yet)",
-            generation,
-        );
-        gauge(
-            s,
-            "mesh_node_firewall_rules",
-            "Rules of the policy in force (0: no policy, nothing filtered)",
-            rules as u64,
-        );
-        gauge(
-            s,
-            "mesh_node_firewall_flows",
-            "Flows in the firewall's connection table",
-            inner.conntrack.flows() as u64,
-        );
-        for (name, help, value) in [
-            (
-                "mesh_node_firewall_flows_new_total",
-                "Flows the policy allowed and the table began to track",
-                c.new,
-            ),
-            (
-                "mesh_node_firewall_flows_evicted_total",
-                "Flows evicted, oldest first, to make room in a full table",
-                c.evicted,
-            ),
-            (
-                "mesh_node_firewall_flows_expired_total",
-                "Flows removed after their idle timeout",
-                c.expired,
-            ),
-            (
-                "mesh_node_firewall_flows_rechecked_dropped_total",
-                "Tracked flows that a new policy forbids, cut at their next packet",
-                c.rechecked_dropped,
-            ),
-            (
-                "mesh_node_firewall_documents_applied_total",
-                "Firewall documents put in force",
-                self.documents_applied.load(Ordering::Relaxed),
-            ),
-            (
-                "mesh_node_firewall_documents_refused_total",
-                "Firewall documents refused (malformed, invalid or stale)",
-                self.documents_refused.load(Ordering::Relaxed),
-            ),
-        ] {
-            counter(s, name, help, value);
-        }
+        self.status().render_into(s);
+    }
 
+    /// A snapshot of what the firewall has done: numbers are copied under
+    /// the lock (the data path waits on it), formatting happens outside.
+    pub fn status(&self) -> FirewallStatus {
+        let inner = self.lock();
+        let c = inner.conntrack.counters();
         // Per-rule hits: earlier documents' by name, plus the current ones'.
-        let mut hits = inner.hits_before.clone();
+        let mut before = inner.hits_before.clone();
+        let mut rules = Vec::new();
         if let Some(Ruleset {
             engine: Some(engine),
             ..
@@ -248,31 +203,40 @@ impl Firewall {
             for i in 0..engine.rules() {
                 let now = c.rule_hits.get(i).copied().unwrap_or(0);
                 let since = now.saturating_sub(inner.hits_at_swap.get(i).copied().unwrap_or(0));
-                *hits.entry(engine.rule_name(i).to_string()).or_default() += since;
+                let name = engine.rule_name(i);
+                rules.push(RuleHits {
+                    name: name.to_string(),
+                    hits: before.remove(name).unwrap_or(0) + since,
+                    in_force: true,
+                });
             }
         }
-        let name = "mesh_node_firewall_rule_hits_total";
-        let _ = writeln!(
-            s,
-            "# HELP {name} New flows each rule decided (allowed or denied)\n# TYPE {name} counter"
-        );
-        for (rule, n) in &hits {
-            let _ = writeln!(s, "{name}{{rule=\"{}\"}} {n}", LabelValue(rule));
-        }
-
-        let name = "mesh_node_firewall_drops_total";
-        let _ = writeln!(
-            s,
-            "# HELP {name} Packets the firewall dropped, by reason\n# TYPE {name} counter"
-        );
-        for (reason, n) in [
-            ("policy", c.dropped_policy),
-            ("no_peer", c.dropped_no_peer),
-            ("not_tracked", c.dropped_not_tracked),
-            ("not_local", c.dropped_not_local),
-            ("malformed", c.dropped_malformed),
-        ] {
-            let _ = writeln!(s, "{name}{{reason=\"{reason}\"}} {n}");
+        rules.extend(before.into_iter().map(|(name, hits)| RuleHits {
+            name,
+            hits,
+            in_force: false,
+        }));
+        FirewallStatus {
+            generation: inner.ruleset.as_ref().map(|r| r.generation),
+            filtering: inner.ruleset.as_ref().is_some_and(|r| r.engine.is_some()),
+            required: inner.required,
+            peers: inner.ruleset.as_ref().map_or(0, |r| r.peers),
+            rules,
+            flows: inner.conntrack.flows(),
+            max_flows: inner.conntrack.max_flows(),
+            flows_new: c.new,
+            flows_evicted: c.evicted,
+            flows_expired: c.expired,
+            flows_rechecked_dropped: c.rechecked_dropped,
+            drops: Drops {
+                policy: c.dropped_policy,
+                no_peer: c.dropped_no_peer,
+                not_tracked: c.dropped_not_tracked,
+                not_local: c.dropped_not_local,
+                malformed: c.dropped_malformed,
+            },
+            documents_applied: self.documents_applied.load(Ordering::Relaxed),
+            documents_refused: self.documents_refused.load(Ordering::Relaxed),
         }
     }
 }
@@ -465,37 +429,6 @@ impl fmt::Display for PeerName<'_> {
         }
         f.write_char('"')
     }
-}
-
-/// A Prometheus label value with `\`, `"` and line breaks escaped.
-struct LabelValue<'a>(&'a str);
-
-impl fmt::Display for LabelValue<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for c in self.0.chars() {
-            match c {
-                '\\' => f.write_str("\\\\")?,
-                '"' => f.write_str("\\\"")?,
-                '\n' => f.write_str("\\n")?,
-                c => f.write_char(c)?,
-            }
-        }
-        Ok(())
-    }
-}
-
-fn gauge(s: &mut String, name: &str, help: &str, value: u64) {
-    let _ = writeln!(
-        s,
-        "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
-    );
-}
-
-fn counter(s: &mut String, name: &str, help: &str, value: u64) {
-    let _ = writeln!(
-        s,
-        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
-    );
 }
 
 #[cfg(test)]
@@ -727,10 +660,5 @@ mod tests {
                 .any(|l| l == "mesh_node_firewall_rule_hits_total{rule=\"web-to-db\"} 2"),
             "{m}"
         );
-    }
-
-    #[test]
-    fn label_values_are_escaped() {
-        assert_eq!(LabelValue("a\"b\\c\nd").to_string(), "a\\\"b\\\\c\\nd");
     }
 }

@@ -356,6 +356,11 @@ impl Conntrack {
         self.index.len()
     }
 
+    /// The table's bound.
+    pub fn max_flows(&self) -> usize {
+        self.config.max_flows
+    }
+
     pub fn counters(&self) -> &ConntrackCounters {
         &self.counters
     }
