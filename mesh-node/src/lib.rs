@@ -7,4 +7,6 @@ pub mod counters;
 pub mod device;
 pub mod firewall;
 pub mod metrics;
+pub mod notify;
+pub mod setup;
 pub mod transports;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use mesh_node::firewall::{self, Firewall};
-use mesh_node::{api, counters::Counters, device, metrics};
+use mesh_node::{api, counters::Counters, device, metrics, notify, setup};
 use mesh_proto::firewall::conntrack::ConntrackConfig;
 use tracing::{error, info, warn};
 use tracing_subscriber::layer::SubscriberExt;
@@ -80,6 +80,15 @@ enum Cmd {
         /// mesh-node restarts behind keyd's back).
         #[arg(long)]
         firewall_required: bool,
+        /// Give the userspace API and firewall sockets to this group, mode
+        /// 0660 (default: 0600, root only), so that an unprivileged keyd in
+        /// the group can drive the data plane. mesh-node must be a member.
+        #[arg(long, value_name = "GROUP")]
+        socket_group: Option<String>,
+        /// Give the interface the overlay addresses of this node
+        /// certificate (as `keyd join` writes it) and set it up.
+        #[arg(long, value_name = "CERT")]
+        address_from_cert: Option<std::path::PathBuf>,
     },
 }
 
@@ -95,6 +104,8 @@ fn main() -> ExitCode {
         data_path_threads,
         firewall_max_flows,
         firewall_required,
+        socket_group,
+        address_from_cert,
     } = Cli::parse().command;
     let busy_poll = Duration::from_micros(busy_poll_us.into());
     let crypto_threads = crypto_threads.map_or_else(
@@ -106,9 +117,22 @@ fn main() -> ExitCode {
         |n| n == 2,
     );
     let result = check_ifname(&ifname).and_then(|()| {
+        // Both are checked before anything is created.
+        let setup = Setup {
+            socket_gid: socket_group
+                .as_deref()
+                .map(setup::group::resolve)
+                .transpose()?,
+            addresses: address_from_cert
+                .as_deref()
+                .map(setup::address::from_cert)
+                .transpose()?
+                .unwrap_or_default(),
+        };
         if foreground || std::env::var_os(FOREGROUND_ENV).is_some() {
             run(
                 &ifname,
+                &setup,
                 log_file.as_deref(),
                 metrics_listen,
                 transports,
@@ -242,8 +266,15 @@ struct DataPath {
     firewall_required: bool,
 }
 
+/// What `--socket-group` and `--address-from-cert` ask for.
+struct Setup {
+    socket_gid: Option<u32>,
+    addresses: Vec<mesh_proto::prefix::IpPrefix>,
+}
+
 fn run(
     ifname: &str,
+    setup: &Setup,
     log_file: Option<&std::path::Path>,
     metrics: Option<std::net::SocketAddr>,
     transports: TransportKind,
@@ -281,6 +312,7 @@ fn run(
                 let firewall = Arc::new(Firewall::with_required(conntrack, firewall_required));
                 serve(
                     ifname,
+                    setup,
                     metrics,
                     device::build_offload(
                         ifname,
@@ -303,6 +335,7 @@ fn run(
             TransportKind::Default => {
                 serve(
                     ifname,
+                    setup,
                     metrics,
                     device::build_default(ifname, crypto_threads).await?,
                     // gotatun's own TUN has no hook: no firewall socket,
@@ -320,6 +353,7 @@ fn run(
 /// has one) until SIGINT/SIGTERM, then shuts down cleanly.
 async fn serve<T: gotatun::device::DeviceTransports>(
     ifname: &str,
+    setup: &Setup,
     metrics: Option<std::net::SocketAddr>,
     device: gotatun::device::Device<T>,
     firewall: Option<Arc<Firewall>>,
@@ -327,6 +361,11 @@ async fn serve<T: gotatun::device::DeviceTransports>(
 ) -> Result<()> {
     {
         let device = Arc::new(device);
+        // Before any socket answers: whoever waits for one (`mesh-node up`,
+        // keyd, systemd) finds the interface addressed and up.
+        if !setup.addresses.is_empty() {
+            setup::address::apply(ifname, &setup.addresses)?;
+        }
         // Bound before the UAPI socket, whose answer tells `mesh-node up`
         // and keyd that we are ready: the firewall socket is there by then.
         let control = match &firewall {
@@ -337,6 +376,12 @@ async fn serve<T: gotatun::device::DeviceTransports>(
             None => None,
         };
         let listener = api::bind(ifname)?;
+        if let Some(gid) = setup.socket_gid {
+            setup::group::share(&api::socket_path(ifname), gid)?;
+            if firewall.is_some() {
+                setup::group::share(&firewall::control::socket_path(ifname), gid)?;
+            }
+        }
         let counters = Arc::new(Counters::default());
         let drops = device.counters().await;
         if let Some(addr) = metrics {
@@ -351,6 +396,7 @@ async fn serve<T: gotatun::device::DeviceTransports>(
         // Also with a log file: a daemon that kept the caller's stderr open
         // would hang anyone who reads it to its end (`$(mesh-node up ...)`).
         detach_stderr();
+        notify::ready();
         let reason = wait_for_signal().await;
         info!("{reason}: shutting down {ifname}");
         server.abort();

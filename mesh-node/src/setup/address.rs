@@ -1,0 +1,175 @@
+//! `--address-from-cert FILE`: the interface gets the overlay addresses
+//! that the node's certificate carries (the authority assigned them at
+//! `keyd join`) and is set up, before mesh-node reports itself ready. The
+//! certificate is read before the interface exists, so a missing or broken
+//! one stops mesh-node without leaving an interface behind.
+//!
+//! The signature is not checked here: the file is the one keyd verified
+//! and writes, in a directory only root and keyd's user can write, and an
+//! address only decides what this host routes into its own interface.
+
+use std::path::{Path, PathBuf};
+
+use mesh_proto::CertError;
+use mesh_proto::cert::NodeCert;
+use mesh_proto::prefix::IpPrefix;
+
+use super::netlink::Netlink;
+
+/// The largest certificate file read (they are about 1 KB).
+const MAX_CERT_BYTES: u64 = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AddressError {
+    #[error("--address-from-cert: cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("--address-from-cert: {path} is larger than {MAX_CERT_BYTES} bytes")]
+    TooLarge { path: PathBuf },
+    #[error("--address-from-cert: {path} is not a node certificate: {source}")]
+    NotACert { path: PathBuf, source: CertError },
+    #[error("--address-from-cert: the certificate in {path} carries no address")]
+    NoAddress { path: PathBuf },
+    #[error("interface {ifname} not found: {source}")]
+    NoInterface {
+        ifname: String,
+        source: std::io::Error,
+    },
+    #[error("cannot open a netlink socket: {0}")]
+    Netlink(std::io::Error),
+    #[error("cannot add {prefix} to {ifname}: {source}")]
+    Add {
+        prefix: IpPrefix,
+        ifname: String,
+        source: std::io::Error,
+    },
+    #[error("cannot set {ifname} up: {source}")]
+    Up {
+        ifname: String,
+        source: std::io::Error,
+    },
+}
+
+/// The overlay addresses in the node certificate at `path`.
+pub fn from_cert(path: &Path) -> Result<Vec<IpPrefix>, AddressError> {
+    use std::io::Read;
+    let read = |source| AddressError::Read {
+        path: path.into(),
+        source,
+    };
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .map_err(read)?
+        .take(MAX_CERT_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(read)?;
+    if text.len() as u64 > MAX_CERT_BYTES {
+        return Err(AddressError::TooLarge { path: path.into() });
+    }
+    let cert = NodeCert::from_text(&text).map_err(|source| AddressError::NotACert {
+        path: path.into(),
+        source,
+    })?;
+    let addresses = cert.body().addresses.clone();
+    if addresses.is_empty() {
+        return Err(AddressError::NoAddress { path: path.into() });
+    }
+    Ok(addresses)
+}
+
+/// Adds `addresses` to `ifname` and sets it up.
+pub fn apply(ifname: &str, addresses: &[IpPrefix]) -> Result<(), AddressError> {
+    let index = interface_index(ifname)?;
+    let mut nl = Netlink::open().map_err(AddressError::Netlink)?;
+    for prefix in addresses {
+        nl.add_address(index, prefix)
+            .map_err(|source| AddressError::Add {
+                prefix: *prefix,
+                ifname: ifname.into(),
+                source,
+            })?;
+    }
+    nl.set_up(index).map_err(|source| AddressError::Up {
+        ifname: ifname.into(),
+        source,
+    })
+}
+
+fn interface_index(ifname: &str) -> Result<u32, AddressError> {
+    let missing = |source| AddressError::NoInterface {
+        ifname: ifname.into(),
+        source,
+    };
+    let name = std::ffi::CString::new(ifname)
+        .map_err(|_| missing(std::io::ErrorKind::InvalidInput.into()))?;
+    // SAFETY: name is a valid C string for the call.
+    match unsafe { libc::if_nametoindex(name.as_ptr()) } {
+        0 => Err(missing(std::io::Error::last_os_error())),
+        index => Ok(index),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("node.crt");
+        assert!(matches!(
+            from_cert(&missing),
+            Err(AddressError::Read { .. })
+        ));
+        let junk = dir.path().join("junk.crt");
+        std::fs::write(&junk, "not a certificate").unwrap();
+        let err = from_cert(&junk).unwrap_err();
+        assert!(matches!(err, AddressError::NotACert { .. }));
+        assert!(err.to_string().contains("junk.crt"), "{err}");
+        let big = dir.path().join("big.crt");
+        std::fs::write(&big, vec![b'a'; MAX_CERT_BYTES as usize + 1]).unwrap();
+        assert!(matches!(
+            from_cert(&big),
+            Err(AddressError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn the_certificate_s_addresses_are_read() {
+        use mesh_proto::cert::{CaCert, NodeCertRequest};
+        use mesh_proto::identity::{CaSigningKey, NoisePrivateKey, WgPrivateKey};
+        let ca_key = CaSigningKey::generate().unwrap();
+        let ca = CaCert::create(&ca_key, "ca", "net", 0, u64::MAX / 2).unwrap();
+        let addresses: Vec<IpPrefix> = vec![
+            "10.77.0.5/16".parse().unwrap(),
+            "fd77::5/64".parse().unwrap(),
+        ];
+        let cert = ca
+            .issue(
+                &ca_key,
+                NodeCertRequest {
+                    name: "web-1".into(),
+                    addresses: addresses.clone(),
+                    groups: vec![],
+                    attributes: Default::default(),
+                    not_before: 0,
+                    not_after: u64::MAX / 4,
+                    wg_public: WgPrivateKey::generate().unwrap().public_key(),
+                    noise_public: NoisePrivateKey::generate().unwrap().public_key(),
+                },
+            )
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.crt");
+        std::fs::write(&path, cert.to_text()).unwrap();
+        assert_eq!(from_cert(&path).unwrap(), addresses);
+    }
+
+    #[test]
+    fn a_missing_interface_is_named() {
+        let err = apply("pqm-nonexist0", &[]).unwrap_err();
+        assert!(err.to_string().contains("pqm-nonexist0"), "{err}");
+    }
+}
