@@ -455,8 +455,13 @@ const FIREWALL_REFRESH: Duration = Duration::from_secs(30);
 
 impl Driver {
     async fn run(mut self, mut rx: mpsc::Receiver<Input>) {
+        let mut ready = false;
         loop {
             self.perform().await;
+            if !ready && self.policy.interface_configured() {
+                ready = true;
+                crate::notify::ready();
+            }
             self.ensure_firewall().await;
             self.log_events();
             self.s

@@ -459,6 +459,12 @@ impl MeshPolicy {
         &self.my_cert
     }
 
+    /// Whether the data plane has held this node's key and port since it
+    /// was last seen (keyd's readiness).
+    pub fn interface_configured(&self) -> bool {
+        self.configured_once
+    }
+
     /// What the data plane holds now.
     pub fn observed(&mut self, view: DataPlaneView, now: Now) {
         self.read_in_flight = false;

@@ -19,8 +19,9 @@ pub const SOCKET: &str = "admin.sock";
 const MAX_REQUEST: u64 = 256 * 1024;
 const DEADLINE: Duration = Duration::from_secs(10);
 
-/// Serves the socket until the process ends.
-pub async fn listen(path: PathBuf, handle: AdminHandle) {
+/// Binds the socket (so that it answers once this returns), then serves it
+/// on a task until the process ends.
+pub fn listen(path: PathBuf, handle: AdminHandle) {
     let listener = match bind(&path) {
         Ok(l) => l,
         Err(e) => {
@@ -28,6 +29,10 @@ pub async fn listen(path: PathBuf, handle: AdminHandle) {
             return;
         }
     };
+    tokio::spawn(accept(listener, handle));
+}
+
+async fn accept(listener: UnixListener, handle: AdminHandle) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;

@@ -21,6 +21,7 @@ use crate::authority::client;
 use crate::authority::token::JoinToken;
 use crate::authority::wire::Endpoints;
 use crate::files;
+use crate::owner::{self, Acting};
 
 pub const CONFIG_FILE: &str = "keyd.toml";
 
@@ -50,6 +51,13 @@ pub struct JoinArgs {
 }
 
 pub fn run(a: JoinArgs) -> Result<()> {
+    // Root joining into the package's /etc/pqmesh writes it as its owner.
+    if let Acting::Owner { uid, gid } = owner::act_as_owner_of(&a.dir)? {
+        eprintln!(
+            "keyd join: acting as uid {uid} gid {gid}, the owner of {}",
+            a.dir.display()
+        );
+    }
     let text = if a.token == "-" {
         let mut t = Zeroizing::new(String::new());
         std::io::stdin()

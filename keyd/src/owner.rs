@@ -1,0 +1,88 @@
+//! Root writing into a service user's directory acts as that user.
+//!
+//! The package gives `/etc/pqmesh` to the `pqmesh` user that `keyd run`
+//! runs as, and keyd refuses a key file that is not its own
+//! (`files::read_secret`). So `keyd join`, run as root on such a directory
+//! (cloud-init, `sudo`), first becomes the directory's owner: the keys,
+//! certificate, roster and configuration it writes then belong to the user
+//! who will read them, and the enrollment runs without root. A directory
+//! root owns (or one not there yet) changes nothing.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum OwnerError {
+    #[error("cannot act as uid {uid} gid {gid}, the owner of {dir}: {source}")]
+    Switch {
+        dir: PathBuf,
+        uid: u32,
+        gid: u32,
+        source: std::io::Error,
+    },
+}
+
+/// Who we act as after [`act_as_owner_of`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Acting {
+    /// Not root, or the directory is root's or absent.
+    Unchanged,
+    /// Switched to the directory's owner.
+    Owner { uid: u32, gid: u32 },
+}
+
+/// If this process is root and `dir` belongs to another user, drops to that
+/// user and the directory's group, for good (supplementary groups cleared).
+pub fn act_as_owner_of(dir: &Path) -> Result<Acting, OwnerError> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(Acting::Unchanged);
+    }
+    let Ok(meta) = std::fs::metadata(dir) else {
+        return Ok(Acting::Unchanged);
+    };
+    let (uid, gid) = (meta.uid(), meta.gid());
+    if uid == 0 {
+        return Ok(Acting::Unchanged);
+    }
+    let fail = |source| OwnerError::Switch {
+        dir: dir.into(),
+        uid,
+        gid,
+        source,
+    };
+    // Groups first: once the uid is dropped they can no longer be changed.
+    // glibc applies each call to every thread of the process.
+    // SAFETY: plain syscalls on integers; a null list with length 0.
+    unsafe {
+        if libc::setgroups(0, std::ptr::null()) != 0 {
+            return Err(fail(std::io::Error::last_os_error()));
+        }
+        if libc::setresgid(gid, gid, gid) != 0 {
+            return Err(fail(std::io::Error::last_os_error()));
+        }
+        if libc::setresuid(uid, uid, uid) != 0 {
+            return Err(fail(std::io::Error::last_os_error()));
+        }
+    }
+    Ok(Acting::Owner { uid, gid })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_s_or_a_missing_directory_changes_nothing() {
+        // As root (CI) the directory below is root's; as anyone else
+        // nothing is ever switched. Both must leave the process as it is.
+        let dir = tempfile::tempdir().unwrap();
+        let before = unsafe { libc::geteuid() };
+        assert_eq!(act_as_owner_of(dir.path()).unwrap(), Acting::Unchanged);
+        assert_eq!(
+            act_as_owner_of(&dir.path().join("absent")).unwrap(),
+            Acting::Unchanged
+        );
+        assert_eq!(unsafe { libc::geteuid() }, before);
+    }
+}
