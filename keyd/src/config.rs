@@ -39,6 +39,15 @@ struct RawConfig {
     authority: Option<RawAuthority>,
     #[serde(default)]
     edge: RawEdge,
+    metrics: Option<RawMetrics>,
+}
+
+/// `[metrics]`: keyd's Prometheus endpoint.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    /// `IP:PORT` of `GET /metrics` (plain HTTP, unauthenticated).
+    listen: SocketAddr,
 }
 
 /// `[edge]`: the fallback ladder (docs/edge.md).
@@ -125,6 +134,8 @@ pub struct Config {
     pub authority: Option<AuthorityLink>,
     /// The fallback ladder: which rungs, or one pinned.
     pub edge: LadderConfig,
+    /// Where `GET /metrics` is served (`[metrics] listen`); none: not served.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 fn duration(field: &str, text: &str) -> Result<Duration> {
@@ -188,6 +199,7 @@ impl Config {
                 edge.validate()?;
                 edge
             },
+            metrics_listen: raw.metrics.map(|m| m.listen),
         };
         for (field, path) in [
             ("ca_cert", &config.ca_cert),
@@ -240,6 +252,7 @@ roster = "roster"
         assert_eq!(c.persistent_keepalive, None);
         assert_eq!(c.edge.allowed, Rung::ALL.to_vec());
         assert_eq!(c.edge.pin, None);
+        assert_eq!(c.metrics_listen, None, "no metrics unless asked");
         assert_eq!(
             c.cert,
             dir.path().join("node.crt"),
@@ -288,6 +301,26 @@ roster = "roster"
         assert!(e.contains("edge.pin"), "{e}");
         let e = err(format!("{MINIMAL}[edge]\nrungs = []\n"));
         assert!(e.contains("edge.rungs"), "{e}");
+    }
+
+    #[test]
+    fn metrics_listen() {
+        let dir = dir_with_files();
+        let c = Config::parse(
+            &format!("{MINIMAL}[metrics]\nlisten = \"127.0.0.1:9587\"\n"),
+            dir.path(),
+        )
+        .unwrap();
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:9587".parse().unwrap()));
+        let err = |text: String| format!("{:#}", Config::parse(&text, dir.path()).unwrap_err());
+        let e = err(format!("{MINIMAL}[metrics]\nlisten = \"localhost\"\n"));
+        assert!(e.contains("metrics.listen") || e.contains("listen"), "{e}");
+        let e = err(format!("{MINIMAL}[metrics]\n"));
+        assert!(e.contains("listen"), "{e}");
+        let e = err(format!(
+            "{MINIMAL}[metrics]\nlisten = \"127.0.0.1:9587\"\npath = \"/x\"\n"
+        ));
+        assert!(e.contains("path"), "{e}");
     }
 
     #[test]

@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, bail};
@@ -34,13 +34,14 @@ use crate::dataplane::{DataPlane, PeerChange, PeerConfig};
 use crate::edge::ladder::Rung;
 use crate::edge::tcp::TcpLink;
 use crate::edge::{self, Edge};
+use crate::metrics::exchanges::{ExchangeCounters, ExchangeStats};
 use crate::policy::{
     Action, Counters, DataPlaneView, Failure, LocalState, MeshPolicy, Now, PeerStatus,
     PolicyConfig, PolicyEvent, Role,
 };
 use crate::ratelimit::{LogLimiter, SharedLogLimiter, Verdict};
 use crate::state::{self, PersistedState};
-use crate::{files, firewall, quic, text, time};
+use crate::{files, firewall, metrics, quic, text, time};
 
 /// Exchanges one keyd runs as initiator at once.
 const MAX_DIALS_IN_FLIGHT: usize = 8;
@@ -79,6 +80,9 @@ pub struct Status {
     /// The data plane's firewall (issue 13).
     #[serde(default)]
     pub firewall: firewall::FirewallStatus,
+    /// Hybrid exchanges begun, completed, failed, and their durations.
+    #[serde(default)]
+    pub exchanges: ExchangeCounters,
 }
 
 /// Inputs from the tasks to the policy's owner.
@@ -137,6 +141,8 @@ struct Shared {
     edge: Arc<Edge>,
     /// Carriers being opened by this node (one attempt per peer and rung).
     edge_connecting: Mutex<HashSet<(NodeId, Rung)>>,
+    /// Exchanges counted and timed for the status and `/metrics`.
+    exchanges: ExchangeStats,
 }
 
 impl Shared {
@@ -333,6 +339,23 @@ pub async fn run(config: Config, reset_state: bool) -> Result<()> {
         .as_ref()
         .map(|_| client::SharedLinkStatus::default());
     let (snapshot, _) = watch::channel(snapshot_of(&policy, &identity));
+    let (published, _) = watch::channel(None);
+    if let Some(addr) = config.metrics_listen {
+        let listener = metrics::server::bind(addr).await?;
+        let status = published.subscribe();
+        let render = Arc::new(move || {
+            let status: &Option<Arc<Status>> = &status.borrow();
+            status
+                .as_ref()
+                .map(|s| metrics::render::render(s, time::unix_now()))
+        });
+        tokio::spawn(metrics::server::serve(
+            listener,
+            metrics::server::Limits::default(),
+            render,
+        ));
+        info!("metrics on http://{addr}/metrics");
+    }
     let shared = Arc::new(Shared {
         config,
         identity,
@@ -352,6 +375,7 @@ pub async fn run(config: Config, reset_state: bool) -> Result<()> {
         link,
         edge,
         edge_connecting: Mutex::new(HashSet::new()),
+        exchanges: ExchangeStats::default(),
     });
     tokio::spawn(accept_loop(shared.clone()));
     tokio::spawn(edge_sync(shared.clone()));
@@ -396,6 +420,8 @@ pub async fn run(config: Config, reset_state: bool) -> Result<()> {
         limiter: LogLimiter::default(),
         next_status: Instant::now(),
         firewall: FirewallPush::default(),
+        last_results: HashMap::new(),
+        published,
     }
     .run(rx)
     .await;
@@ -434,6 +460,10 @@ struct Driver {
     limiter: LogLimiter,
     next_status: Instant,
     firewall: FirewallPush,
+    /// Each peer's last exchange (`ok` or the failure's label), by node id.
+    last_results: HashMap<String, &'static str>,
+    /// The status as last written, for `/metrics`.
+    published: watch::Sender<Option<Arc<Status>>>,
 }
 
 /// The firewall document in the data plane: what was pushed for which
@@ -490,11 +520,13 @@ impl Driver {
                     peer, epoch, psk, ..
                 } = *est;
                 self.s.edge.peer_reachable(peer.node_id());
+                self.last_results.insert(peer.node_id().to_string(), "ok");
                 self.policy
                     .exchange_established(peer.cert(), epoch, psk, role, now);
             }
             Input::DialFailed { peer, label, error } => {
                 *self.refusals.entry(label.to_string()).or_default() += 1;
+                self.last_results.insert(peer.to_string(), label);
                 self.log_limited(label, || {
                     format!("exchange with {peer} failed ({label}): {error}")
                 });
@@ -762,7 +794,7 @@ impl Driver {
         let s = self.s.clone();
         tokio::spawn(async move {
             let id = member.cert.body().node_id;
-            let input = match initiate(&s, &member).await {
+            let input = match counted(&s.exchanges, initiate(&s, &member)).await {
                 Ok(est) => Input::Established {
                     est: Box::new(est),
                     role: Role::Initiator,
@@ -848,7 +880,7 @@ impl Driver {
         f.status = status;
     }
 
-    fn write_status(&self) {
+    fn write_status(&mut self) {
         let now = now();
         let roster = self.policy.roster();
         let status = Status {
@@ -868,6 +900,7 @@ impl Driver {
                     .into_iter()
                     .map(|mut p| {
                         p.path = paths.remove(&p.node_id);
+                        p.last_result = self.last_results.get(&p.node_id).map(|r| r.to_string());
                         (p.name.clone(), p)
                     })
                     .collect()
@@ -888,12 +921,18 @@ impl Driver {
                 .map(|l| l.lock().unwrap_or_else(|p| p.into_inner()).clone()),
             counters: self.policy.counters().clone(),
             firewall: self.firewall.status.clone(),
+            exchanges: self.s.exchanges.snapshot(),
         };
+        // Peers that left the roster leave no result behind.
+        let listed: HashSet<&str> = status.peers.values().map(|p| p.node_id.as_str()).collect();
+        self.last_results
+            .retain(|id, _| listed.contains(id.as_str()));
         if let Ok(json) = serde_json::to_string_pretty(&status)
             && let Err(e) = files::write_document(&status_path(&self.s.config), &json)
         {
             warn!("cannot write status: {e:#}");
         }
+        self.published.send_replace(Some(Arc::new(status)));
     }
 }
 
@@ -944,6 +983,33 @@ fn params(s: &Shared, snap: &Snapshot, expected: Option<NodeId>) -> ExchangePara
         peer_epochs: snap.peer_epochs.clone(),
         expected_peer: expected,
         channel_binding: Vec::new(),
+    }
+}
+
+/// Counts and times an exchange this node initiates.
+async fn counted(
+    stats: &ExchangeStats,
+    exchange: impl std::future::Future<Output = Result<Established>>,
+) -> Result<Established> {
+    let start = Instant::now();
+    stats.started(Role::Initiator);
+    let result = exchange.await;
+    match &result {
+        Ok(_) => stats.completed(Role::Initiator, start.elapsed()),
+        Err(_) => stats.failed(Role::Initiator),
+    }
+    result
+}
+
+/// Counts an exchange this node answered, if it began (was admitted at
+/// `admitted`): one refused before that is a refusal, not an exchange.
+fn count_answered(stats: &ExchangeStats, admitted: &OnceLock<Instant>, ok: bool) {
+    if let Some(start) = admitted.get() {
+        if ok {
+            stats.completed(Role::Responder, start.elapsed());
+        } else {
+            stats.failed(Role::Responder);
+        }
     }
 }
 
@@ -1109,13 +1175,15 @@ async fn serve_connection(s: Arc<Shared>, incoming: quinn::Incoming, remote: Soc
     let mut authenticated = false;
     loop {
         let first_stream = (!authenticated).then_some(quic::EXCHANGE_DEADLINE);
+        let admitted = OnceLock::new();
         let result = quic::respond(
             &conn,
             first_stream,
             responder_gate(&s, remote),
-            responder_admit(&s, remote),
+            responder_admit(&s, remote, &admitted),
         )
         .await;
+        count_answered(&s.exchanges, &admitted, result.is_ok());
         match result {
             Ok(est) => {
                 authenticated = true;
@@ -1150,15 +1218,18 @@ fn responder_gate(s: &Shared, remote: SocketAddr) -> impl Fn(&[u8]) -> quic::Gat
 }
 
 /// Then a handshake slot, held only while the public-key work runs, and the
-/// parameters as of now.
-fn responder_admit(
-    s: &Arc<Shared>,
+/// parameters as of now. The exchange begins there: `admitted` gets the time.
+fn responder_admit<'a>(
+    s: &'a Arc<Shared>,
     remote: SocketAddr,
-) -> impl FnOnce() -> Result<(ExchangeParams, HandshakeSlot)> + '_ {
+    admitted: &'a OnceLock<Instant>,
+) -> impl FnOnce() -> Result<(ExchangeParams, HandshakeSlot)> + 'a {
     move || {
         s.admission()
             .handshake(remote.ip(), Instant::now())
             .map_err(|r| anyhow::anyhow!(AdmissionRefused(r)))?;
+        let _ = admitted.set(Instant::now());
+        s.exchanges.started(Role::Responder);
         let slot = HandshakeSlot(s.clone());
         let snap = s.snapshot.borrow().clone();
         Ok((params(s, &snap, None), slot))
@@ -1242,13 +1313,13 @@ async fn edge_requests_loop(s: Arc<Shared>, mut rx: mpsc::Receiver<edge::Request
 /// any other): only then does it carry the peer's packets.
 async fn connect_carrier(s: &Shared, member: &Member, rung: Rung) -> Result<()> {
     let est = match rung {
-        Rung::Quic => initiate_quic(s, member).await?,
+        Rung::Quic => counted(&s.exchanges, initiate_quic(s, member)).await?,
         Rung::Tcp => {
             let addr = member
                 .keyd_endpoint
                 .context("the roster has no keyd endpoint for it")?;
             let link = TcpLink::connect(&s.edge.connector, addr).await?;
-            initiate_tcp(s, member, &link).await?
+            counted(&s.exchanges, initiate_tcp(s, member, &link)).await?
         }
         Rung::Direct => return Ok(()),
     };
@@ -1339,6 +1410,7 @@ async fn serve_tcp(s: Arc<Shared>, tcp: tokio::net::TcpStream, remote: SocketAdd
             link.close();
             return;
         };
+        let admitted = OnceLock::new();
         let exchange = quic::respond_on(
             FirstThen {
                 first: Some(first),
@@ -1346,11 +1418,12 @@ async fn serve_tcp(s: Arc<Shared>, tcp: tokio::net::TcpStream, remote: SocketAdd
             },
             link.binding.clone(),
             responder_gate(&s, remote),
-            responder_admit(&s, remote),
+            responder_admit(&s, remote, &admitted),
         );
         let result = tokio::time::timeout(quic::EXCHANGE_DEADLINE, exchange)
             .await
             .unwrap_or_else(|_| Err(anyhow::anyhow!(mesh_proto::ExchangeError::Timeout)));
+        count_answered(&s.exchanges, &admitted, result.is_ok());
         match result {
             Ok(est) => {
                 authenticated = true;

@@ -10,6 +10,8 @@ pub mod dataplane;
 pub mod edge;
 pub mod files;
 pub mod firewall;
+pub mod health;
+pub mod metrics;
 pub mod notify;
 pub mod owner;
 pub mod policy;

@@ -827,6 +827,7 @@ impl MeshPolicy {
                     exchanges_failed: p.exchanges_failed,
                     dials_unanswered: p.dials_unanswered,
                     path: None,
+                    last_result: None,
                 }
             })
             .collect()
@@ -1212,6 +1213,10 @@ pub struct PeerStatus {
     /// The edge ladder's path to it (filled in by the daemon).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<crate::edge::PathStatus>,
+    /// The last exchange with it since keyd started: `ok`, or the failure's
+    /// reason label (filled in by the daemon).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_result: Option<String>,
 }
 
 #[cfg(test)]

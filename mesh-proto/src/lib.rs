@@ -13,6 +13,7 @@ pub mod error;
 pub mod exchange;
 #[cfg(test)]
 mod exchange_tests;
+pub mod exposition;
 pub mod firewall;
 pub mod frame;
 pub mod identity;
