@@ -152,6 +152,16 @@ impl Firewall {
             }
         }
         inner.hits_at_swap = inner.conntrack.counters().rule_hits.clone();
+        // The first policy after traffic passed unfiltered (no document yet,
+        // or one without a policy): the connections opened meanwhile were
+        // not tracked, and those the policy allows must go on.
+        let was_filtering = match &inner.ruleset {
+            Some(r) => r.engine.is_some(),
+            None => inner.required,
+        };
+        if enforcing && !was_filtering {
+            inner.conntrack.start_pick_up(Instant::now());
+        }
         let old = inner.ruleset.replace(ruleset);
         self.enforcing.store(enforcing, Ordering::Release);
         // The old engine is freed after the lock is let go.
@@ -228,6 +238,7 @@ impl Firewall {
             flows_evicted: c.evicted,
             flows_expired: c.expired,
             flows_rechecked_dropped: c.rechecked_dropped,
+            flows_picked_up: c.picked_up,
             drops: Drops {
                 policy: c.dropped_policy,
                 no_peer: c.dropped_no_peer,
@@ -596,6 +607,36 @@ mod tests {
         ] {
             assert!(m.lines().any(|l| l == line), "{line} in {m}");
         }
+    }
+
+    /// Connections opened while nothing was filtered survive the first
+    /// policy when it allows them (the window is conntrack's to test); a
+    /// required firewall carried nothing before, so it has nothing to pick
+    /// up.
+    #[test]
+    fn the_first_policy_picks_up_the_connections_it_allows() {
+        let web_to_db = || tcp(1, 40000, 2, 5432, ACK);
+        let db_to_web = || tcp(2, 5432, 1, 40000, ACK);
+        let ssh = || tcp(1, 40001, 2, 22, ACK);
+        for before in [None, Some(None)] {
+            let fw = Firewall::new(ConntrackConfig::default());
+            if let Some(policy) = before {
+                fw.install(ruleset(1, policy)).unwrap();
+            }
+            fw.install(ruleset(2, Some(WEB_TO_DB))).unwrap();
+            let mut b = fw.batch();
+            assert!(b.allows(Direction::Inbound, &db_to_web()), "{before:?}");
+            assert!(b.allows(Direction::Outbound, &web_to_db()), "{before:?}");
+            assert!(
+                !b.allows(Direction::Outbound, &ssh()),
+                "not allowed: {before:?}"
+            );
+            drop(b);
+            assert_eq!(fw.status().flows_picked_up, 1);
+        }
+        let fw = Firewall::with_required(ConntrackConfig::default(), true);
+        fw.install(ruleset(1, Some(WEB_TO_DB))).unwrap();
+        assert!(!fw.batch().allows(Direction::Outbound, &web_to_db()));
     }
 
     #[test]

@@ -25,6 +25,8 @@ pub struct FirewallStatus {
     pub flows_evicted: u64,
     pub flows_expired: u64,
     pub flows_rechecked_dropped: u64,
+    /// TCP connections from before the first policy, tracked mid-stream.
+    pub flows_picked_up: u64,
     pub drops: Drops,
     pub documents_applied: u64,
     pub documents_refused: u64,
@@ -116,6 +118,11 @@ impl FirewallStatus {
                 self.flows_rechecked_dropped,
             ),
             (
+                "mesh_node_firewall_flows_picked_up_total",
+                "TCP connections open before the first policy and allowed by it, tracked mid-stream",
+                self.flows_picked_up,
+            ),
+            (
                 "mesh_node_firewall_documents_applied_total",
                 "Firewall documents put in force",
                 self.documents_applied,
@@ -167,10 +174,11 @@ impl fmt::Display for FirewallStatus {
         writeln!(f, "firewall: {state}, {} peers", self.peers)?;
         writeln!(
             f,
-            "flows: {} of {} tracked; {} opened, {} expired, {} evicted, {} cut by a new policy",
+            "flows: {} of {} tracked; {} opened, {} picked up, {} expired, {} evicted, {} cut by a new policy",
             self.flows,
             self.max_flows,
             self.flows_new,
+            self.flows_picked_up,
             self.flows_expired,
             self.flows_evicted,
             self.flows_rechecked_dropped

@@ -105,6 +105,9 @@ pub struct ConntrackCounters {
     pub expired: u64,
     /// Tracked flows dropped and forgotten because a newer engine forbids them.
     pub rechecked_dropped: u64,
+    /// TCP connections from before the first policy, tracked mid-stream in
+    /// the pick-up window ([`Conntrack::start_pick_up`]).
+    pub picked_up: u64,
     /// New flows decided by each rule (allowed or denied), indexed like the
     /// engine's rules. Cumulative: when the engine changes the vector is
     /// resized to its rules and counting goes on, so whoever names the
@@ -284,6 +287,8 @@ pub struct Conntrack {
     pairs: HashMap<(u8, IpAddr, IpAddr), u32>,
     generation: Option<u64>,
     counters: ConntrackCounters,
+    /// See [`Conntrack::start_pick_up`].
+    pick_up_until: Option<Instant>,
 }
 
 impl Conntrack {
@@ -298,6 +303,7 @@ impl Conntrack {
             pairs: HashMap::new(),
             generation: None,
             counters: ConntrackCounters::default(),
+            pick_up_until: None,
         }
     }
 
@@ -315,6 +321,19 @@ impl Conntrack {
         now: Instant,
     ) -> Verdict {
         self.check_with(dir, meta, engine, generation, now)
+    }
+
+    /// For the TCP timeout from `now` (a connection idle longer would have
+    /// been forgotten had it been tracked), a mid-stream TCP segment of an
+    /// untracked connection that the policy allows in either orientation is
+    /// tracked instead of dropped. For the first policy after a time
+    /// without one: connections opened then were never tracked, and an
+    /// allowed one must not be cut by the policy's arrival. Only TCP, which opens nothing without a
+    /// SYN (a stray segment gets a reset from the local stack); a UDP
+    /// datagram the other way round is still a new flow, so no local port
+    /// becomes reachable that the policy closes.
+    pub fn start_pick_up(&mut self, now: Instant) {
+        self.pick_up_until = Some(now + self.config.tcp_timeout);
     }
 
     /// Forgets every flow idle past its timeout.
@@ -440,6 +459,12 @@ impl Conntrack {
             self.remove(i);
         }
         if !opens {
+            let picking_up = meta.proto == PROTO_TCP
+                && meta.tcp_flags & (TCP_SYN | TCP_RST) == 0
+                && self.pick_up_until.is_some_and(|until| now < until);
+            if picking_up {
+                return self.pick_up(dir, meta, key, rules, generation, now);
+            }
             return Verdict::Drop(DropReason::NotTracked);
         }
         let Some(peer) = rules.peer_for(key.remote) else {
@@ -469,6 +494,53 @@ impl Conntrack {
                 Verdict::Drop(DropReason::Policy { rule })
             }
         }
+    }
+
+    /// Tracks a mid-stream TCP segment's connection if the policy allows it
+    /// as opened by either side (see [`Conntrack::start_pick_up`]).
+    fn pick_up<R: Rules>(
+        &mut self,
+        dir: Direction,
+        meta: &PacketMeta,
+        key: FlowKey,
+        rules: &R,
+        generation: u64,
+        now: Instant,
+    ) -> Verdict {
+        let Some(peer) = rules.peer_for(key.remote) else {
+            return Verdict::Drop(DropReason::NoPeer);
+        };
+        let reverse = match dir {
+            Direction::Inbound => Direction::Outbound,
+            Direction::Outbound => Direction::Inbound,
+        };
+        let as_sent = rules.decide(dir, peer, meta.proto, meta.dport);
+        let (opened, rule) = match as_sent {
+            Decision::Allow { rule } => (dir, rule),
+            Decision::Deny { rule: denied } => {
+                match rules.decide(reverse, peer, meta.proto, meta.sport) {
+                    Decision::Allow { rule } => (reverse, rule),
+                    Decision::Deny { .. } => {
+                        return Verdict::Drop(DropReason::Policy { rule: denied });
+                    }
+                }
+            }
+        };
+        self.hit(rule);
+        self.counters.picked_up += 1;
+        let flow = Flow {
+            peer,
+            opened,
+            rule,
+            generation,
+            last_seen: now,
+            answered: dir != opened,
+            fin_opener: false,
+            fin_answerer: false,
+            closed: false,
+        };
+        self.insert(key, flow, now);
+        Verdict::Pass
     }
 
     /// An ICMP error passes only when it is about a tracked flow and comes
@@ -802,6 +874,85 @@ mod tests {
 
     fn outbound_only() -> Script<impl Fn(Direction, usize, u8, u16) -> bool> {
         script(|dir, _, _, _| dir == Outbound)
+    }
+
+    /// A TCP connection open before the first policy came into force (the
+    /// table tracked nothing then) and allowed by it keeps going: within
+    /// the pick-up window a mid-stream segment of an untracked connection
+    /// the policy allows, in either orientation, is tracked. Nothing else
+    /// is: not a denied one, not UDP the other way, not after the window.
+    #[test]
+    fn tcp_connections_from_before_the_first_policy_are_picked_up_in_the_window() {
+        // Outbound to any port of peer 0; inbound only to port 22.
+        let rules = script(|dir, peer, _, dport| peer == 0 && (dir == Outbound || dport == 22));
+        let mut ct = Conntrack::new(ConntrackConfig::default());
+        let t = Instant::now();
+        let ack = TCP_ACK;
+        // Without a window: mid-stream segments of unknown flows are dropped.
+        assert_eq!(
+            ct.check_with(Outbound, &out_tcp(2, 40_000, 5432, ack), &rules, 1, t),
+            Verdict::Drop(DropReason::NotTracked)
+        );
+        ct.start_pick_up(t);
+        // We opened it (to 5432): our segment picks it up, its reply passes.
+        assert_eq!(
+            ct.check_with(Outbound, &out_tcp(2, 40_000, 5432, ack), &rules, 1, t),
+            PASS
+        );
+        assert_eq!(
+            ct.check_with(Inbound, &in_tcp(2, 5432, 40_000, ack), &rules, 1, t),
+            PASS
+        );
+        // The reply side speaks first: picked up the same way round.
+        assert_eq!(
+            ct.check_with(Inbound, &in_tcp(2, 6000, 40_001, ack), &rules, 1, t),
+            PASS
+        );
+        let f = ct.tracked(Inbound, &in_tcp(2, 6000, 40_001, ack)).unwrap();
+        assert_eq!(
+            f.opened, Outbound,
+            "40001 -> 6000 is the allowed orientation"
+        );
+        // The peer opened it to our port 22.
+        assert_eq!(
+            ct.check_with(Inbound, &in_tcp(2, 50_000, 22, ack), &rules, 1, t),
+            PASS
+        );
+        assert_eq!(
+            ct.tracked(Inbound, &in_tcp(2, 50_000, 22, ack))
+                .unwrap()
+                .opened,
+            Inbound
+        );
+        assert_eq!(ct.counters().picked_up, 3);
+        // Peer 1 may not talk to us at all: no orientation is allowed.
+        assert_eq!(
+            ct.check_with(Inbound, &in_tcp(3, 50_000, 22, ack), &rules, 1, t),
+            DEFAULT_DENY
+        );
+        // UDP the other way round is a new inbound flow, decided as ever:
+        // a reply-looking datagram reaches no local port through the window.
+        assert_eq!(
+            ct.check_with(Inbound, &in_udp(2, 53, 40_002), &rules, 1, t),
+            DEFAULT_DENY
+        );
+        // After the window (the established timeout): strict again.
+        let window = ConntrackConfig::default().tcp_timeout;
+        let mid = t + window / 2;
+        assert_eq!(
+            ct.check_with(Outbound, &out_tcp(2, 40_000, 5432, ack), &rules, 1, mid),
+            PASS
+        );
+        let later = t + window;
+        assert_eq!(
+            ct.check_with(Inbound, &in_tcp(2, 50_001, 22, ack), &rules, 1, later),
+            Verdict::Drop(DropReason::NotTracked)
+        );
+        // A picked-up flow stays tracked after the window.
+        assert_eq!(
+            ct.check_with(Inbound, &in_tcp(2, 5432, 40_000, ack), &rules, 1, later),
+            PASS
+        );
     }
 
     #[test]
