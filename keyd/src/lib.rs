@@ -11,6 +11,7 @@ pub mod edge;
 pub mod files;
 pub mod firewall;
 pub mod health;
+pub mod logging;
 pub mod metrics;
 pub mod notify;
 pub mod owner;

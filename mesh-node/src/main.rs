@@ -14,6 +14,7 @@ use mesh_node::firewall::{self, Firewall};
 use mesh_node::{api, counters::Counters, device, metrics, notify, setup};
 use mesh_proto::firewall::conntrack::ConntrackConfig;
 use tracing::{error, info, warn};
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -37,6 +38,15 @@ enum TransportKind {
     Default,
 }
 
+/// How the daemon's log lines are written.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line: timestamp, level, message and fields.
+    Json,
+}
+
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Create the WireGuard interface IFNAME and serve its userspace API.
@@ -49,6 +59,9 @@ enum Cmd {
         /// Where the daemon writes its log (default: discarded once running).
         #[arg(long)]
         log_file: Option<std::path::PathBuf>,
+        /// Log as text lines or as one JSON object per line.
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
         /// Serve Prometheus metrics over HTTP on this address (e.g. 127.0.0.1:9586).
         #[arg(long)]
         metrics_listen: Option<std::net::SocketAddr>,
@@ -97,6 +110,7 @@ fn main() -> ExitCode {
         ifname,
         foreground,
         log_file,
+        log_format,
         metrics_listen,
         transports,
         busy_poll_us,
@@ -134,6 +148,7 @@ fn main() -> ExitCode {
                 &ifname,
                 &setup,
                 log_file.as_deref(),
+                log_format,
                 metrics_listen,
                 transports,
                 DataPath {
@@ -204,7 +219,7 @@ fn daemonize(ifname: &str) -> Result<()> {
     bail!("mesh-node daemon did not become ready within 20 s")
 }
 
-fn init_logging(log_file: Option<&std::path::Path>) -> Result<()> {
+fn init_logging(log_file: Option<&std::path::Path>, format: LogFormat) -> Result<()> {
     // `Targets` reads RUST_LOG's common form (`info,gotatun=debug`) without
     // EnvFilter's regex engine, which costs resident memory on every node.
     let info = tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO);
@@ -214,23 +229,28 @@ fn init_logging(log_file: Option<&std::path::Path>) -> Result<()> {
         Some(Err(e)) => (info, Some(e)),
         None => (info, None),
     };
-    let builder = tracing_subscriber::fmt().with_target(false);
-    match log_file {
+    let writer = match log_file {
         Some(path) => {
             let file = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(path)
                 .with_context(|| format!("cannot open log file {}", path.display()))?;
-            builder
-                .with_ansi(false)
-                .with_writer(Arc::new(file))
-                .finish()
-                .with(filter)
-                .init();
+            BoxMakeWriter::new(Arc::new(file))
         }
-        None => builder
-            .with_writer(std::io::stderr)
+        None => BoxMakeWriter::new(std::io::stderr),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_target(false)
+        .with_ansi(log_file.is_none())
+        .with_writer(writer);
+    match format {
+        LogFormat::Text => builder.finish().with(filter).init(),
+        // The message and the event's fields at the top level, beside
+        // timestamp and level: what log pipelines index.
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
             .finish()
             .with(filter)
             .init(),
@@ -276,6 +296,7 @@ fn run(
     ifname: &str,
     setup: &Setup,
     log_file: Option<&std::path::Path>,
+    log_format: LogFormat,
     metrics: Option<std::net::SocketAddr>,
     transports: TransportKind,
     data_path: DataPath,
@@ -287,7 +308,7 @@ fn run(
         conntrack,
         firewall_required,
     } = data_path;
-    init_logging(log_file)?;
+    init_logging(log_file, log_format)?;
     // One malloc arena for all threads: packet buffers come from gotatun's
     // pool, so the data path rarely allocates, and per-thread arenas only
     // add resident memory on every node.

@@ -29,7 +29,7 @@ pub enum AuthorityCommand {
     /// whose CA exists (`--ca-dir`).
     Init(InitArgs),
     /// Run the authority (enrollment and distribution over QUIC).
-    Run(DirArgs),
+    Run(RunArgs),
     /// What the running authority holds and counts.
     Status(JsonDirArgs),
     /// Join tokens.
@@ -71,6 +71,14 @@ pub struct DirArgs {
     /// The authority's state directory.
     #[arg(long, default_value = "/var/lib/pqmesh-authority")]
     dir: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    #[command(flatten)]
+    dir: DirArgs,
+    #[command(flatten)]
+    log: crate::logging::LogArgs,
 }
 
 #[derive(Args, Debug)]
@@ -259,7 +267,7 @@ impl FileConfig {
 pub fn run(cmd: AuthorityCommand) -> Result<()> {
     match cmd {
         AuthorityCommand::Init(a) => init(a),
-        AuthorityCommand::Run(a) => run_authority(&a.dir),
+        AuthorityCommand::Run(a) => run_authority(&a.dir.dir, a.log.log_format),
         AuthorityCommand::Status(a) => {
             let v = admin::request(&a.d.dir, &AdminOp::Status)?;
             show(a.json, &v, |v| {
@@ -574,7 +582,7 @@ fn open(
     )?)
 }
 
-fn run_authority(dir: &Path) -> Result<()> {
+fn run_authority(dir: &Path, log_format: crate::logging::LogFormat) -> Result<()> {
     let config = FileConfig::load(dir)?;
     let params = config.params()?;
     let ca = super::load_ca_cert(&dir.join(CA_CERT))?;
@@ -592,13 +600,7 @@ fn run_authority(dir: &Path) -> Result<()> {
     } else {
         None
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_writer(std::io::stderr)
-        .init();
+    crate::logging::init(log_format);
     let authority = open(dir, &ca, root, params, time::unix_now())?;
     let noise = NoisePrivateKey::from_text(&files::read_secret(&dir.join(NOISE_KEY))?)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()

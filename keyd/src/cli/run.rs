@@ -7,8 +7,9 @@ use clap::Args;
 
 use crate::config::Config;
 use crate::daemon::{self, Status};
+use crate::logging::{self, LogArgs};
 use crate::policy::LocalState;
-use crate::{files, time};
+use crate::{files, health, time};
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
@@ -20,6 +21,8 @@ pub struct RunArgs {
     /// accepted whatever its serial.
     #[arg(long)]
     reset_state: bool,
+    #[command(flatten)]
+    log: LogArgs,
 }
 
 #[derive(Args, Debug)]
@@ -30,17 +33,15 @@ pub struct StatusArgs {
     /// Machine-readable output.
     #[arg(long)]
     json: bool,
+    /// One line, `ok: ...`, `degraded: ...` or `failed: ...`, and the exit
+    /// status 0, 1 or 2 to match (docs/operations.md).
+    #[arg(long, conflicts_with = "json")]
+    short: bool,
 }
 
 pub fn run(a: RunArgs) -> Result<()> {
     let config = Config::load(&a.config)?;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_writer(std::io::stderr)
-        .init();
+    logging::init(a.log.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -54,7 +55,26 @@ pub fn run(a: RunArgs) -> Result<()> {
     })
 }
 
+/// `keyd status --short`: the line, then exit with its level's status
+/// (whatever goes wrong, even reading the configuration, is `failed`).
+fn short(a: &StatusArgs) -> ! {
+    let read = || -> Result<Status> {
+        let path = daemon::status_path(&Config::load(&a.config)?);
+        let text = files::read_text(&path)?;
+        serde_json::from_str(&text).with_context(|| format!("{}", path.display()))
+    };
+    let h = match read() {
+        Ok(s) => health::assess(&s, time::unix_now()),
+        Err(e) => health::no_status(&format!("{e:#}")),
+    };
+    println!("{}", h.line);
+    std::process::exit(h.level.exit_code().into())
+}
+
 pub fn status(a: StatusArgs) -> Result<()> {
+    if a.short {
+        short(&a);
+    }
     let config = Config::load(&a.config)?;
     let path = daemon::status_path(&config);
     let text = files::read_text(&path).context("is keyd running with this configuration?")?;
