@@ -13,6 +13,7 @@ use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -421,5 +422,83 @@ fn a_flood_of_flows_stays_bounded_and_icmp_errors_about_allowed_flows_pass() {
     assert!(
         evicted >= FLOOD - MAX_FLOWS,
         "the flood recycled the table: {new} new, {evicted} evicted"
+    );
+}
+
+/// A connection opened while nothing was filtered goes on when the first
+/// policy arrives and allows it (it was never tracked: it is picked up
+/// mid-stream), while new flows the policy forbids are dropped from then
+/// on; `mesh-node status` shows it all.
+#[test]
+fn a_connection_from_before_the_first_policy_survives_it_and_status_shows_it() {
+    let p = pair(124);
+    let (a, b) = (&p.a, &p.b);
+    echo_server(b, 5432);
+    echo_server(b, 22);
+    install(&p, a, 1, None);
+    install(&p, b, 1, None);
+    let target = SocketAddr::from((b.overlay, 5432));
+    let mut stream =
+        a.ns.enter(move || TcpStream::connect_timeout(&target, Duration::from_secs(5)))
+            .expect("web -> db:5432 connects, unfiltered");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut roundtrip = |line: &[u8; 6]| -> std::io::Result<()> {
+        stream.write_all(line)?;
+        let mut got = [0u8; 6];
+        stream.read_exact(&mut got)?;
+        assert_eq!(&got, line);
+        Ok(())
+    };
+    roundtrip(b"before").expect("echo before the policy");
+
+    install(&p, a, 2, Some(WEB_TO_DB_AND_PING));
+    roundtrip(b"after\n").expect("the connection the policy allows goes on");
+    assert_filtered(echo(a, b.overlay, 22), "web -> db:22, new under the policy");
+
+    let out = Command::new(bin())
+        .args(["status", &a.daemon.ifname, "--json"])
+        .output()
+        .expect("mesh-node status runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON status");
+    assert_eq!(status["generation"], 2, "{status}");
+    assert_eq!(status["filtering"], true, "{status}");
+    assert_eq!(status["flows_picked_up"], 1, "{status}");
+    assert!(status["drops"]["policy"].as_u64() >= Some(1), "{status}");
+    let rules = status["rules"].as_array().expect("rules");
+    let hits = |name: &str| {
+        rules
+            .iter()
+            .find(|r| r["name"] == name)
+            .and_then(|r| r["hits"].as_u64())
+    };
+    assert_eq!(hits("web-to-db"), Some(1), "{status}");
+    assert_eq!(hits("ping"), Some(0), "{status}");
+    let text = Command::new(bin())
+        .args(["status", &a.daemon.ifname])
+        .output()
+        .expect("mesh-node status runs");
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.starts_with("firewall: generation 2, 2 rules, default deny, 1 peers\n"),
+        "{text}"
+    );
+    assert!(text.contains("1 picked up"), "{text}");
+
+    let missing = Command::new(bin())
+        .args(["status", "pqnosuchif0"])
+        .output()
+        .expect("mesh-node status runs");
+    assert!(!missing.status.success());
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("is mesh-node running on this interface"),
+        "{}",
+        String::from_utf8_lossy(&missing.stderr)
     );
 }

@@ -50,63 +50,78 @@ enum LogFormat {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Create the WireGuard interface IFNAME and serve its userspace API.
-    Up {
-        /// Interface name (at most 15 characters).
+    Up(UpArgs),
+    /// Show the firewall of the mesh-node serving IFNAME: the document in
+    /// force, tracked flows, drops by reason and each rule's hits.
+    Status {
         ifname: String,
-        /// Stay attached to the terminal instead of daemonizing.
-        #[arg(long, short)]
-        foreground: bool,
-        /// Where the daemon writes its log (default: discarded once running).
+        /// The same as one JSON object.
         #[arg(long)]
-        log_file: Option<std::path::PathBuf>,
-        /// Log as text lines or as one JSON object per line.
-        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
-        log_format: LogFormat,
-        /// Serve Prometheus metrics over HTTP on this address (e.g. 127.0.0.1:9586).
-        #[arg(long)]
-        metrics_listen: Option<std::net::SocketAddr>,
-        /// `offload`: our TUN with TSO; `default`: gotatun's own (for comparison).
-        #[arg(long, value_enum, default_value_t = TransportKind::Offload)]
-        transports: TransportKind,
-        /// With `offload`: after a burst of packets, how long (µs) the data
-        /// path keeps polling before it sleeps, so that a reply does not wait
-        /// for a halted vCPU to wake; 0 turns it off. Capped at 5% of a core.
-        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u16).range(0..=1000))]
-        busy_poll_us: u16,
-        /// Threads that encrypt and decrypt large batches of one peer's
-        /// packets beside the data path; 0 keeps all crypto on the data
-        /// path. Default: 0 on 2 CPUs or fewer, else one per CPU but one,
-        /// at most 4.
-        #[arg(long, value_parser = clap::value_parser!(u16).range(0..=256))]
-        crypto_threads: Option<u16>,
-        /// With `offload`: 1 runs both directions on one data-path thread,
-        /// 2 gives each direction its own. Default: 1 on 4 CPUs or fewer,
-        /// else 2.
-        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=2))]
-        data_path_threads: Option<u8>,
-        /// With `offload`: flows the firewall tracks at most; when the table
-        /// is full the oldest flow is evicted (and counted).
-        #[arg(long, default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(1..=16_777_216))]
-        firewall_max_flows: u64,
-        /// With `offload`: carry nothing until keyd has given the firewall
-        /// its first document (for hosts whose policy must hold even if
-        /// mesh-node restarts behind keyd's back).
-        #[arg(long)]
-        firewall_required: bool,
-        /// Give the userspace API and firewall sockets to this group, mode
-        /// 0660 (default: 0600, root only), so that an unprivileged keyd in
-        /// the group can drive the data plane. mesh-node must be a member.
-        #[arg(long, value_name = "GROUP")]
-        socket_group: Option<String>,
-        /// Give the interface the overlay addresses of this node
-        /// certificate (as `keyd join` writes it) and set it up.
-        #[arg(long, value_name = "CERT")]
-        address_from_cert: Option<std::path::PathBuf>,
+        json: bool,
     },
 }
 
+#[derive(clap::Args, Debug)]
+struct UpArgs {
+    /// Interface name (at most 15 characters).
+    ifname: String,
+    /// Stay attached to the terminal instead of daemonizing.
+    #[arg(long, short)]
+    foreground: bool,
+    /// Where the daemon writes its log (default: discarded once running).
+    #[arg(long)]
+    log_file: Option<std::path::PathBuf>,
+    /// Log as text lines or as one JSON object per line.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Serve Prometheus metrics over HTTP on this address (e.g. 127.0.0.1:9586).
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
+    /// `offload`: our TUN with TSO; `default`: gotatun's own (for comparison).
+    #[arg(long, value_enum, default_value_t = TransportKind::Offload)]
+    transports: TransportKind,
+    /// With `offload`: after a burst of packets, how long (µs) the data
+    /// path keeps polling before it sleeps, so that a reply does not wait
+    /// for a halted vCPU to wake; 0 turns it off. Capped at 5% of a core.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u16).range(0..=1000))]
+    busy_poll_us: u16,
+    /// Threads that encrypt and decrypt large batches of one peer's
+    /// packets beside the data path; 0 keeps all crypto on the data
+    /// path. Default: 0 on 2 CPUs or fewer, else one per CPU but one,
+    /// at most 4.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(0..=256))]
+    crypto_threads: Option<u16>,
+    /// With `offload`: 1 runs both directions on one data-path thread,
+    /// 2 gives each direction its own. Default: 1 on 4 CPUs or fewer,
+    /// else 2.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=2))]
+    data_path_threads: Option<u8>,
+    /// With `offload`: flows the firewall tracks at most; when the table
+    /// is full the oldest flow is evicted (and counted).
+    #[arg(long, default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(1..=16_777_216))]
+    firewall_max_flows: u64,
+    /// With `offload`: carry nothing until keyd has given the firewall
+    /// its first document (for hosts whose policy must hold even if
+    /// mesh-node restarts behind keyd's back).
+    #[arg(long)]
+    firewall_required: bool,
+    /// Give the userspace API and firewall sockets to this group, mode
+    /// 0660 (default: 0600, root only), so that an unprivileged keyd in
+    /// the group can drive the data plane. mesh-node must be a member.
+    #[arg(long, value_name = "GROUP")]
+    socket_group: Option<String>,
+    /// Give the interface the overlay addresses of this node
+    /// certificate (as `keyd join` writes it) and set it up.
+    #[arg(long, value_name = "CERT")]
+    address_from_cert: Option<std::path::PathBuf>,
+}
+
 fn main() -> ExitCode {
-    let Cmd::Up {
+    let args = match Cli::parse().command {
+        Cmd::Status { ifname, json } => return status(&ifname, json),
+        Cmd::Up(args) => args,
+    };
+    let UpArgs {
         ifname,
         foreground,
         log_file,
@@ -120,7 +135,7 @@ fn main() -> ExitCode {
         firewall_required,
         socket_group,
         address_from_cert,
-    } = Cli::parse().command;
+    } = args;
     let busy_poll = Duration::from_micros(busy_poll_us.into());
     let crypto_threads = crypto_threads.map_or_else(
         || device::default_crypto_threads(device::available_cpus()),
@@ -170,6 +185,28 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("mesh-node: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `mesh-node status IFNAME`: asks the running mesh-node over its
+/// firewall socket (gotatun's own transports have none: nothing to show).
+fn status(ifname: &str, json: bool) -> ExitCode {
+    let result = check_ifname(ifname)
+        .and_then(|()| Ok(firewall::control::query_status(ifname)?))
+        .and_then(|s| {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print!("{s}");
+            }
+            Ok(())
+        });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mesh-node status: {e:#}");
             ExitCode::FAILURE
         }
     }
