@@ -83,6 +83,9 @@ pub struct Status {
     /// Hybrid exchanges begun, completed, failed, and their durations.
     #[serde(default)]
     pub exchanges: ExchangeCounters,
+    /// `rotation_interval` in force: a key much older than this is stuck.
+    #[serde(default)]
+    pub rotation_interval_secs: u64,
 }
 
 /// Inputs from the tasks to the policy's owner.
@@ -922,6 +925,7 @@ impl Driver {
             counters: self.policy.counters().clone(),
             firewall: self.firewall.status.clone(),
             exchanges: self.s.exchanges.snapshot(),
+            rotation_interval_secs: self.s.config.rotation_interval.as_secs(),
         };
         // Peers that left the roster leave no result behind.
         let listed: HashSet<&str> = status.peers.values().map(|p| p.node_id.as_str()).collect();

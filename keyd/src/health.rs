@@ -222,7 +222,7 @@ pub(crate) mod fixture {
             "peers_cut_revoked_or_unlisted": 0, "removals_failed": 0,
             "installs_failed": 0, "installs_refused_roster_changed": 0,
             "dataplane_reads_failed": 0, "dataplane_restarts_healed": 0,
-            "unknown_peers_removed": 0
+            "unknown_peers_removed": 0, "rotation_interval_secs": 120
         }))
         .expect("a status as keyd writes it");
         for i in 2..peers + 2 {

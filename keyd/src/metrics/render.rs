@@ -120,6 +120,12 @@ fn node(e: &mut Exposition, s: &Status, now: u64) {
         signed(s.roster_not_after) - signed(now),
     );
     e.single(
+        "keyd_rotation_interval_seconds",
+        Kind::Gauge,
+        "Configured rotation_interval: a fresh key with every peer this often",
+        s.rotation_interval_secs,
+    );
+    e.single(
         "keyd_dataplane_reachable",
         Kind::Gauge,
         "Whether the last read of the data plane's userspace API succeeded",

@@ -157,6 +157,7 @@ fn roster_and_ages_are_taken_at_the_scrape() {
     s.peers.get_mut("node2").unwrap().key_age_secs = None;
     let text = render(&s, NOW + 5);
     assert_eq!(value(&text, "keyd_roster_serial"), "12");
+    assert_eq!(value(&text, "keyd_rotation_interval_seconds"), "120");
     assert_eq!(
         value(&text, "keyd_roster_not_after_timestamp_seconds"),
         s.roster_not_after.to_string()
