@@ -12,9 +12,10 @@
 //! find the same flow. Flows live in a slab threaded on one least-recently
 //! seen list per timeout class: the tail of each list is its next flow to
 //! expire, and the tails together give the least recently seen flow to evict
-//! when the table is full. Flows nobody answered (TCP handshakes, one-way
-//! UDP) are evicted before answered ones, so that a flood of new flows
-//! recycles its own entries and established flows keep working.
+//! when the table is full. Flows nobody answered (one-way UDP) and TCP
+//! connections whose handshake the opener has not completed (a SYN flood,
+//! answered or not) are evicted before the others, so that a flood of new
+//! flows recycles its own entries and established flows keep working.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -215,6 +216,9 @@ struct Flow {
     generation: u64,
     last_seen: Instant,
     answered: bool,
+    /// TCP: the opener acknowledged after the answer (the handshake is
+    /// complete); until then the flow is opening, however it was answered.
+    opener_acked: bool,
     fin_opener: bool,
     fin_answerer: bool,
     closed: bool,
@@ -224,8 +228,8 @@ impl Flow {
     fn class(&self, proto: u8) -> Class {
         match (proto, self.answered) {
             (PROTO_TCP, _) if self.closed => Class::TcpClosed,
-            (PROTO_TCP, false) => Class::TcpOpening,
-            (PROTO_TCP, true) => Class::TcpEstablished,
+            (PROTO_TCP, true) if self.opener_acked => Class::TcpEstablished,
+            (PROTO_TCP, _) => Class::TcpOpening,
             (PROTO_UDP, false) => Class::UdpUnanswered,
             (PROTO_UDP, true) => Class::UdpAnswered,
             (_, false) => Class::OtherUnanswered,
@@ -239,6 +243,9 @@ impl Flow {
             self.answered = true;
         }
         if proto == PROTO_TCP {
+            if from_opener && self.answered && tcp_flags & (TCP_ACK | TCP_SYN) == TCP_ACK {
+                self.opener_acked = true;
+            }
             if tcp_flags & TCP_RST != 0 {
                 self.closed = true;
             }
@@ -480,6 +487,7 @@ impl Conntrack {
                     generation,
                     last_seen: now,
                     answered: false,
+                    opener_acked: false,
                     fin_opener: false,
                     fin_answerer: false,
                     closed: false,
@@ -535,6 +543,9 @@ impl Conntrack {
             generation,
             last_seen: now,
             answered: dir != opened,
+            // Mid-stream: established once both sides have been seen, the
+            // opener with an acknowledgement.
+            opener_acked: dir == opened && meta.tcp_flags & TCP_ACK != 0,
             fin_opener: false,
             fin_answerer: false,
             closed: false,
@@ -1045,6 +1056,7 @@ mod tests {
             1,
             t,
         );
+        ct.check_with(Outbound, &out_tcp(2, 1000, 80, TCP_ACK), &rules, 1, t);
         ct.check_with(Outbound, &out_udp(2, 2000, 53), &rules, 1, t);
         ct.check_with(Inbound, &in_udp(2, 53, 2000), &rules, 1, t);
         let ping = meta(build::echo(addr(LOCAL), addr(2), 7, false));
@@ -1153,6 +1165,52 @@ mod tests {
         assert_eq!(ct.flows(), 1, "the reopened flow is not closed");
     }
 
+    /// A SYN the server answered but whose opener never acknowledged the
+    /// answer (a SYN flood from a peer allowed to reach an open port) is
+    /// still opening: evicted before an established connection, even one
+    /// seen less recently.
+    #[test]
+    fn an_answered_syn_is_not_established_until_the_opener_acknowledges() {
+        let rules = script(|dir, _, _, _| dir == Inbound);
+        let mut ct = Conntrack::new(ConntrackConfig {
+            max_flows: 2,
+            ..ConntrackConfig::default()
+        });
+        let t = Instant::now();
+        let s = Duration::from_secs(1);
+        // A full handshake, the oldest flow.
+        ct.check_with(Inbound, &in_tcp(2, 1000, 22, TCP_SYN), &rules, 1, t);
+        ct.check_with(
+            Outbound,
+            &out_tcp(2, 22, 1000, TCP_SYN | TCP_ACK),
+            &rules,
+            1,
+            t,
+        );
+        ct.check_with(Inbound, &in_tcp(2, 1000, 22, TCP_ACK), &rules, 1, t);
+        // A SYN answered, never acknowledged; then a third flow.
+        ct.check_with(Inbound, &in_tcp(2, 1001, 22, TCP_SYN), &rules, 1, t + s);
+        ct.check_with(
+            Outbound,
+            &out_tcp(2, 22, 1001, TCP_SYN | TCP_ACK),
+            &rules,
+            1,
+            t + s,
+        );
+        ct.check_with(Inbound, &in_tcp(2, 1002, 22, TCP_SYN), &rules, 1, t + 2 * s);
+        assert_eq!(ct.counters().evicted, 1);
+        let at = t + 3 * s;
+        assert_eq!(
+            ct.check_with(Outbound, &out_tcp(2, 22, 1000, TCP_ACK), &rules, 1, at),
+            PASS
+        );
+        assert_eq!(
+            ct.check_with(Outbound, &out_tcp(2, 22, 1001, TCP_ACK), &rules, 1, at),
+            Verdict::Drop(DropReason::NotTracked),
+            "the half-open flow went first"
+        );
+    }
+
     #[test]
     fn a_full_table_evicts_the_least_recently_seen_unanswered_flow_first() {
         let rules = outbound_only();
@@ -1214,6 +1272,7 @@ mod tests {
             1,
             t,
         );
+        ct.check_with(Outbound, &out_tcp(2, 1000, 5432, TCP_ACK), &rules, 1, t);
         let flood = 10_000u16;
         for i in 0..flood {
             let syn = in_tcp(3, 10_000 + i, 80, TCP_SYN);
