@@ -4,6 +4,8 @@
 //! Needs root.
 
 mod common;
+#[path = "common/exposition.rs"]
+mod exposition;
 #[path = "common/mesh.rs"]
 mod mesh;
 
@@ -512,4 +514,260 @@ fn corrupt_state_or_an_expired_roster_stop_keyd() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "started on an expired roster");
     assert!(err.contains("expired"), "{err}");
+}
+
+/// Where each node's keyd serves `/metrics` in this test (in its namespace).
+const KEYD_METRICS: &str = "127.0.0.1:9587";
+
+/// GET `path` from node `i`'s keyd metrics endpoint: (status line, body).
+fn http_get(mesh: &Mesh, i: usize, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let request = format!("GET {path} HTTP/1.1\r\nHost: keyd\r\n\r\n");
+    let response = mesh.nodes[i].ns.enter(move || {
+        let mut s = std::net::TcpStream::connect(KEYD_METRICS).expect("keyd's metrics endpoint");
+        s.write_all(request.as_bytes()).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    });
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("not an HTTP response: {response:?}"));
+    (
+        head.lines().next().unwrap_or_default().to_string(),
+        body.to_string(),
+    )
+}
+
+/// Node `i`'s keyd metrics, parsed strictly (a malformed line fails).
+fn scrape(mesh: &Mesh, i: usize) -> exposition::Scrape {
+    let (status, body) = http_get(mesh, i, "/metrics");
+    assert_eq!(status, "HTTP/1.1 200 OK", "{body}");
+    // An implementation we did not write agrees it is well formed.
+    let mut check = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (scripts/install-deps installs it)");
+    std::io::Write::write_all(&mut check.stdin.take().unwrap(), body.as_bytes()).unwrap();
+    let out = check.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    exposition::parse(&body).unwrap_or_else(|e| panic!("malformed exposition: {e}\n{body}"))
+}
+
+/// keyd's Prometheus endpoint in a running three-node mesh: the text parses
+/// strictly, the series agree with `keyd status`, and a connection from a
+/// host that is no member shows up in the refusal and knock counters.
+#[test]
+fn keyd_metrics_show_the_mesh() {
+    const METRICS: &str = "[metrics]\nlisten = \"127.0.0.1:9587\"";
+    let opts = Opts {
+        extra_config: vec![(0, METRICS), (1, METRICS), (2, METRICS)],
+        ..Opts::default()
+    };
+    let mesh = Mesh::with(153, &[Plane::MeshNode; 3], "2s", opts);
+    mesh.wait_complete(&[0, 1, 2]);
+    // Every node has agreed a key with both peers and answered at least one
+    // exchange or dialled one (the lower id of each pair dials).
+    for i in 0..3 {
+        mesh.wait_status(i, "keyed both peers", |s| {
+            s["peers"]
+                .as_object()
+                .is_some_and(|p| p.len() == 2 && p.values().all(|p| p["epoch"].as_u64() >= Some(1)))
+        });
+    }
+
+    for i in 0..3 {
+        // The status first: the scrape is as new or newer.
+        let status = mesh.status(i);
+        let m = scrape(&mesh, i);
+        let me = format!("node{}", i + 1);
+        assert_eq!(m.get("keyd_node_info", &[("node", &me)]), Some(1.0));
+        assert_eq!(m.get("keyd_local_state", &[("state", "member")]), Some(1.0));
+        assert_eq!(m.sum("keyd_local_state", &[]), 1.0, "one-hot");
+        assert_eq!(
+            m.get("keyd_roster_serial", &[]),
+            status["roster_serial"].as_u64().map(|v| v as f64),
+            "the roster serial keyd status shows"
+        );
+        assert_eq!(
+            m.get("keyd_roster_not_after_timestamp_seconds", &[]),
+            status["roster_not_after"].as_u64().map(|v| v as f64)
+        );
+        assert!(m.get("keyd_roster_expires_in_seconds", &[]).unwrap() > 0.0);
+        assert_eq!(m.get("keyd_dataplane_reachable", &[]), Some(1.0));
+        assert_eq!(m.get("keyd_rotation_interval_seconds", &[]), Some(2.0));
+        assert_eq!(m.sum("keyd_peers", &[]), 2.0, "two peers listed");
+
+        for peer in (1..=3).map(|n| format!("node{n}")).filter(|p| *p != me) {
+            let id = status["peers"][&peer]["node_id"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            let p = [("peer", peer.as_str()), ("node_id", id.as_str())];
+            let epoch = m.get("keyd_peer_key_epoch", &p).unwrap();
+            assert!(epoch >= 1.0, "{peer}: epoch {epoch}");
+            assert!(m.get("keyd_peer_key_age_seconds", &p).unwrap() >= 0.0);
+            assert!(
+                m.get("keyd_peer_last_exchange_timestamp_seconds", &p)
+                    .unwrap()
+                    > 0.0
+            );
+            assert_eq!(m.find("keyd_peer_state", &p).len(), 4);
+            assert_eq!(m.sum("keyd_peer_state", &p), 1.0, "{peer}: state one-hot");
+            assert_eq!(m.find("keyd_peer_last_exchange_result", &p).len(), 1);
+            // mesh-node answers path probes: the ladder runs, on one rung.
+            assert_eq!(m.find("keyd_peer_path", &p).len(), 3);
+            assert_eq!(m.sum("keyd_peer_path", &p), 1.0, "{peer}: rung one-hot");
+            let ok = m.get("keyd_peer_exchanges_total", &[p[0], p[1], ("result", "ok")]);
+            assert!(ok.unwrap() >= 1.0, "{peer}: {ok:?}");
+        }
+
+        // The exchange counters are the status's, and every completed
+        // exchange has its duration in the histogram.
+        let mut completed = 0.0;
+        for role in ["initiator", "responder"] {
+            let r = [("role", role)];
+            let from_status = &status["exchanges"][role];
+            let c = m.get("keyd_handshakes_completed_total", &r).unwrap();
+            assert!(c >= from_status["completed"].as_u64().unwrap() as f64);
+            assert!(m.get("keyd_handshakes_started_total", &r).unwrap() >= c);
+            let buckets = exposition::histogram(&m, "keyd_exchange_duration_seconds", &r)
+                .unwrap_or_else(|e| panic!("node{}: {e}", i + 1));
+            assert_eq!(
+                buckets.last().unwrap().1,
+                c,
+                "node{}: one duration per completed exchange ({role})",
+                i + 1
+            );
+            completed += c;
+        }
+        assert!(completed > 0.0, "node{}: no exchange timed", i + 1);
+    }
+
+    // A host that is no member connects to node1's keyd (its TCP rung):
+    // refused as an unlisted source, and counted as an unknown knock.
+    let before = scrape(&mesh, 0);
+    let unlisted = |m: &exposition::Scrape| {
+        m.get("keyd_refusals_total", &[("reason", "unlisted_source")])
+            .unwrap_or(0.0)
+    };
+    let knocks =
+        |m: &exposition::Scrape| m.get("keyd_knocks_total", &[("kind", "unknown")]).unwrap();
+    let stranger = Netns::new();
+    let (nic, lan_end) = (unique("mn"), unique("ml"));
+    ok(Command::new("ip").args([
+        "link", "add", &nic, "type", "veth", "peer", "name", &lan_end,
+    ]));
+    ok(Command::new("ip").args(["link", "set", &nic, "netns", &stranger.name]));
+    ok(Command::new("ip").args(["link", "set", &lan_end, "netns", &mesh.lan.name]));
+    mesh.lan
+        .ok(&["ip", "link", "set", &lan_end, "master", "br0", "up"]);
+    stranger.ok(&["ip", "addr", "add", "192.168.153.77/24", "dev", &nic]);
+    stranger.ok(&["ip", "link", "set", &nic, "up"]);
+    let target = format!("{}:51821", mesh.underlay(0));
+    stranger.enter(move || {
+        // Accepted by the kernel, then closed by keyd unanswered.
+        let _ = std::net::TcpStream::connect(&target).expect("TCP to keyd's port");
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = scrape(&mesh, 0);
+        if unlisted(&now) > unlisted(&before) {
+            assert!(
+                knocks(&now) > knocks(&before),
+                "an unlisted source is an unknown knock"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stranger's connection was never counted"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
+    // Only GET /metrics is served.
+    assert!(http_get(&mesh, 0, "/").0.starts_with("HTTP/1.1 404 "));
+}
+
+/// Every line of `log` is a JSON object with a timestamp, a level and a
+/// message; returns the messages.
+fn json_lines(log: &str) -> Vec<String> {
+    assert!(!log.is_empty(), "no log");
+    log.lines()
+        .map(|line| {
+            let v: serde_json::Value =
+                serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+            assert!(
+                v["timestamp"].is_string() && v["level"].is_string(),
+                "{line}"
+            );
+            v["message"]
+                .as_str()
+                .unwrap_or_else(|| panic!("no message: {line}"))
+                .to_string()
+        })
+        .collect()
+}
+
+/// `--log-format json`: keyd and mesh-node write one JSON object per line.
+#[test]
+fn daemons_log_json_on_request() {
+    let mut mesh = Mesh::new(154, &[Plane::MeshNode; 2], "2s");
+    mesh.wait_complete(&[0, 1]);
+    // keyd restarted with JSON logs keys its peer again.
+    mesh.nodes[0].keyd = None;
+    let n = &mut mesh.nodes[0];
+    let log = n.dir.join("keyd-json.log");
+    let keyd =
+        n.ns.cmd(&[
+            p(&keyd_bin()),
+            "run",
+            "--config",
+            p(&n.dir.join("keyd.toml")),
+            "--log-format",
+            "json",
+        ])
+        .stdin(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    n.keyd = Some(Keyd(keyd));
+    let epoch = epoch(&mesh.status(0), "node2");
+    mesh.wait_status(0, "a new key with node2", |s| {
+        mesh::epoch(s, "node2") > epoch
+    });
+    let messages = json_lines(&read(&log));
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.starts_with("keyd up: node node1")),
+        "{messages:?}"
+    );
+    assert!(
+        messages.iter().any(|m| m.contains("installed for node2")),
+        "{messages:?}"
+    );
+
+    let ns = Netns::new();
+    let mut dp = Daemon::mesh_node_with(
+        &ns,
+        &mesh_node_bin(),
+        &unique("wg"),
+        &["--log-format", "json"],
+    );
+    assert!(dp.stop(), "mesh-node stops cleanly");
+    let messages = json_lines(&dp.log());
+    assert!(
+        messages.iter().any(|m| m.starts_with("mesh-node up on ")),
+        "{messages:?}"
+    );
 }
