@@ -696,6 +696,24 @@ fn keyd_metrics_show_the_mesh() {
 
     // Only GET /metrics is served.
     assert!(http_get(&mesh, 0, "/").0.starts_with("HTTP/1.1 404 "));
+
+    // `keyd status --short`: the same health in one line and its exit status.
+    let short = |config: &str| {
+        let out = run(Command::new(keyd_bin()).args(["status", "--short", "--config", config]));
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        )
+    };
+    let (code, line) = short(p(&mesh.nodes[0].dir.join("keyd.toml")));
+    assert_eq!(code, Some(0), "{line}");
+    assert!(
+        line.starts_with("ok: 2/2 peers keyed, roster serial 1 expires in 6d"),
+        "{line}"
+    );
+    let (code, line) = short(p(&mesh.work.path().join("no-such.toml")));
+    assert_eq!(code, Some(2), "{line}");
+    assert!(line.starts_with("failed: no status from keyd"), "{line}");
 }
 
 /// Every line of `log` is a JSON object with a timestamp, a level and a
