@@ -80,12 +80,19 @@ pub fn resolve(name: &str) -> Result<u32, GroupError> {
 
 /// Gives the socket at `path` to `gid` and then opens it to the group:
 /// in this order, so that it is never 0660 for the group it had before.
+/// A socket that already has the group (mesh-node runs with it as its own,
+/// as the packaged unit does) is not chowned, so the unit can forbid the
+/// chown system calls.
 pub fn share(path: &Path, gid: u32) -> Result<(), GroupError> {
-    std::os::unix::fs::chown(path, None, Some(gid)).map_err(|source| GroupError::Chown {
-        path: path.into(),
-        gid,
-        source,
-    })?;
+    use std::os::unix::fs::MetadataExt;
+    let owned = std::fs::metadata(path).map(|m| m.gid() == gid);
+    if !matches!(owned, Ok(true)) {
+        std::os::unix::fs::chown(path, None, Some(gid)).map_err(|source| GroupError::Chown {
+            path: path.into(),
+            gid,
+            source,
+        })?;
+    }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(|source| {
         GroupError::Chmod {
             path: path.into(),
