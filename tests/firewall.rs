@@ -239,3 +239,65 @@ fn metric_sum(text: &str, prefix: &str) -> u64 {
         .map(|v| v as u64)
         .sum()
 }
+
+/// Fail closed: when the data plane's firewall does not take the roster's
+/// policy (here it holds a document of a later generation, written behind
+/// keyd's back, that filters nothing), keyd says so in its status and
+/// installs no key for any peer, so the node's tunnels close as their keys
+/// age out instead of carrying traffic without the policy.
+#[test]
+fn keyd_installs_no_key_where_the_data_plane_refuses_the_policy() {
+    use mesh_proto::firewall::document::{Document, socket_path};
+    use mesh_proto::firewall::engine::PeerInfo;
+    use std::os::unix::net::UnixStream;
+    const PING: &str = "[[rule]]\nname = \"ping\"\naction = \"allow\"\n\
+        from = { any = true }\nto = { any = true }\nproto = \"icmp\"\n";
+    let opts = Opts {
+        groups: vec![(WEB, "web"), (DB, "db")],
+        policy: Some(PING),
+        ..Default::default()
+    };
+    let mesh = Mesh::with(193, &[Plane::MeshNode; 2], "3s", opts);
+    for i in [WEB, DB] {
+        mesh.wait_status(i, "the policy enforced and a key with the peer", |s| {
+            s["firewall"]["state"] == "enforced"
+                && s["peers"]
+                    .as_object()
+                    .is_some_and(|p| p.values().all(|p| p["state"] == "up"))
+        });
+    }
+    assert_eq!(mesh.ping(WEB, DB, 2, "0.2"), 2, "the policy allows ping");
+
+    // A document from elsewhere, generation far ahead, no policy.
+    let rogue = Document::new(1_000_000, None, &PeerInfo::default(), &[]).to_line();
+    let mut s = UnixStream::connect(socket_path(&mesh.nodes[DB].ifname)).expect("socket");
+    s.write_all(rogue.as_bytes()).unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("ok 1000000 "), "{answer}");
+
+    // The next roster's document is stale there: keyd sees the refusal.
+    mesh.publish_roster(2);
+    mesh.wait_status(DB, "the firewall failed, with the reason", |s| {
+        s["firewall"]["state"] == "failed"
+            && s["firewall"]["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("holds generation 1000000"))
+    });
+    // No new key is installed: the peer's key ages out and is removed.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while mesh.ping(WEB, DB, 1, "0.2") == 1 {
+        assert!(
+            Instant::now() < deadline,
+            "traffic still passes 30 s after the refusal\n{}",
+            mesh.logs()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(
+        mesh.wg_peers(DB).trim(),
+        "",
+        "the data plane holds no peer\n{}",
+        mesh.status(DB)
+    );
+}

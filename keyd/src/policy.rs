@@ -330,6 +330,11 @@ struct Peer {
     /// The last relay it had: back on direct UDP, a data plane that roamed
     /// to it (the peer still relaying for a moment) is set straight, once.
     last_relay: Option<std::net::SocketAddr>,
+    /// The deadline of the key last installed: while its successors fail to
+    /// install, the data plane still holds it, and it must go at its own
+    /// limit, not live on behind fresh keys that never reached the data
+    /// plane.
+    installed_deadline: Option<Instant>,
 }
 
 /// Counters for `keyd status` and the metrics.
@@ -605,6 +610,11 @@ impl MeshPolicy {
             (Action::Install(i), Ok(())) => {
                 if let Some(p) = self.peers.get_mut(&i.node) {
                     p.backoff = MIN_BACKOFF;
+                    p.installed_deadline = p
+                        .key
+                        .as_ref()
+                        .filter(|k| k.psk.as_ref() == Some(&i.preshared_key))
+                        .map(|k| k.deadline);
                 }
                 if let Some(v) = self.view.as_mut() {
                     v.peers.insert(
@@ -942,6 +952,7 @@ impl MeshPolicy {
                 dials_unanswered: 0,
                 path_endpoint: None,
                 last_relay: None,
+                installed_deadline: None,
             });
             if p.member.cert.fingerprint() != m.cert.fingerprint() {
                 // A renewed certificate: agree a key under it at once. A key
@@ -1083,6 +1094,18 @@ impl MeshPolicy {
                 }
                 continue;
             };
+            // The data plane holds an older key of ours (the current one
+            // failed to install) that has reached its limit: out it goes;
+            // the current key is installed once the data plane takes it.
+            let held_older = in_view
+                .and_then(|v| v.preshared_key.as_ref())
+                .is_some_and(|held| held.0 != *psk.as_bytes());
+            if held_older && p.installed_deadline.is_some_and(|d| now.mono >= d) {
+                p.installed_deadline = None;
+                self.counters.peers_cut_at_hard_lifetime += 1;
+                desired.remove(&k.public_key);
+                continue;
+            }
             let ips = allowed_ips(&p.member.cert);
             let keepalive = p.keepalive(&self.config, now);
             let same = in_view.is_some_and(|v| {

@@ -975,3 +975,51 @@ fn a_revoked_certificate_for_this_node_is_not_adopted() {
             .any(|e| matches!(e, PolicyEvent::CertificateRenewed { .. }))
     );
 }
+
+/// Fresh keys keep being agreed (the peer dials us) but none can be
+/// installed (here: the data plane's firewall has not taken the policy):
+/// the key the data plane still holds is removed at its own hard limit,
+/// not kept alive by successors that never reached the data plane.
+#[test]
+fn a_key_left_in_the_data_plane_by_failed_installs_is_removed_at_its_limit() {
+    let mut w = World::new(2);
+    let roster = w.all();
+    let peer = w.certs[1].clone();
+    let mut sim = Sim::new(&w.certs[0], roster, BTreeMap::new());
+    sim.observe(&[]);
+    sim.perform();
+    sim.established(&peer, 1, &psk(1), Role::Responder);
+    assert_eq!(installs(&sim.perform()), [wg(&peer)]);
+    let limit = config().rotation_interval + config().hard_lifetime;
+    let mut removed_at = None;
+    for t in 1..=limit.as_secs() + 5 {
+        sim.at(t);
+        if t % 10 == 0 {
+            let epoch = t / 10 + 1;
+            sim.established(&peer, epoch, &psk(epoch as u8), Role::Responder);
+        }
+        // The data plane still holds the first key: every install fails.
+        let held: &[(WgPublicKey, Option<&Psk>)] = if removed_at.is_some() {
+            &[]
+        } else {
+            &[(wg(&peer), Some(&psk(1)))]
+        };
+        sim.observe(held);
+        for a in sim.actions() {
+            let result = match &a {
+                Action::Install(_) => Err("the firewall has not taken the policy".to_string()),
+                Action::Remove(k) if *k == wg(&peer) => {
+                    removed_at.get_or_insert(t);
+                    Ok(())
+                }
+                _ => Ok(()),
+            };
+            sim.policy.action_done(&a, result, sim.now);
+        }
+    }
+    assert_eq!(
+        removed_at,
+        Some(limit.as_secs()),
+        "the first key goes at its limit, {limit:?} after it was agreed"
+    );
+}
