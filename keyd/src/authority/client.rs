@@ -204,6 +204,14 @@ fn update(status: &SharedLinkStatus, f: impl FnOnce(&mut LinkStatus)) {
     f(&mut status.lock().unwrap_or_else(|p| p.into_inner()));
 }
 
+/// A subscription ended (or never came up) with `error`: the link is down
+/// until the next one is up, and the error is peer-influenced text.
+fn record_failure(s: &mut LinkStatus, error: &anyhow::Error) {
+    s.subscribed = false;
+    s.failures += 1;
+    s.last_error = Some(text::error(error));
+}
+
 /// What the subscription needs from the daemon.
 pub struct Follow {
     pub to: AuthorityAddr,
@@ -253,7 +261,8 @@ pub async fn follow(mut f: Follow, out: mpsc::Sender<Arc<Roster>>) {
             _ => fresh_start = false,
         }
         if let Err(e) = result {
-            let msg = text::error(&format!("{e:#}"));
+            update(&f.status, |s| record_failure(s, &e));
+            let msg = text::error(&e);
             f.log
                 .warn("authority", || format!("authority subscription: {msg}"));
         }

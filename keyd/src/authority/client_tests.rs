@@ -518,3 +518,59 @@ async fn join_refuses_an_authority_without_the_pinned_key() {
         "joined an authority it cannot authenticate"
     );
 }
+
+/// Through `follow`: when the authority ends the subscription, the status
+/// says so (not subscribed, one failure, the reason) rather than showing
+/// the link up until keyd restarts.
+#[tokio::test]
+async fn a_subscription_that_ends_is_shown_down_and_counted() {
+    let net = Net::new();
+    let (r2, _) = net.join(&net.r1, 2);
+    // One connection: a snapshot, then the authority closes its stream and
+    // answers no more connections.
+    let server = evil(vec![vec![Reply::Snapshot(r2.to_bytes())]]);
+    let f = net.follow(server.addr, server.key, &net.r1);
+    let status = f.status.clone();
+    let (out, mut rx) = mpsc::channel(16);
+    let task = tokio::spawn(follow(f, out));
+    let got = tokio::time::timeout(BOUND, rx.recv())
+        .await
+        .expect("a roster within the bound")
+        .expect("follow keeps running");
+    assert_eq!(got.serial(), 2);
+    let seen = tokio::time::timeout(BOUND, async {
+        loop {
+            let s = status.lock().unwrap().clone();
+            if s.failures > 0 {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the end is recorded within the bound");
+    task.abort();
+    assert!(!seen.subscribed, "{seen:?}");
+    assert_eq!(seen.failures, 1, "{seen:?}");
+    assert_eq!(seen.updates_by_snapshot, 1, "it was subscribed before");
+    let error = seen.last_error.as_deref().unwrap_or_default();
+    assert!(
+        error.contains("the authority closed the connection"),
+        "{error}"
+    );
+}
+
+#[test]
+fn an_ended_subscription_is_recorded_down_with_its_reason_escaped() {
+    let mut s = LinkStatus {
+        subscribed: true,
+        failures: 2,
+        ..LinkStatus::default()
+    };
+    record_failure(&mut s, &anyhow!("evil\nline \u{1b}[31m"));
+    assert!(!s.subscribed);
+    assert_eq!(s.failures, 3);
+    let error = s.last_error.unwrap();
+    assert!(!error.contains('\n') && !error.contains('\u{1b}'), "{error}");
+    assert!(error.starts_with("evil"), "{error}");
+}
