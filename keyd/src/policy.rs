@@ -633,6 +633,15 @@ impl MeshPolicy {
                 if let Some(v) = self.view.as_mut() {
                     v.peers.remove(key);
                 }
+                // A key left behind by failed installs, gone at its limit.
+                let expired = self.peers.values_mut().find(|p| {
+                    p.member.cert.body().wg_public == *key
+                        && p.installed_deadline.is_some_and(|d| now.mono >= d)
+                });
+                if let Some(p) = expired {
+                    p.installed_deadline = None;
+                    self.counters.peers_cut_at_hard_lifetime += 1;
+                }
             }
             (Action::Install(i), Err(e)) => {
                 // The key stays ours; the next reconcile retries the install,
@@ -689,6 +698,8 @@ impl MeshPolicy {
         for id in expired {
             if let Some(p) = self.peers.get_mut(&id) {
                 p.key = None;
+                // The whole peer goes (counted here, once).
+                p.installed_deadline = None;
                 self.counters.peers_cut_at_hard_lifetime += 1;
                 p.state = PeerState::Cut(CutReason::HardLifetime);
                 self.events.push_back(PolicyEvent::Cut {
@@ -1053,6 +1064,7 @@ impl MeshPolicy {
                     public_key: wg,
                     deadline: now.mono + remaining,
                 });
+                p.installed_deadline = Some(now.mono + remaining);
                 p.state = PeerState::Up;
             }
         }
@@ -1100,9 +1112,8 @@ impl MeshPolicy {
             let held_older = in_view
                 .and_then(|v| v.preshared_key.as_ref())
                 .is_some_and(|held| held.0 != *psk.as_bytes());
+            // (Until the removal is seen done: a failed one is tried again.)
             if held_older && p.installed_deadline.is_some_and(|d| now.mono >= d) {
-                p.installed_deadline = None;
-                self.counters.peers_cut_at_hard_lifetime += 1;
                 desired.remove(&k.public_key);
                 continue;
             }

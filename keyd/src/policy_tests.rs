@@ -474,8 +474,13 @@ fn after_a_keyd_restart_a_peer_without_fresh_keys_is_cut_on_time() {
         sim.actions();
     }
     sim.at(5);
-    assert_eq!(removals(&sim.actions()), vec![wg(&peer)]);
+    assert_eq!(removals(&sim.perform()), vec![wg(&peer)]);
     assert_eq!(sim.state(&peer), PeerState::Cut(CutReason::HardLifetime));
+    assert_eq!(
+        sim.policy.counters().peers_cut_at_hard_lifetime,
+        1,
+        "counted once, not again when the removal is done"
+    );
 }
 
 #[test]
@@ -1021,5 +1026,98 @@ fn a_key_left_in_the_data_plane_by_failed_installs_is_removed_at_its_limit() {
         removed_at,
         Some(limit.as_secs()),
         "the first key goes at its limit, {limit:?} after it was agreed"
+    );
+    assert_eq!(sim.policy.counters().peers_cut_at_hard_lifetime, 1);
+}
+
+/// The review's finding: a removal at the limit that fails is tried again
+/// (the data plane still holds the old key).
+#[test]
+fn a_failed_removal_at_the_limit_is_retried() {
+    let mut w = World::new(2);
+    let roster = w.all();
+    let peer = w.certs[1].clone();
+    let mut sim = Sim::new(&w.certs[0], roster, BTreeMap::new());
+    sim.observe(&[]);
+    sim.perform();
+    sim.established(&peer, 1, &psk(1), Role::Responder);
+    assert_eq!(installs(&sim.perform()), [wg(&peer)]);
+    let limit = config().rotation_interval + config().hard_lifetime;
+    let mut removes = 0;
+    for t in 1..=limit.as_secs() * 6 {
+        sim.at(t);
+        if t % 10 == 0 {
+            let epoch = t / 10 + 1;
+            sim.established(&peer, epoch, &psk(epoch as u8), Role::Responder);
+        }
+        // The data plane keeps holding the first key (the one removal fails).
+        sim.observe(&[(wg(&peer), Some(&psk(1)))]);
+        for a in sim.actions() {
+            let result = match &a {
+                Action::Install(_) => Err("the firewall has not taken the policy".to_string()),
+                Action::Remove(k) if *k == wg(&peer) => {
+                    removes += 1;
+                    Err("transient".to_string())
+                }
+                _ => Ok(()),
+            };
+            sim.policy.action_done(&a, result, sim.now);
+        }
+    }
+    assert!(
+        removes > 1,
+        "the failed removal was retried {removes} time(s) in {}s",
+        limit.as_secs() * 6
+    );
+}
+
+/// The review's finding: after a keyd restart (the key in the data plane
+/// adopted), fresh keys that never install do not keep the adopted key
+/// past its limit.
+#[test]
+fn an_adopted_key_goes_at_its_limit_when_its_successors_fail_to_install() {
+    let mut w = World::new(2);
+    let roster = w.all();
+    let me = w.certs[0].clone();
+    let peer = w.certs[1].clone();
+    let records = BTreeMap::from([(
+        peer.body().node_id,
+        PairRecord {
+            epoch: 1,
+            installed_at: Some(T0),
+        },
+    )]);
+    let mut sim = Sim::new(&me, roster, records);
+    sim.observe(&[(wg(&peer), Some(&psk(1)))]);
+    sim.actions();
+    let limit = config().rotation_interval + config().hard_lifetime;
+    let mut removed = false;
+    for t in 1..=limit.as_secs() * 6 {
+        sim.at(t);
+        if t % 10 == 0 {
+            let epoch = t / 10 + 1;
+            sim.established(&peer, epoch, &psk(epoch as u8), Role::Responder);
+        }
+        if removed {
+            sim.observe(&[]);
+        } else {
+            sim.observe(&[(wg(&peer), Some(&psk(1)))]);
+        }
+        for a in sim.actions() {
+            let result = match &a {
+                Action::Install(_) => Err("the firewall has not taken the policy".to_string()),
+                Action::Remove(k) if *k == wg(&peer) => {
+                    removed = true;
+                    Ok(())
+                }
+                _ => Ok(()),
+            };
+            sim.policy.action_done(&a, result, sim.now);
+        }
+    }
+    assert!(
+        removed,
+        "the adopted key was never removed in {}s (limit {limit:?})",
+        limit.as_secs() * 6
     );
 }

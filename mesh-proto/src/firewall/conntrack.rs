@@ -331,14 +331,16 @@ impl Conntrack {
     }
 
     /// For the TCP timeout from `now` (a connection idle longer would have
-    /// been forgotten had it been tracked), a mid-stream TCP segment of an
-    /// untracked connection that the policy allows in either orientation is
-    /// tracked instead of dropped. For the first policy after a time
-    /// without one: connections opened then were never tracked, and an
-    /// allowed one must not be cut by the policy's arrival. Only TCP, which opens nothing without a
-    /// SYN (a stray segment gets a reset from the local stack); a UDP
-    /// datagram the other way round is still a new flow, so no local port
-    /// becomes reachable that the policy closes.
+    /// been forgotten had it been tracked), a mid-stream TCP segment (ACK,
+    /// no SYN or RST) of an untracked connection that the policy allows in
+    /// either orientation is tracked instead of dropped. For the first
+    /// policy after a time without one: connections opened then were never
+    /// tracked, and an allowed one must not be cut by the policy's arrival.
+    /// Only TCP, which opens nothing without a SYN: a stray ACK gets a
+    /// reset from the local stack, and a bare SYN from the side that did
+    /// not open a tracked flow is decided by the rules as the new
+    /// connection it is; a UDP datagram the other way round is still a new
+    /// flow. So no local port becomes reachable that the policy closes.
     pub fn start_pick_up(&mut self, now: Instant) {
         self.pick_up_until = Some(now + self.config.tcp_timeout);
     }
@@ -450,6 +452,22 @@ impl Conntrack {
             let reopened = opens
                 && meta.proto == PROTO_TCP
                 && self.slots[i].as_ref().is_some_and(|n| n.flow.closed);
+            // A bare SYN from the side that did not open the flow is no
+            // packet of it: it would open the reverse connection, which
+            // the rules decide (a flow picked up or opened one way must
+            // not lend the peer a way in the other).
+            let reverse_syn = opens
+                && meta.proto == PROTO_TCP
+                && self.slots[i].as_ref().is_some_and(|n| n.flow.opened != dir);
+            if reverse_syn && !reopened {
+                return match rules.peer_for(key.remote) {
+                    None => Verdict::Drop(DropReason::NoPeer),
+                    Some(peer) => match rules.decide(dir, peer, meta.proto, meta.dport) {
+                        Decision::Allow { .. } => Verdict::Pass,
+                        Decision::Deny { rule } => Verdict::Drop(DropReason::Policy { rule }),
+                    },
+                };
+            }
             if !reopened {
                 if let Err(reason) = self.recheck(i, rules, generation) {
                     return Verdict::Drop(reason);
@@ -466,8 +484,10 @@ impl Conntrack {
             self.remove(i);
         }
         if !opens {
+            // A mid-stream segment carries ACK (every one after the SYN
+            // does), and no SYN or RST.
             let picking_up = meta.proto == PROTO_TCP
-                && meta.tcp_flags & (TCP_SYN | TCP_RST) == 0
+                && meta.tcp_flags & (TCP_SYN | TCP_RST | TCP_ACK) == TCP_ACK
                 && self.pick_up_until.is_some_and(|until| now < until);
             if picking_up {
                 return self.pick_up(dir, meta, key, rules, generation, now);
@@ -1163,6 +1183,60 @@ mod tests {
         assert_eq!(rules.walks.get(), walks + 1);
         ct.expire(t + TCP_CLOSED_TIMEOUT);
         assert_eq!(ct.flows(), 1, "the reopened flow is not closed");
+    }
+
+    /// The review's finding: a peer that this node may only open
+    /// connections to (port 5432) must not reach local port 22 through the
+    /// pick-up window: a segment without ACK is no mid-stream segment (a
+    /// listening socket drops a flagless one silently, so it would have
+    /// stood as a picked-up flow), and a bare SYN from the side that did
+    /// not open a tracked flow is decided as the new flow it is.
+    #[test]
+    fn the_pick_up_window_opens_no_port_the_policy_closes() {
+        let rules = script(|dir, _, _, dport| dir == Outbound && dport == 5432);
+        let mut ct = Conntrack::new(ConntrackConfig::default());
+        let t = Instant::now();
+        ct.start_pick_up(t);
+        for flags in [0, TCP_FIN, TCP_SYN | TCP_FIN] {
+            assert_ne!(
+                ct.check_with(Inbound, &in_tcp(2, 5432, 22, flags), &rules, 1, t),
+                PASS,
+                "flags {flags:#x}"
+            );
+        }
+        // An ACK the other way round is picked up (as our connection to
+        // 5432: the local stack answers it with a reset if it is not)...
+        assert_eq!(
+            ct.check_with(Inbound, &in_tcp(2, 5432, 22, TCP_ACK), &rules, 1, t),
+            PASS
+        );
+        // ...but it lends the peer no SYN to our port 22.
+        assert_eq!(
+            ct.check_with(Inbound, &in_tcp(2, 5432, 22, TCP_SYN), &rules, 1, t),
+            DEFAULT_DENY
+        );
+        assert_eq!(ct.counters().picked_up, 1);
+        // The same holds for a flow opened the ordinary way.
+        let mut ct = Conntrack::new(ConntrackConfig::default());
+        assert_eq!(
+            ct.check_with(Outbound, &out_tcp(2, 40_000, 5432, TCP_SYN), &rules, 1, t),
+            PASS
+        );
+        assert_eq!(
+            ct.check_with(Inbound, &in_tcp(2, 5432, 40_000, TCP_SYN), &rules, 1, t),
+            DEFAULT_DENY,
+            "a SYN from the answering side"
+        );
+        assert_eq!(
+            ct.check_with(
+                Inbound,
+                &in_tcp(2, 5432, 40_000, TCP_SYN | TCP_ACK),
+                &rules,
+                1,
+                t
+            ),
+            PASS
+        );
     }
 
     /// A SYN the server answered but whose opener never acknowledged the
