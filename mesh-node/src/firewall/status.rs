@@ -1,7 +1,9 @@
 //! What the firewall has done, as one snapshot: the Prometheus metrics and
 //! `mesh-node status` both show it, so each number has one source.
 
-use std::fmt::{self, Write};
+use std::fmt;
+
+use mesh_proto::exposition::{Exposition, Kind};
 
 use serde::{Deserialize, Serialize};
 
@@ -71,31 +73,32 @@ impl Drops {
 impl FirewallStatus {
     /// Appends the Prometheus text format.
     pub fn render_into(&self, s: &mut String) {
-        gauge(
-            s,
-            "mesh_node_firewall_generation",
-            "Generation of the firewall document in force (0: none yet)",
-            self.generation.unwrap_or(0),
-        );
+        let mut e = Exposition::new();
         let in_force = self.rules.iter().filter(|r| r.in_force).count();
-        gauge(
-            s,
-            "mesh_node_firewall_rules",
-            "Rules of the policy in force (0: no policy, nothing filtered)",
-            in_force as u64,
-        );
-        gauge(
-            s,
-            "mesh_node_firewall_flows",
-            "Flows in the firewall's connection table",
-            self.flows as u64,
-        );
-        gauge(
-            s,
-            "mesh_node_firewall_flows_max",
-            "The connection table's bound (--firewall-max-flows)",
-            self.max_flows as u64,
-        );
+        for (name, help, value) in [
+            (
+                "mesh_node_firewall_generation",
+                "Generation of the firewall document in force (0: none yet)",
+                self.generation.unwrap_or(0),
+            ),
+            (
+                "mesh_node_firewall_rules",
+                "Rules of the policy in force (0: no policy, nothing filtered)",
+                in_force as u64,
+            ),
+            (
+                "mesh_node_firewall_flows",
+                "Flows in the firewall's connection table",
+                self.flows as u64,
+            ),
+            (
+                "mesh_node_firewall_flows_max",
+                "The connection table's bound (--firewall-max-flows)",
+                self.max_flows as u64,
+            ),
+        ] {
+            e.single(name, Kind::Gauge, help, value);
+        }
         for (name, help, value) in [
             (
                 "mesh_node_firewall_flows_new_total",
@@ -133,26 +136,29 @@ impl FirewallStatus {
                 self.documents_refused,
             ),
         ] {
-            counter(s, name, help, value);
+            e.single(name, Kind::Counter, help, value);
         }
         let name = "mesh_node_firewall_rule_hits_total";
-        let _ = writeln!(
-            s,
-            "# HELP {name} New flows each rule decided (allowed or denied)\n# TYPE {name} counter"
+        e.family(
+            name,
+            Kind::Counter,
+            "New flows each rule decided (allowed or denied)",
         );
         let mut by_name: Vec<&RuleHits> = self.rules.iter().collect();
         by_name.sort_by(|a, b| a.name.cmp(&b.name));
         for r in by_name {
-            let _ = writeln!(s, "{name}{{rule=\"{}\"}} {}", LabelValue(&r.name), r.hits);
+            e.sample(name, &[("rule", &r.name)], r.hits);
         }
         let name = "mesh_node_firewall_drops_total";
-        let _ = writeln!(
-            s,
-            "# HELP {name} Packets the firewall dropped, by reason\n# TYPE {name} counter"
+        e.family(
+            name,
+            Kind::Counter,
+            "Packets the firewall dropped, by reason",
         );
         for (reason, n) in self.drops.by_reason() {
-            let _ = writeln!(s, "{name}{{reason=\"{reason}\"}} {n}");
+            e.sample(name, &[("reason", reason)], n);
         }
+        s.push_str(&e.finish());
     }
 }
 
@@ -214,37 +220,6 @@ impl fmt::Display for FirewallStatus {
         }
         Ok(())
     }
-}
-
-/// A Prometheus label value with `\`, `"` and line breaks escaped.
-pub(super) struct LabelValue<'a>(pub &'a str);
-
-impl fmt::Display for LabelValue<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for c in self.0.chars() {
-            match c {
-                '\\' => f.write_str("\\\\")?,
-                '"' => f.write_str("\\\"")?,
-                '\n' => f.write_str("\\n")?,
-                c => f.write_char(c)?,
-            }
-        }
-        Ok(())
-    }
-}
-
-fn gauge(s: &mut String, name: &str, help: &str, value: u64) {
-    let _ = writeln!(
-        s,
-        "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
-    );
-}
-
-fn counter(s: &mut String, name: &str, help: &str, value: u64) {
-    let _ = writeln!(
-        s,
-        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
-    );
 }
 
 #[cfg(test)]
@@ -323,10 +298,5 @@ mod tests {
             serde_json::from_str::<FirewallStatus>(&json).unwrap(),
             sample()
         );
-    }
-
-    #[test]
-    fn label_values_are_escaped() {
-        assert_eq!(LabelValue("a\"b\\c\nd").to_string(), "a\\\"b\\\\c\\nd");
     }
 }
