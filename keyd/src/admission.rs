@@ -60,6 +60,14 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    pub const ALL: [Refusal; 5] = [
+        Self::UnlistedSource,
+        Self::SourceRateLimited,
+        Self::TooManyConnections,
+        Self::TooManyConnectionsFromSource,
+        Self::TooManyHandshakes,
+    ];
+
     pub fn label(self) -> &'static str {
         match self {
             Self::UnlistedSource => "unlisted_source",
@@ -253,6 +261,24 @@ impl Admission {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn all_lists_every_refusal() {
+        // No wildcard: a new variant does not compile until it is in ALL.
+        for r in Refusal::ALL {
+            match r {
+                Refusal::UnlistedSource
+                | Refusal::SourceRateLimited
+                | Refusal::TooManyConnections
+                | Refusal::TooManyConnectionsFromSource
+                | Refusal::TooManyHandshakes => {}
+            }
+        }
+        let mut labels: Vec<_> = Refusal::ALL.iter().map(|r| r.label()).collect();
+        labels.sort_unstable();
+        labels.dedup();
+        assert_eq!(labels.len(), 5);
+    }
 
     fn ip(last: u8) -> IpAddr {
         IpAddr::from([192, 0, 2, last])

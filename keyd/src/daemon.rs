@@ -41,7 +41,7 @@ use crate::policy::{
 };
 use crate::ratelimit::{LogLimiter, SharedLogLimiter, Verdict};
 use crate::state::{self, PersistedState};
-use crate::{files, firewall, metrics, quic, text, time};
+use crate::{files, firewall, metrics, quic, refusals, text, time};
 
 /// Exchanges one keyd runs as initiator at once.
 const MAX_DIALS_IN_FLIGHT: usize = 8;
@@ -533,7 +533,7 @@ impl Driver {
                 self.log_limited(label, || {
                     format!("exchange with {peer} failed ({label}): {error}")
                 });
-                let failure = if label == NO_ANSWER {
+                let failure = if label == refusals::NO_ANSWER {
                     Failure::NoAnswer
                 } else {
                     Failure::Exchange
@@ -960,14 +960,12 @@ struct CallError {
     unreachable: bool,
 }
 
-const NO_ANSWER: &str = "no_answer";
-
 fn label_of(e: &anyhow::Error) -> &'static str {
     if e.is::<quic::NoAnswer>() {
-        return NO_ANSWER;
+        return refusals::NO_ANSWER;
     }
     e.downcast_ref::<mesh_proto::ExchangeError>()
-        .map_or("transport", |x| x.label())
+        .map_or(refusals::TRANSPORT, |x| x.label())
 }
 
 fn params(s: &Shared, snap: &Snapshot, expected: Option<NodeId>) -> ExchangeParams {
@@ -1164,11 +1162,15 @@ async fn serve_connection(s: Arc<Shared>, incoming: quinn::Incoming, remote: Soc
     let conn = match tokio::time::timeout(quic::EXCHANGE_DEADLINE, incoming).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
-            s.refused(remote, "transport", &e);
+            s.refused(remote, refusals::TRANSPORT, &e);
             return;
         }
         Err(_) => {
-            s.refused(remote, "timeout", &"QUIC handshake did not finish");
+            s.refused(
+                remote,
+                mesh_proto::ExchangeError::Timeout.label(),
+                &"QUIC handshake did not finish",
+            );
             return;
         }
     };
@@ -1393,7 +1395,7 @@ async fn serve_tcp(s: Arc<Shared>, tcp: tokio::net::TcpStream, remote: SocketAdd
     let link = match TcpLink::accept(&s.edge.acceptor, tcp, remote).await {
         Ok(l) => l,
         Err(e) => {
-            s.refused(remote, "transport", &format!("{e:#}"));
+            s.refused(remote, refusals::TRANSPORT, &format!("{e:#}"));
             return;
         }
     };
@@ -1409,7 +1411,11 @@ async fn serve_tcp(s: Arc<Shared>, tcp: tokio::net::TcpStream, remote: SocketAdd
         };
         let Ok(first) = first else {
             if !authenticated {
-                s.refused(remote, "timeout", &"no exchange on a new TCP link");
+                s.refused(
+                    remote,
+                    mesh_proto::ExchangeError::Timeout.label(),
+                    &"no exchange on a new TCP link",
+                );
             }
             link.close();
             return;

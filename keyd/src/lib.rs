@@ -18,6 +18,7 @@ pub mod owner;
 pub mod policy;
 pub mod quic;
 pub mod ratelimit;
+pub mod refusals;
 pub mod state;
 pub mod text;
 pub mod time;

@@ -70,6 +70,10 @@ pub enum CookieError {
 }
 
 impl CookieError {
+    /// Every label [`label`](Self::label) gives (counters show each from
+    /// the start; a test keeps the two in step).
+    pub const LABELS: [&'static str; 4] = ["too_short", "bad_mac1", "reply_length", "bad_reply"];
+
     pub fn label(&self) -> &'static str {
         match self {
             CookieError::TooShort { .. } => "too_short",
@@ -342,6 +346,27 @@ mod tests {
 
     fn addr(s: &str) -> SocketAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn the_label_list_holds_every_variants_label() {
+        let all = [
+            CookieError::TooShort { found: 0 },
+            CookieError::BadMac1,
+            CookieError::ReplyLength { found: 0 },
+            CookieError::BadReply,
+        ];
+        // No wildcard: a new variant does not compile until listed above.
+        for e in &all {
+            match e {
+                CookieError::TooShort { .. }
+                | CookieError::BadMac1
+                | CookieError::ReplyLength { .. }
+                | CookieError::BadReply => {}
+            }
+        }
+        let labels: Vec<&str> = all.iter().map(|e| e.label()).collect();
+        assert_eq!(labels, CookieError::LABELS);
     }
 
     fn unhex(s: &str) -> Vec<u8> {

@@ -205,6 +205,26 @@ pub enum TrustError {
 }
 
 impl TrustError {
+    /// Every label [`label`](Self::label) gives: counters show each reason
+    /// from the start, at 0 (the test below keeps the two in step).
+    pub const LABELS: [&'static str; 15] = [
+        "malformed_certificate",
+        "unknown_ca",
+        "bad_signature",
+        "wrong_network",
+        "node_id_mismatch",
+        "not_yet_valid",
+        "expired",
+        "ca_expired",
+        "issuer_expired",
+        "revoked",
+        "static_key_mismatch",
+        "not_in_roster",
+        "self_connection",
+        "unexpected_peer",
+        "roster_expired",
+    ];
+
     /// Stable label for logs and the `reason` label of refusal counters.
     pub fn label(&self) -> &'static str {
         match self {
@@ -253,6 +273,18 @@ pub enum ExchangeError {
 }
 
 impl ExchangeError {
+    /// Every label [`label`](Self::label) gives for a failure of the
+    /// exchange itself; a `Trust` failure gives one of [`TrustError::LABELS`].
+    pub const LABELS: [&'static str; 7] = [
+        "noise",
+        "payload",
+        "unexpected_message",
+        "timeout",
+        "closed",
+        "setup",
+        "stale_epoch",
+    ];
+
     /// Stable label for logs and counters.
     pub fn label(&self) -> &'static str {
         match self {
@@ -277,5 +309,123 @@ impl From<TrustError> for ExchangeError {
 impl From<snow::Error> for ExchangeError {
     fn from(e: snow::Error) -> Self {
         ExchangeError::Noise(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One of each variant. The match has no wildcard: a new variant does
+    /// not compile until it is listed here, and so checked below.
+    fn every_trust_error() -> Vec<TrustError> {
+        let s = String::new;
+        let all = vec![
+            TrustError::MalformedCertificate(CodecError::UnterminatedArmor),
+            TrustError::UnknownCa {
+                expected: s(),
+                found: s(),
+            },
+            TrustError::BadSignature,
+            TrustError::WrongNetwork {
+                expected: s(),
+                found: s(),
+            },
+            TrustError::NodeIdMismatch,
+            TrustError::NotYetValid {
+                not_before: 0,
+                now: 0,
+            },
+            TrustError::Expired {
+                not_after: 0,
+                now: 0,
+            },
+            TrustError::CaExpired { now: 0 },
+            TrustError::IssuerExpired {
+                issuer: s(),
+                not_after: 0,
+                now: 0,
+            },
+            TrustError::Revoked { fingerprint: s() },
+            TrustError::StaticKeyMismatch,
+            TrustError::NotInRoster {
+                name: s(),
+                node_id: s(),
+            },
+            TrustError::SelfConnection,
+            TrustError::UnexpectedPeer {
+                name: s(),
+                node_id: s(),
+            },
+            TrustError::RosterExpired {
+                serial: 0,
+                not_after: 0,
+                now: 0,
+            },
+        ];
+        for e in &all {
+            match e {
+                TrustError::MalformedCertificate(_)
+                | TrustError::UnknownCa { .. }
+                | TrustError::BadSignature
+                | TrustError::WrongNetwork { .. }
+                | TrustError::NodeIdMismatch
+                | TrustError::NotYetValid { .. }
+                | TrustError::Expired { .. }
+                | TrustError::CaExpired { .. }
+                | TrustError::IssuerExpired { .. }
+                | TrustError::Revoked { .. }
+                | TrustError::StaticKeyMismatch
+                | TrustError::NotInRoster { .. }
+                | TrustError::SelfConnection
+                | TrustError::UnexpectedPeer { .. }
+                | TrustError::RosterExpired { .. } => {}
+            }
+        }
+        all
+    }
+
+    /// As above, without `Trust` (whose labels are [`TrustError::LABELS`]).
+    fn every_exchange_error() -> Vec<ExchangeError> {
+        let all = vec![
+            ExchangeError::Noise(String::new()),
+            ExchangeError::Payload(CodecError::UnterminatedArmor),
+            ExchangeError::UnexpectedMessage("msg2"),
+            ExchangeError::Timeout,
+            ExchangeError::Closed,
+            ExchangeError::Setup(String::new()),
+            ExchangeError::StaleEpoch {
+                offered: 1,
+                last: 1,
+            },
+        ];
+        for e in &all {
+            match e {
+                ExchangeError::Trust(_) => unreachable!("listed by TrustError::LABELS"),
+                ExchangeError::Noise(_)
+                | ExchangeError::Payload(_)
+                | ExchangeError::UnexpectedMessage(_)
+                | ExchangeError::Timeout
+                | ExchangeError::Closed
+                | ExchangeError::Setup(_)
+                | ExchangeError::StaleEpoch { .. } => {}
+            }
+        }
+        all
+    }
+
+    #[test]
+    fn the_label_lists_hold_every_variants_label_once() {
+        let trust: Vec<&str> = every_trust_error().iter().map(|e| e.label()).collect();
+        assert_eq!(trust, TrustError::LABELS);
+        let exchange: Vec<&str> = every_exchange_error().iter().map(|e| e.label()).collect();
+        assert_eq!(exchange, ExchangeError::LABELS);
+        let mut all: Vec<&str> = trust.into_iter().chain(exchange).collect();
+        let n = all.len();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), n, "labels are distinct");
+        let wrapped = ExchangeError::Trust(TrustError::BadSignature);
+        assert_eq!(wrapped.label(), "bad_signature");
     }
 }

@@ -571,6 +571,9 @@ fn an_ended_subscription_is_recorded_down_with_its_reason_escaped() {
     assert!(!s.subscribed);
     assert_eq!(s.failures, 3);
     let error = s.last_error.unwrap();
-    assert!(!error.contains('\n') && !error.contains('\u{1b}'), "{error}");
+    assert!(
+        !error.contains('\n') && !error.contains('\u{1b}'),
+        "{error}"
+    );
     assert!(error.starts_with("evil"), "{error}");
 }

@@ -3,6 +3,8 @@
 //! pure function of that status and the time of the scrape. The series and
 //! their meaning: docs/operations.md, "keyd's metrics".
 
+use std::collections::BTreeMap;
+
 use mesh_proto::exposition::{Exposition, Histogram, Kind};
 
 use crate::daemon::Status;
@@ -10,6 +12,7 @@ use crate::edge::ladder::Rung;
 use crate::firewall::FirewallState;
 use crate::metrics::exchanges::{DURATION_BOUNDS, RoleCounters};
 use crate::policy::{LocalState, PeerState};
+use crate::refusals;
 
 /// Refusal reasons that mean a host that is no member knocked: it has no
 /// certificate from this network's CA, is not in the roster, or did not
@@ -308,10 +311,16 @@ fn refusals(e: &mut Exposition, s: &Status) {
     e.family(
         name,
         Kind::Counter,
-        "Connections and exchanges refused or failed, by reason (a reason appears when first counted)",
+        "Connections and exchanges refused or failed, by reason (every reason from keyd's start)",
     );
+    // Every known reason at 0, then what was counted (a reason this keyd
+    // does not list, from another version's status, shows too).
+    let mut all: BTreeMap<&str, u64> = refusals::all().map(|r| (r, 0)).collect();
     for (reason, n) in &s.refusals {
-        e.sample(name, &[("reason", reason)], *n);
+        all.insert(reason, *n);
+    }
+    for (reason, n) in all {
+        e.sample(name, &[("reason", reason)], n);
     }
     let count = |reason: &str| s.refusals.get(reason).copied().unwrap_or(0);
     let name = "keyd_replays_total";

@@ -281,3 +281,33 @@ fn a_status_without_exchange_counters_renders_empty_histograms() {
         "0"
     );
 }
+
+/// Every reason is a series from keyd's start: a counter that appeared only
+/// when first counted would hide its first burst from `increase()`.
+#[test]
+fn every_refusal_reason_is_rendered_from_the_start() {
+    let text = render(&healthy(0), NOW);
+    let all = samples(&text, "keyd_refusals_total");
+    for reason in crate::refusals::all() {
+        assert_eq!(
+            all.get(&format!("{{reason=\"{reason}\"}}"))
+                .map(String::as_str),
+            Some("0"),
+            "{reason} in {all:?}"
+        );
+    }
+    assert_eq!(all.len(), crate::refusals::all().count());
+    // A reason the list does not know (a newer keyd's status) still shows.
+    let mut s = healthy(0);
+    s.refusals.insert("bad_mac1".into(), 4);
+    s.refusals.insert("from_the_future".into(), 1);
+    let text = render(&s, NOW);
+    assert_eq!(
+        value(&text, "keyd_refusals_total{reason=\"bad_mac1\"}"),
+        "4"
+    );
+    assert_eq!(
+        value(&text, "keyd_refusals_total{reason=\"from_the_future\"}"),
+        "1"
+    );
+}
