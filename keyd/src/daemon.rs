@@ -346,11 +346,16 @@ pub async fn run(config: Config, reset_state: bool) -> Result<()> {
     if let Some(addr) = config.metrics_listen {
         let listener = metrics::server::bind(addr).await?;
         let status = published.subscribe();
-        let render = Arc::new(move || {
-            let status: &Option<Arc<Status>> = &status.borrow();
-            status
-                .as_ref()
-                .map(|s| metrics::render::render(s, time::unix_now()))
+        let pages = metrics::page::PageCache::default();
+        let render: metrics::server::Render = Arc::new(move || {
+            // The Arc cloned out at once: a borrow held while rendering
+            // would hold the watch's lock and stall the driver's send_replace.
+            let current = status.borrow().clone()?;
+            let page = pages.page(current);
+            Some(metrics::server::Body {
+                shared: page.fixed(),
+                fresh: page.clock(time::unix_now()),
+            })
         });
         tokio::spawn(metrics::server::serve(
             listener,

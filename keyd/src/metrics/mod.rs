@@ -3,6 +3,7 @@
 //! the bounded HTTP server that serves it.
 
 pub mod exchanges;
+pub mod page;
 pub mod render;
 pub mod server;
 

@@ -1,7 +1,9 @@
 //! keyd's `/metrics`: the status the driver publishes once a second (the
-//! same value it writes to `status.json`), rendered as Prometheus text. A
-//! pure function of that status and the time of the scrape. The series and
-//! their meaning: docs/operations.md, "keyd's metrics".
+//! same value it writes to `status.json`), rendered as Prometheus text. Pure
+//! functions: [`fixed`] of the status alone (rendered once per status and
+//! shared by every scrape, metrics/page.rs) and [`clock`] of the status and
+//! the time of the scrape (ages, which keep growing if the driver stalls).
+//! The series and their meaning: docs/operations.md, "keyd's metrics".
 
 use std::collections::BTreeMap;
 
@@ -65,15 +67,53 @@ const PEER_STATES: [&str; 4] = ["connecting", "up", "retrying", "cut"];
 
 /// The text of `/metrics` for `s`, scraped at Unix time `now`.
 pub fn render(s: &Status, now: u64) -> String {
+    fixed(s) + &clock(s, now)
+}
+
+/// Every family that depends on the status alone.
+pub fn fixed(s: &Status) -> String {
     let mut e = Exposition::new();
-    node(&mut e, s, now);
+    node(&mut e, s);
     peers(&mut e, s);
     refusals(&mut e, s);
     exchanges(&mut e, s);
     e.finish()
 }
 
-fn node(e: &mut Exposition, s: &Status, now: u64) {
+/// The families that depend on the time of the scrape, `now`: how old the
+/// status is, how long the roster has left, how old each peer's key is.
+pub fn clock(s: &Status, now: u64) -> String {
+    let mut e = Exposition::new();
+    e.single(
+        "keyd_status_age_seconds",
+        Kind::Gauge,
+        "Seconds since keyd last refreshed its status (every second while its driver runs)",
+        now.saturating_sub(s.updated_at),
+    );
+    e.single(
+        "keyd_roster_expires_in_seconds",
+        Kind::Gauge,
+        "Seconds until the roster in use expires (negative: expired)",
+        signed(s.roster_not_after) - signed(now),
+    );
+    let name = "keyd_peer_key_age_seconds";
+    e.family(
+        name,
+        Kind::Gauge,
+        "Age of the key a peer holds at the scrape (absent while it holds none)",
+    );
+    for p in s.peers.values() {
+        // `key_age_secs` is there while the peer holds a key; its age now
+        // counts from when that key was agreed.
+        if let Some(agreed) = p.key_age_secs.and(p.last_exchange) {
+            let age = now.saturating_sub(agreed);
+            e.sample(name, &[("peer", &p.name), ("node_id", &p.node_id)], age);
+        }
+    }
+    e.finish()
+}
+
+fn node(e: &mut Exposition, s: &Status) {
     let name = "keyd_node_info";
     e.family(
         name,
@@ -88,12 +128,6 @@ fn node(e: &mut Exposition, s: &Status, now: u64) {
             ("interface", &s.interface),
         ],
         1u64,
-    );
-    e.single(
-        "keyd_status_age_seconds",
-        Kind::Gauge,
-        "Seconds since keyd last refreshed its status (every second while its driver runs)",
-        now.saturating_sub(s.updated_at),
     );
     let name = "keyd_local_state";
     e.family(
@@ -115,12 +149,6 @@ fn node(e: &mut Exposition, s: &Status, now: u64) {
         Kind::Gauge,
         "Unix time at which the roster in use expires",
         s.roster_not_after,
-    );
-    e.single(
-        "keyd_roster_expires_in_seconds",
-        Kind::Gauge,
-        "Seconds until the roster in use expires (negative: expired)",
-        signed(s.roster_not_after) - signed(now),
     );
     e.single(
         "keyd_rotation_interval_seconds",
@@ -202,18 +230,6 @@ fn peers(e: &mut Exposition, s: &Status) {
     );
     for p in s.peers.values() {
         e.sample(name, &[("peer", &p.name), ("node_id", &p.node_id)], p.epoch);
-    }
-
-    let name = "keyd_peer_key_age_seconds";
-    e.family(
-        name,
-        Kind::Gauge,
-        "Age of the key a peer holds (absent while it holds none)",
-    );
-    for p in s.peers.values() {
-        if let Some(age) = p.key_age_secs {
-            e.sample(name, &[("peer", &p.name), ("node_id", &p.node_id)], age);
-        }
     }
 
     let name = "keyd_peer_last_exchange_timestamp_seconds";

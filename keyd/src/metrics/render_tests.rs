@@ -153,9 +153,20 @@ fn one_last_result_per_peer() {
 
 #[test]
 fn roster_and_ages_are_taken_at_the_scrape() {
-    let mut s = healthy(1);
-    s.peers.get_mut("node2").unwrap().key_age_secs = None;
+    let mut s = healthy(2);
+    // Written at NOW - 1 (the fixture): node2's key agreed at NOW - 10, so
+    // 9 s old then; 15 s old at a scrape at NOW + 5.
+    s.peers.get_mut("node2").unwrap().key_age_secs = Some(9);
+    s.peers.get_mut("node3").unwrap().key_age_secs = None;
     let text = render(&s, NOW + 5);
+    assert_eq!(
+        samples(&text, "keyd_peer_key_age_seconds"),
+        BTreeMap::from([(
+            "{peer=\"node2\",node_id=\"node2-id\"}".to_string(),
+            "15".to_string()
+        )]),
+        "node2's age at the scrape; node3 holds no key, no key age"
+    );
     assert_eq!(value(&text, "keyd_roster_serial"), "12");
     assert_eq!(value(&text, "keyd_rotation_interval_seconds"), "120");
     assert_eq!(
@@ -167,10 +178,6 @@ fn roster_and_ages_are_taken_at_the_scrape() {
         (s.roster_not_after - NOW - 5).to_string()
     );
     assert_eq!(value(&text, "keyd_status_age_seconds"), "6");
-    assert!(
-        samples(&text, "keyd_peer_key_age_seconds").is_empty(),
-        "no key, no key age"
-    );
     let expired = render(&s, s.roster_not_after + 7);
     assert_eq!(value(&expired, "keyd_roster_expires_in_seconds"), "-7");
 }
