@@ -86,6 +86,10 @@ pub struct Status {
     /// `rotation_interval` in force: a key much older than this is stuck.
     #[serde(default)]
     pub rotation_interval_secs: u64,
+    /// `max_clock_skew` in force: keyd keeps the roster this long past
+    /// `roster_not_after`.
+    #[serde(default)]
+    pub max_clock_skew_secs: u64,
 }
 
 /// Inputs from the tasks to the policy's owner.
@@ -931,6 +935,7 @@ impl Driver {
             firewall: self.firewall.status.clone(),
             exchanges: self.s.exchanges.snapshot(),
             rotation_interval_secs: self.s.config.rotation_interval.as_secs(),
+            max_clock_skew_secs: self.s.config.max_clock_skew.as_secs(),
         };
         // Peers that left the roster leave no result behind.
         let listed: HashSet<&str> = status.peers.values().map(|p| p.node_id.as_str()).collect();

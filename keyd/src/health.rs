@@ -4,15 +4,19 @@
 //! * `ok` (0): a valid member, every listed peer holds a fresh key, the
 //!   data plane answers, the roster is more than a day from expiry.
 //! * `degraded` (1): it works, but something needs a look: a peer without a
-//!   key or whose refresh fails, the roster expires within a day, the
-//!   firewall policy is not in force, the authority is not connected.
+//!   key or whose refresh fails, the roster expires within a day (or is
+//!   past its expiry but kept for `max_clock_skew`), the firewall policy is
+//!   not in force, the authority is not connected.
 //! * `failed` (2): no protection or no mesh: keyd not running (no status,
 //!   or one not refreshed), this node not a valid member, the roster
-//!   expired, the data plane unreachable, or no peer keyed at all.
+//!   expired beyond `max_clock_skew` (keyd dropped it), the data plane
+//!   unreachable, or no peer keyed at all.
 //!
 //! A pure function of the status and the time, so every case is a unit test.
 
 use std::fmt;
+
+use mesh_proto::roster::past_expiry;
 
 use crate::daemon::{ROSTER_EXPIRY_WARNING, Status};
 use crate::firewall::FirewallState;
@@ -87,8 +91,22 @@ pub fn assess(s: &Status, now: u64) -> Health {
         );
     }
     let expired = now >= s.roster_not_after;
-    if expired {
-        problem(Level::Failed, "the roster has expired".into());
+    let skew = s.max_clock_skew_secs;
+    if past_expiry(s.roster_not_after, now, skew) {
+        problem(
+            Level::Failed,
+            "the roster has expired: keyd holds no peers".into(),
+        );
+    } else if expired {
+        // Still in use: keyd allows for clocks that differ.
+        let left = s.roster_not_after.saturating_add(skew) - now;
+        problem(
+            Level::Degraded,
+            format!(
+                "the roster is past its expiry: keyd drops it and every peer in {} (max_clock_skew)",
+                human(left)
+            ),
+        );
     } else if s.roster_not_after - now < ROSTER_EXPIRY_WARNING.as_secs() {
         problem(Level::Degraded, "the roster expires within a day".into());
     }
@@ -222,7 +240,8 @@ pub(crate) mod fixture {
             "peers_cut_revoked_or_unlisted": 0, "removals_failed": 0,
             "installs_failed": 0, "installs_refused_roster_changed": 0,
             "dataplane_reads_failed": 0, "dataplane_restarts_healed": 0,
-            "unknown_peers_removed": 0, "rotation_interval_secs": 120
+            "unknown_peers_removed": 0, "rotation_interval_secs": 120,
+            "max_clock_skew_secs": 300
         }))
         .expect("a status as keyd writes it");
         for i in 2..peers + 2 {
@@ -312,6 +331,37 @@ mod tests {
         assert_eq!(h.level, Level::Failed);
         assert!(
             h.line.contains("roster serial 12 expired 2d ago"),
+            "{}",
+            h.line
+        );
+    }
+
+    /// keyd keeps a roster `max_clock_skew` past its expiry (for clocks
+    /// that differ): the mesh still works then, so it degrades; past that
+    /// keyd drops it, and that fails.
+    #[test]
+    fn a_roster_is_kept_for_the_clock_skew_past_its_expiry() {
+        let mut s = healthy(1);
+        assert_eq!(s.max_clock_skew_secs, 300);
+        s.roster_not_after = NOW - 60;
+        let h = assess(&s, NOW);
+        assert_eq!(h.level, Level::Degraded, "{}", h.line);
+        assert!(
+            h.line.ends_with(
+                "expired 1m ago; the roster is past its expiry: keyd drops it and every peer in 4m (max_clock_skew)"
+            ),
+            "{}",
+            h.line
+        );
+        // As Roster::check_fresh: kept up to and including not_after + skew.
+        s.roster_not_after = NOW - 300;
+        assert_eq!(assess(&s, NOW).level, Level::Degraded);
+        s.roster_not_after = NOW - 301;
+        let h = assess(&s, NOW);
+        assert_eq!(h.level, Level::Failed);
+        assert!(
+            h.line
+                .contains("; the roster has expired: keyd holds no peers"),
             "{}",
             h.line
         );

@@ -347,7 +347,7 @@ impl Roster {
     /// seconds, the same tolerance certificates get.
     pub fn check_fresh(&self, now: UnixTime, max_clock_skew: u64) -> Result<(), RosterError> {
         let not_after = self.not_after();
-        if now > not_after.saturating_add(max_clock_skew) {
+        if past_expiry(not_after, now, max_clock_skew) {
             return Err(RosterError::Expired {
                 serial: self.serial(),
                 not_after,
@@ -629,6 +629,13 @@ fn check_unique(members: &[Member]) -> Result<(), RosterError> {
         }
     }
     Ok(())
+}
+
+/// Whether a roster that expires at `not_after` is refused at `now`: only
+/// once past it by more than `max_clock_skew` (what [`Roster::check_fresh`]
+/// applies, and what a node's health reports).
+pub fn past_expiry(not_after: UnixTime, now: UnixTime, max_clock_skew: u64) -> bool {
+    now > not_after.saturating_add(max_clock_skew)
 }
 
 #[cfg(test)]
