@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use mesh_proto::exposition::{Exposition, Histogram, Kind};
 
-use crate::daemon::Status;
+use crate::daemon::{ROSTER_EXPIRY_WARNING, Status};
 use crate::edge::ladder::Rung;
 use crate::firewall::FirewallState;
 use crate::metrics::exchanges::{DURATION_BOUNDS, RoleCounters};
@@ -149,6 +149,12 @@ fn node(e: &mut Exposition, s: &Status) {
         Kind::Gauge,
         "Unix time at which the roster in use expires",
         s.roster_not_after,
+    );
+    e.single(
+        "keyd_roster_expiry_warning_seconds",
+        Kind::Gauge,
+        "keyd status --short degrades when the roster expires within this many seconds (PqmeshRosterExpiresSoon uses it)",
+        ROSTER_EXPIRY_WARNING.as_secs(),
     );
     e.single(
         "keyd_rotation_interval_seconds",

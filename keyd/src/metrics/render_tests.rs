@@ -318,3 +318,28 @@ fn every_refusal_reason_is_rendered_from_the_start() {
         "1"
     );
 }
+
+/// The warning threshold is one fact: keyd's constant, exported, and the
+/// alert compares with the exported value rather than a number of its own.
+#[test]
+fn the_roster_expiry_warning_is_exported_and_the_alert_uses_it() {
+    let text = render(&healthy(0), NOW);
+    assert_eq!(
+        value(&text, "keyd_roster_expiry_warning_seconds"),
+        crate::daemon::ROSTER_EXPIRY_WARNING.as_secs().to_string()
+    );
+    let rules = include_str!("../../../deploy/prometheus/pqmesh-alerts.yml");
+    let rule = rules
+        .split("- alert: ")
+        .find(|r| r.starts_with("PqmeshRosterExpiresSoon\n"))
+        .expect("the alert PqmeshRosterExpiresSoon");
+    let expr = rule
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("expr: "))
+        .expect("its expr");
+    assert!(
+        expr.contains("< on (job, instance) keyd_roster_expiry_warning_seconds"),
+        "{expr}"
+    );
+    assert!(!expr.contains("86400"), "{expr}");
+}
