@@ -21,10 +21,11 @@ pub const DURATION_BOUNDS: [f64; 12] = [
 /// Buckets: one per bound, and the overflow bucket.
 const BUCKETS: usize = DURATION_BOUNDS.len() + 1;
 
+/// No `completed` counter of its own: it is the sum of the buckets, so a
+/// snapshot's `completed` and the histogram's `_count` always agree.
 #[derive(Default)]
 struct RoleStats {
     started: AtomicU64,
-    completed: AtomicU64,
     failed: AtomicU64,
     /// Non-cumulative: `buckets[i]` counts durations in (bound[i-1], bound[i]].
     buckets: [AtomicU64; BUCKETS],
@@ -55,7 +56,6 @@ impl ExchangeStats {
     /// It ended with a key agreed, `took` after it started.
     pub fn completed(&self, role: Role, took: Duration) {
         let r = self.role(role);
-        r.completed.fetch_add(1, Ordering::Relaxed);
         r.buckets[bucket_of(took)].fetch_add(1, Ordering::Relaxed);
         let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
         r.sum_micros.fetch_add(micros, Ordering::Relaxed);
@@ -66,17 +66,26 @@ impl ExchangeStats {
         self.role(role).failed.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// The counters now. Each is read on its own (no lock against the
+    /// exchange tasks), so an exchange that completes during the snapshot
+    /// may be in `duration_buckets` (and `completed`, their sum) but not yet
+    /// in `duration_sum_micros`, or the reverse: `_sum` may be off by one
+    /// exchange's duration for one scrape, as with Prometheus' own clients.
+    /// `started` may likewise be read before an exchange that then completes.
     pub fn snapshot(&self) -> ExchangeCounters {
-        let of = |r: &RoleStats| RoleCounters {
-            started: r.started.load(Ordering::Relaxed),
-            completed: r.completed.load(Ordering::Relaxed),
-            failed: r.failed.load(Ordering::Relaxed),
-            duration_buckets: r
+        let of = |r: &RoleStats| {
+            let duration_buckets: Vec<u64> = r
                 .buckets
                 .iter()
                 .map(|b| b.load(Ordering::Relaxed))
-                .collect(),
-            duration_sum_micros: r.sum_micros.load(Ordering::Relaxed),
+                .collect();
+            RoleCounters {
+                started: r.started.load(Ordering::Relaxed),
+                completed: duration_buckets.iter().sum(),
+                failed: r.failed.load(Ordering::Relaxed),
+                duration_buckets,
+                duration_sum_micros: r.sum_micros.load(Ordering::Relaxed),
+            }
         };
         ExchangeCounters {
             initiator: of(&self.initiator),
@@ -162,5 +171,30 @@ mod tests {
             (1, 0, 0)
         );
         assert_eq!(c.responder.duration_buckets.iter().sum::<u64>(), 0);
+    }
+
+    /// Exchanges complete while the driver takes its snapshot: in every
+    /// snapshot, the completed count is the histogram's count.
+    #[test]
+    fn completed_and_the_histogram_count_agree_in_every_snapshot() {
+        let s = std::sync::Arc::new(ExchangeStats::default());
+        let writers: Vec<_> = (0..2)
+            .map(|_| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    for i in 0..200_000u64 {
+                        s.completed(Role::Responder, Duration::from_micros(i % 20_000));
+                    }
+                })
+            })
+            .collect();
+        while !writers.iter().all(|w| w.is_finished()) {
+            let c = s.snapshot().responder;
+            assert_eq!(c.completed, c.duration_buckets.iter().sum::<u64>());
+        }
+        for w in writers {
+            w.join().unwrap();
+        }
+        assert_eq!(s.snapshot().responder.completed, 400_000);
     }
 }
