@@ -2,16 +2,8 @@
 //! the level RUST_LOG asks (default info), as text or, with
 //! `--log-format json`, one JSON object per line for a log pipeline.
 
+pub use mesh_proto::logformat::LogFormat;
 use tracing_subscriber::EnvFilter;
-
-#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    #[default]
-    Text,
-    /// One JSON object per line: timestamp, level, message and fields.
-    Json,
-}
 
 #[derive(clap::Args, Debug)]
 pub struct LogArgs {
@@ -32,5 +24,33 @@ pub fn init(format: LogFormat) {
         // The message and the event's fields at the top level, beside
         // timestamp and level: what log pipelines index.
         LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        log: LogArgs,
+    }
+
+    #[test]
+    fn the_format_is_text_unless_json_is_asked_for() {
+        let parse = |args: &[&str]| Cli::try_parse_from(args).map(|c| c.log.log_format);
+        assert_eq!(parse(&["keyd"]).unwrap(), LogFormat::Text);
+        assert_eq!(
+            parse(&["keyd", "--log-format", "json"]).unwrap(),
+            LogFormat::Json
+        );
+        let e = parse(&["keyd", "--log-format", "xml"]).unwrap_err();
+        assert!(
+            e.to_string().contains("[possible values: text, json]"),
+            "{e}"
+        );
     }
 }

@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand};
 use mesh_node::firewall::{self, Firewall};
 use mesh_node::{api, counters::Counters, device, metrics, notify, setup};
 use mesh_proto::firewall::conntrack::ConntrackConfig;
+use mesh_proto::logformat::LogFormat;
 use tracing::{error, info, warn};
 use tracing_subscriber::fmt::writer::BoxMakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
@@ -36,15 +37,6 @@ struct Cli {
 enum TransportKind {
     Offload,
     Default,
-}
-
-/// How the daemon's log lines are written.
-#[derive(clap::ValueEnum, Clone, Copy, Debug)]
-enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line: timestamp, level, message and fields.
-    Json,
 }
 
 #[derive(Subcommand, Debug)]

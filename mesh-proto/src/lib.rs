@@ -18,6 +18,7 @@ pub mod firewall;
 pub mod frame;
 pub mod identity;
 pub mod kem;
+pub mod logformat;
 pub mod prefix;
 pub mod probe;
 pub mod roster;
