@@ -655,9 +655,10 @@ fn keyd_metrics_show_the_mesh() {
     // A host that is no member connects to node1's keyd (its TCP rung):
     // refused as an unlisted source, and counted as an unknown knock.
     let before = scrape(&mesh, 0);
+    // Every reason is a series from keyd's start (at 0 before the first).
     let unlisted = |m: &exposition::Scrape| {
         m.get("keyd_refusals_total", &[("reason", "unlisted_source")])
-            .unwrap_or(0.0)
+            .expect("every refusal reason is a series")
     };
     let knocks =
         |m: &exposition::Scrape| m.get("keyd_knocks_total", &[("kind", "unknown")]).unwrap();
@@ -694,8 +695,17 @@ fn keyd_metrics_show_the_mesh() {
         std::thread::sleep(Duration::from_millis(300));
     }
 
-    // Only GET /metrics is served.
+    // Only GET /metrics is served; the rest is counted.
+    let refused = |m: &exposition::Scrape| {
+        m.get(
+            "keyd_metrics_requests_refused_total",
+            &[("reason", "not_found")],
+        )
+        .expect("every reason is a series")
+    };
+    let before = refused(&scrape(&mesh, 0));
     assert!(http_get(&mesh, 0, "/").0.starts_with("HTTP/1.1 404 "));
+    assert_eq!(refused(&scrape(&mesh, 0)), before + 1.0);
 
     // `keyd status --short`: the same health in one line and its exit status.
     let short = |config: &str| {
