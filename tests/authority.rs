@@ -789,6 +789,15 @@ fn the_mesh_outlives_an_authority_crash_and_catches_up_after_its_restart() {
         );
     }
     net.all_pairs_ping(&[0, 1, 2]);
+    // Each node says its link is down (keyd_authority_subscribed 0) and
+    // counts the end of its subscription.
+    for i in 0..3 {
+        net.wait_status(i, "shown unsubscribed", Duration::from_secs(90), |s| {
+            s["authority"]["subscribed"] == false
+                && s["authority"]["failures"].as_u64() >= Some(1)
+                && s["authority"]["last_error"].is_string()
+        });
+    }
 
     net.auth.start();
     let restarted = Instant::now();
@@ -838,6 +847,11 @@ fn the_mesh_outlives_an_authority_crash_and_catches_up_after_its_restart() {
         "after the restart: node4 joined and every node on serial {serial} {:?} after the authority came back",
         restarted.elapsed()
     );
+    for i in 0..3 {
+        net.wait_status(i, "subscribed again", Duration::from_secs(60), |s| {
+            s["authority"]["subscribed"] == true
+        });
+    }
     let subscribers = net.auth.json(&["status"])["subscribers"].as_u64();
     println!("subscribers after catch-up: {subscribers:?}");
 }
