@@ -98,8 +98,9 @@ pub fn status(a: StatusArgs) -> Result<()> {
     let left = s.roster_not_after.saturating_sub(now);
     if left < daemon::ROSTER_EXPIRY_WARNING.as_secs() {
         println!(
-            "WARNING: the roster expires at {} ({left}s from now); after that every peer is dropped",
-            time::rfc3339(s.roster_not_after)
+            "WARNING: the roster expires at {} ({left}s from now); keyd keeps it {}s longer (max_clock_skew), then drops every peer",
+            time::rfc3339(s.roster_not_after),
+            s.max_clock_skew_secs
         );
     }
     if let Some(a) = &s.authority {
