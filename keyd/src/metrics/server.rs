@@ -219,7 +219,7 @@ async fn read_head(stream: &mut TcpStream, limits: &Limits) -> Result<Vec<u8>, R
         .unwrap_or(Err(RequestError::Timeout))
 }
 
-fn head(status: &str, extra: &str, length: usize) -> String {
+fn response_head(status: &str, extra: &str, length: usize) -> String {
     format!(
         "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n\
          Content-Length: {length}\r\n{extra}Connection: close\r\n\r\n"
@@ -293,11 +293,17 @@ async fn serve_one(mut stream: TcpStream, from: SocketAddr, server: &Server) {
             Some(page) => {
                 let tail = page.fresh + &server.refusals.render();
                 let length = page.shared.len() + tail.len();
-                (head("200 OK", "", length), Some((page.shared, tail)))
+                (
+                    response_head("200 OK", "", length),
+                    Some((page.shared, tail)),
+                )
             }
             None => {
                 let text = "keyd has no status yet\n";
-                (head("503 Service Unavailable", "", text.len()) + text, None)
+                (
+                    response_head("503 Service Unavailable", "", text.len()) + text,
+                    None,
+                )
             }
         },
         Err(e) => {
@@ -311,7 +317,7 @@ async fn serve_one(mut stream: TcpStream, from: SocketAddr, server: &Server) {
                 ""
             };
             let text = format!("{e}\n");
-            (head(e.status(), allow, text.len()) + &text, None)
+            (response_head(e.status(), allow, text.len()) + &text, None)
         }
     };
     let _ = tokio::time::timeout(limits.write_timeout, async {
