@@ -74,6 +74,8 @@ struct Authority {
     ns: Netns,
     dir: PathBuf,
     log: PathBuf,
+    /// Runs as this uid and gid (the packaged unit's user); None: root.
+    run_as: Option<u32>,
 }
 
 impl Authority {
@@ -105,9 +107,24 @@ impl Authority {
             .append(true)
             .open(&self.log)
             .unwrap();
+        let id = self.run_as.map(|u| u.to_string());
+        let mut argv: Vec<&str> = match &id {
+            Some(id) => vec![
+                "setpriv",
+                "--reuid",
+                id,
+                "--regid",
+                id,
+                "--clear-groups",
+                "--",
+            ],
+            None => vec![],
+        };
+        let bin = keyd_bin();
+        argv.extend([p(&bin), "authority", "run", "--dir", p(&self.dir)]);
         let child = self
             .ns
-            .cmd(&[p(&keyd_bin()), "authority", "run", "--dir", p(&self.dir)])
+            .cmd(&argv)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -220,6 +237,7 @@ impl Net {
             ns: auth_ns,
             log: work.path().join("authority.log"),
             dir,
+            run_as: None,
         };
         auth.start();
         let nodes = (1..=n)
@@ -1127,4 +1145,126 @@ fn a_node_restarted_on_an_expired_roster_recovers_from_the_authority() {
     );
     assert_eq!(net.roster(1)["status"], "valid");
     net.wait_complete(&[0, 1], Duration::from_secs(30));
+}
+
+/// Every entry of `dir` belongs to `uid`.
+fn all_owned_by(dir: &Path, uid: u32) {
+    use std::os::unix::fs::MetadataExt;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        let owner = entry.metadata().unwrap().uid();
+        assert_eq!(
+            owner,
+            uid,
+            "{} belongs to uid {owner}, not to the authority's user",
+            entry.path().display()
+        );
+    }
+}
+
+/// The packaged authority runs as its own user, to whom systemd's
+/// StateDirectory= hands the directory that `keyd authority init` (root)
+/// made. Root's `rotate-key` must write as that user: a root-owned key in
+/// the directory would keep the authority from ever starting again. Both
+/// root keys: the one in the directory (the user's) and an offline one
+/// (root's).
+#[test]
+fn root_s_rotate_key_leaves_the_directory_to_the_authority_s_user() {
+    const USER: u32 = 4_242_017;
+    let work = tempfile::tempdir().unwrap();
+    // The authority's user must reach its directory below the tempdir.
+    std::os::unix::fs::chown(work.path(), Some(0), Some(0)).unwrap();
+    std::fs::set_permissions(
+        work.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let ns = Netns::new();
+    let dir = work.path().join("authority");
+    ok(Command::new(keyd_bin()).args([
+        "authority",
+        "init",
+        "--dir",
+        p(&dir),
+        "--network",
+        "owned",
+        "--listen",
+        "127.0.0.1:51830",
+        "--json",
+    ]));
+    // StateDirectory=, as systemd does at the unit's start.
+    ok(Command::new("chown").args(["-R", &format!("{USER}:{USER}"), p(&dir)]));
+    let mut auth = Authority {
+        proc: None,
+        ns,
+        log: work.path().join("authority.log"),
+        dir: dir.clone(),
+        run_as: Some(USER),
+    };
+    auth.start();
+
+    let first = auth.json(&["rotate-key"]);
+    all_owned_by(&dir, USER);
+    // The root key moved offline, root's own.
+    let offline = work.path().join("offline");
+    std::fs::create_dir(&offline).unwrap();
+    let root_key = offline.join("root.key");
+    std::fs::rename(dir.join("root.key"), &root_key).unwrap();
+    std::os::unix::fs::chown(&root_key, Some(0), Some(0)).unwrap();
+    let second = auth.json(&["rotate-key", "--root-key", p(&root_key)]);
+    assert_ne!(first["signer"], second["signer"]);
+    all_owned_by(&dir, USER);
+
+    // The authority comes up again as its user, on the last key.
+    auth.kill9();
+    auth.start();
+    assert_eq!(auth.json(&["status"])["signer"], second["signer"]);
+}
+
+/// An authority whose operator socket cannot be bound stops with an error
+/// that names the socket, instead of reporting itself ready without it.
+#[test]
+fn an_authority_that_cannot_bind_its_operator_socket_exits_and_says_why() {
+    let work = tempfile::tempdir().unwrap();
+    let ns = Netns::new();
+    let dir = work.path().join("authority");
+    ok(Command::new(keyd_bin()).args([
+        "authority",
+        "init",
+        "--dir",
+        p(&dir),
+        "--network",
+        "nosock",
+        "--listen",
+        "127.0.0.1:51830",
+    ]));
+    // Something that is not a socket where the socket goes.
+    std::fs::create_dir(dir.join("admin.sock")).unwrap();
+    let mut child = ns
+        .cmd(&[p(&keyd_bin()), "authority", "run", "--dir", p(&dir)])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A bound on the wait, not a measurement: a running authority fails it.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the authority kept running without its operator socket");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("admin.sock") && stderr.contains("not a socket"),
+        "the error names the socket and the reason: {stderr}"
+    );
 }

@@ -1,16 +1,16 @@
 //! The authority's operator socket: `keyd authority token|node|status`
 //! talk to the running authority here, one JSON request and one JSON answer
 //! per connection. The socket is 0600 in the 0700 state directory: only its
-//! owner (root) may use it. Requests are bounded in size and time.
+//! owner (the authority's user) and root may use it. Requests are bounded in
+//! size and time.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tracing::warn;
 
 use super::server::{AdminHandle, AdminOp};
 
@@ -19,17 +19,35 @@ pub const SOCKET: &str = "admin.sock";
 const MAX_REQUEST: u64 = 256 * 1024;
 const DEADLINE: Duration = Duration::from_secs(10);
 
+/// Why the operator socket could not be bound: the authority stops, since
+/// without it nobody can create tokens or revoke nodes.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("operator socket {path}: exists and is not a socket; remove it")]
+    NotASocket { path: PathBuf },
+    #[error("operator socket {path}: cannot remove the old socket: {source}")]
+    RemoveOld {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("operator socket {path}: cannot bind: {source}")]
+    Bind {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("operator socket {path}: cannot make it 0600: {source}")]
+    Mode {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
 /// Binds the socket (so that it answers once this returns), then serves it
 /// on a task until the process ends.
-pub fn listen(path: PathBuf, handle: AdminHandle) {
-    let listener = match bind(&path) {
-        Ok(l) => l,
-        Err(e) => {
-            warn!("admin socket {}: {e:#}", path.display());
-            return;
-        }
-    };
+pub fn listen(path: PathBuf, handle: AdminHandle) -> Result<(), BindError> {
+    let listener = bind(&path)?;
     tokio::spawn(accept(listener, handle));
+    Ok(())
 }
 
 async fn accept(listener: UnixListener, handle: AdminHandle) {
@@ -44,19 +62,28 @@ async fn accept(listener: UnixListener, handle: AdminHandle) {
     }
 }
 
-fn bind(path: &Path) -> Result<UnixListener> {
-    use std::os::unix::fs::PermissionsExt;
+fn bind(path: &Path) -> Result<UnixListener, BindError> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
     // A socket left by a previous run is replaced; anything else is not.
     if let Ok(m) = std::fs::symlink_metadata(path) {
-        use std::os::unix::fs::FileTypeExt;
         if !m.file_type().is_socket() {
-            bail!("exists and is not a socket");
+            return Err(BindError::NotASocket { path: path.into() });
         }
-        std::fs::remove_file(path).context("removing the old socket")?;
+        std::fs::remove_file(path).map_err(|source| BindError::RemoveOld {
+            path: path.into(),
+            source,
+        })?;
     }
-    let listener = UnixListener::bind(path).context("binding")?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .context("setting mode 0600")?;
+    let listener = UnixListener::bind(path).map_err(|source| BindError::Bind {
+        path: path.into(),
+        source,
+    })?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|source| {
+        BindError::Mode {
+            path: path.into(),
+            source,
+        }
+    })?;
     Ok(listener)
 }
 

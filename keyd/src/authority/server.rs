@@ -238,7 +238,8 @@ pub async fn serve(
         .name("authority".into())
         .spawn(move || owner(authority, rx, deltas, current_tx, s2, state_dir))
         .context("cannot start the authority thread")?;
-    super::admin::listen(cfg.admin_socket, shared_admin(shared.clone()));
+    // No readiness without the operator's socket: the start fails instead.
+    super::admin::listen(cfg.admin_socket, shared_admin(shared.clone()))?;
     crate::notify::ready();
     while let Some(incoming) = endpoint.accept().await {
         let remote = incoming.remote_address();

@@ -18,6 +18,7 @@ use crate::authority::server::{AdminOp, ServeConfig};
 use crate::authority::service::{Authority, Params, SigningKey};
 use crate::authority::store::RedbStore;
 use crate::authority::{admin, server};
+use crate::owner::{self, Acting};
 use crate::{files, time};
 
 pub const CONFIG_FILE: &str = "authority.toml";
@@ -471,7 +472,6 @@ fn init(a: InitArgs) -> Result<()> {
     if dir.join(CONFIG_FILE).exists() || dir.join(STORE_FILE).exists() {
         bail!("{} already holds an authority", dir.display());
     }
-    create_private_dir(dir)?;
     let now = time::unix_now();
     let (root_key, ca) = match (&a.network, &a.ca_dir) {
         (Some(network), None) => {
@@ -488,10 +488,16 @@ fn init(a: InitArgs) -> Result<()> {
         (None, Some(ca_dir)) => load_ca(ca_dir)?,
         _ => bail!("give --network (a new network) or --ca-dir (an existing CA)"),
     };
+    // The offline copy is the caller's; the directory, when it exists and
+    // belongs to the authority's user, is written as that user.
+    if let Some(p) = &a.root_key_out {
+        files::write_secret(p, &root_key.to_text())?;
+    }
+    act_as_owner(dir)?;
+    create_private_dir(dir)?;
     files::write_document(&dir.join(CA_CERT), &ca.to_text())?;
-    match &a.root_key_out {
-        Some(p) => files::write_secret(p, &root_key.to_text())?,
-        None => files::write_secret(&dir.join(ROOT_KEY), &root_key.to_text())?,
+    if a.root_key_out.is_none() {
+        files::write_secret(&dir.join(ROOT_KEY), &root_key.to_text())?;
     }
     let lifetime = time::parse_duration("--authority-lifetime", &a.authority_lifetime)?.as_secs();
     let signing = certify(&ca, &root_key, now, lifetime)?;
@@ -552,6 +558,26 @@ fn create_private_dir(dir: &Path) -> Result<()> {
         .with_context(|| format!("cannot create {}", dir.display()))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("cannot make {} private", dir.display()))
+}
+
+fn read_root_key(path: &Path) -> Result<CaSigningKey> {
+    CaSigningKey::from_text(&files::read_secret(path)?)
+        .with_context(|| format!("{}", path.display()))
+}
+
+/// Root writing into a state directory that belongs to the authority's user
+/// (the package's, handed over by StateDirectory=) writes as that user:
+/// systemd re-owns the directory's contents only when the directory itself
+/// changed hands, so a root-owned key there would stop the authority for
+/// good (`files::read_secret` refuses a key that is not its own).
+fn act_as_owner(dir: &Path) -> Result<()> {
+    if let Acting::Owner { uid, gid } = owner::act_as_owner_of(dir)? {
+        eprintln!(
+            "keyd authority: acting as uid {uid} gid {gid}, the owner of {}",
+            dir.display()
+        );
+    }
+    Ok(())
 }
 
 fn certify(ca: &CaCert, root: &CaSigningKey, now: u64, lifetime: u64) -> Result<SigningKey> {
@@ -623,10 +649,14 @@ fn run_authority(dir: &Path, log_format: crate::logging::LogFormat) -> Result<()
 
 fn rotate_key(a: RotateArgs) -> Result<()> {
     let dir = &a.d.dir;
+    // An offline root key is the caller's own file: read it as the caller.
+    let offline = a.root_key.as_deref().map(read_root_key).transpose()?;
+    act_as_owner(dir)?;
     let ca = super::load_ca_cert(&dir.join(CA_CERT))?;
-    let root_path = a.root_key.unwrap_or_else(|| dir.join(ROOT_KEY));
-    let root = CaSigningKey::from_text(&files::read_secret(&root_path)?)
-        .with_context(|| format!("{}", root_path.display()))?;
+    let root = match offline {
+        Some(key) => key,
+        None => read_root_key(&dir.join(ROOT_KEY))?,
+    };
     let lifetime = time::parse_duration("--lifetime", &a.lifetime)?.as_secs();
     let signing = certify(&ca, &root, time::unix_now(), lifetime)?;
     keys::save(dir, &signing)?;
