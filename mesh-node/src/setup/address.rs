@@ -14,6 +14,8 @@ use mesh_proto::CertError;
 use mesh_proto::cert::NodeCert;
 use mesh_proto::prefix::IpPrefix;
 
+use tracing::warn;
+
 use super::netlink::Netlink;
 
 /// The largest certificate file read (they are about 1 KB).
@@ -79,22 +81,55 @@ pub fn from_cert(path: &Path) -> Result<Vec<IpPrefix>, AddressError> {
     Ok(addresses)
 }
 
-/// Adds `addresses` to `ifname` and sets it up.
+/// Adds `addresses` to `ifname` and sets it up. Where IPv6 is turned off
+/// (the interface's disable_ipv6, common in cloud images, or a kernel
+/// without IPv6) the IPv6 addresses are left out with one warning: the
+/// node still works over IPv4, where a failed start would restart in a
+/// loop and carry nothing.
 pub fn apply(ifname: &str, addresses: &[IpPrefix]) -> Result<(), AddressError> {
     let index = interface_index(ifname)?;
     let mut nl = Netlink::open().map_err(AddressError::Netlink)?;
+    let mut left_out = Vec::new();
     for prefix in addresses {
-        nl.add_address(index, prefix)
-            .map_err(|source| AddressError::Add {
-                prefix: *prefix,
-                ifname: ifname.into(),
-                source,
-            })?;
+        match nl.add_address(index, prefix) {
+            Ok(()) => {}
+            Err(e) if prefix.addr.is_ipv6() && ipv6_disabled(ifname, &e) => left_out.push(*prefix),
+            Err(source) => {
+                return Err(AddressError::Add {
+                    prefix: *prefix,
+                    ifname: ifname.into(),
+                    source,
+                });
+            }
+        }
+    }
+    if !left_out.is_empty() {
+        let list: Vec<String> = left_out.iter().map(ToString::to_string).collect();
+        warn!(
+            "IPv6 is disabled on {ifname} (net.ipv6.conf.{ifname}.disable_ipv6 or the kernel): \
+             its certificate's {} left out, only IPv4 is carried; enable IPv6 and restart \
+             mesh-node to use it",
+            list.join(", ")
+        );
     }
     nl.set_up(index).map_err(|source| AddressError::Up {
         ifname: ifname.into(),
         source,
     })
+}
+
+/// Whether a failed IPv6 address is IPv6 being off rather than a fault:
+/// the kernel answers EACCES where the interface's disable_ipv6 is set and
+/// EAFNOSUPPORT where it has no IPv6 at all.
+fn ipv6_disabled(ifname: &str, e: &std::io::Error) -> bool {
+    match e.raw_os_error() {
+        Some(libc::EAFNOSUPPORT) => true,
+        Some(libc::EACCES) => {
+            std::fs::read_to_string(format!("/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6"))
+                .is_ok_and(|v| v.trim() == "1")
+        }
+        _ => false,
+    }
 }
 
 fn interface_index(ifname: &str) -> Result<u32, AddressError> {
