@@ -4,10 +4,11 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use common::*;
 use keyd::dataplane::{DataPlane, PeerConfig};
+use mesh_proto::firewall::document::DEFAULT_SOCKET_DIR;
 use mesh_proto::identity::{NodeId, WgPrivateKey};
 use mesh_proto::schedule::derive_psk;
 
@@ -40,7 +41,11 @@ fn keyd_configures_mesh_node_and_wireguard_go_and_rotates_keys() {
     let (ia, ib) = (unique("wg"), unique("wg"));
     let _da = Daemon::mesh_node(&na, &bin, &ia);
     let _db = Daemon::wireguard_go(&nb, &ib);
-    let (dpa, dpb) = (DataPlane::for_interface(&ia), DataPlane::for_interface(&ib));
+    let dir = Path::new(DEFAULT_SOCKET_DIR);
+    let (dpa, dpb) = (
+        DataPlane::for_interface(dir, &ia),
+        DataPlane::for_interface(dir, &ib),
+    );
     let (ka, kb) = (
         WgPrivateKey::generate().unwrap(),
         WgPrivateKey::generate().unwrap(),

@@ -159,3 +159,170 @@ fn a_bad_certificate_or_group_stops_it_before_an_interface_exists() {
         assert!(!Path::new(&format!("/var/run/wireguard/{ifname}.sock")).exists());
     }
 }
+
+/// mesh-node `up` in the foreground in `ns` with `extra` options; waits for
+/// READY=1 (a bound, not a measurement) and returns the child and its log.
+fn up_ready(
+    ns: &Netns,
+    dir: &Path,
+    ifname: &str,
+    extra: &[&str],
+) -> (std::process::Child, std::path::PathBuf) {
+    let notify_path = dir.join(format!("notify-{ifname}"));
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let log = dir.join(format!("{ifname}.log"));
+    let mut argv = vec![
+        bin().to_str().unwrap(),
+        "up",
+        ifname,
+        "--foreground",
+        "--log-file",
+        log.to_str().unwrap(),
+    ];
+    argv.extend_from_slice(extra);
+    let mut child = ns
+        .cmd(&argv)
+        .env("NOTIFY_SOCKET", &notify_path)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Bounded so that a hung daemon fails the test; not a measurement.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut buf = [0u8; 256];
+    loop {
+        match notify.recv(&mut buf) {
+            Ok(n) if &buf[..n] == b"READY=1\n" => return (child, log),
+            Ok(n) => panic!("not READY=1: {:?}", String::from_utf8_lossy(&buf[..n])),
+            Err(_) => {}
+        }
+        let exited = child.try_wait().unwrap();
+        if exited.is_some() || std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("no READY=1 (exited: {exited:?}): {}", read(&log));
+        }
+    }
+}
+
+/// Stops `child` with SIGTERM and says whether it exited cleanly.
+fn stop(mut child: std::process::Child) -> bool {
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    child.wait().unwrap().success()
+}
+
+/// A path removed on drop (a link made in a shared directory).
+struct Removed(std::path::PathBuf);
+
+impl Drop for Removed {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// `--socket-dir`: both sockets in a directory of the unit's own (the
+/// package's /run/pqmesh), none in the shared /var/run/wireguard; `mesh-node
+/// status` finds them with the same option, and `wg` through a link named
+/// as it expects in /var/run/wireguard (what the package's tmpfiles.d makes).
+#[test]
+fn sockets_go_to_the_socket_dir_and_wg_follows_a_link_to_them() {
+    let ns = Netns::new();
+    let dir = tempfile::tempdir().unwrap();
+    let sockets = dir.path().join("run");
+    let ifname = unique("pqd");
+    let (child, log) = up_ready(
+        &ns,
+        dir.path(),
+        &ifname,
+        &["--socket-dir", sockets.to_str().unwrap()],
+    );
+    for name in [format!("{ifname}.sock"), format!("{ifname}.firewall")] {
+        let here = sockets.join(&name);
+        let meta = std::fs::metadata(&here).unwrap_or_else(|e| panic!("{}: {e}", here.display()));
+        assert!(meta.file_type().is_socket(), "{}", here.display());
+        assert!(
+            !Path::new("/var/run/wireguard").join(&name).exists(),
+            "{name} also in /var/run/wireguard"
+        );
+    }
+    let status = ns.run(&[
+        bin().to_str().unwrap(),
+        "status",
+        &ifname,
+        "--socket-dir",
+        sockets.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let elsewhere = ns.run(&[bin().to_str().unwrap(), "status", &ifname]);
+    assert!(
+        !elsewhere.status.success(),
+        "no socket in the default place"
+    );
+
+    std::fs::create_dir_all("/var/run/wireguard").unwrap();
+    let link = Removed(Path::new("/var/run/wireguard").join(format!("{ifname}.sock")));
+    std::os::unix::fs::symlink(sockets.join(format!("{ifname}.sock")), &link.0).unwrap();
+    let key = ns.ok(&["wg", "show", &ifname, "listen-port"]);
+    assert!(
+        key.trim().parse::<u16>().is_ok(),
+        "wg show through the link: {key}"
+    );
+    let all = ns.ok(&["wg", "show", "interfaces"]);
+    assert!(
+        all.split_whitespace().any(|i| i == ifname),
+        "wg lists it: {all}"
+    );
+    drop(link);
+    assert!(stop(child), "clean stop: {}", read(&log));
+    assert!(
+        !sockets.join(format!("{ifname}.sock")).exists(),
+        "its sockets go with it"
+    );
+}
+
+/// A host with IPv6 turned off (disable_ipv6=1, common in cloud images)
+/// still gets the certificate's IPv4 address and a data plane: the IPv6
+/// address is left out with one warning instead of a failed start.
+#[test]
+fn where_ipv6_is_disabled_the_ipv4_address_is_set_and_it_says_so() {
+    let ns = Netns::new();
+    for key in [
+        "net.ipv6.conf.all.disable_ipv6=1",
+        "net.ipv6.conf.default.disable_ipv6=1",
+    ] {
+        ns.ok(&["sysctl", "-q", "-w", key]);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cert = cert_file(dir.path(), &["10.214.0.7/16", "fd21:4::7/64"]);
+    let ifname = unique("pq6");
+    let (child, log) = up_ready(
+        &ns,
+        dir.path(),
+        &ifname,
+        &["--address-from-cert", cert.to_str().unwrap()],
+    );
+    let addrs = ns.ok(&["ip", "-o", "addr", "show", "dev", &ifname]);
+    let link = ns.ok(&["ip", "-o", "link", "show", "dev", &ifname]);
+    assert!(stop(child), "clean stop: {}", read(&log));
+    assert!(addrs.contains("inet 10.214.0.7/16"), "{addrs}");
+    assert!(!addrs.contains("inet6"), "{addrs}");
+    assert!(link.contains(",UP"), "link up: {link}");
+    let text = read(&log);
+    let warnings: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("fd21:4::7/64"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "one warning naming the address: {text}");
+    assert!(
+        warnings[0].contains("WARN") && warnings[0].contains("IPv6 is disabled"),
+        "{}",
+        warnings[0]
+    );
+}

@@ -26,6 +26,8 @@ struct RawConfig {
     roster: PathBuf,
     #[serde(default = "default_state_dir")]
     state_dir: PathBuf,
+    #[serde(default = "default_socket_dir")]
+    socket_dir: PathBuf,
     #[serde(default = "default_rotation")]
     rotation_interval: String,
     #[serde(default = "default_hard_lifetime")]
@@ -81,6 +83,9 @@ fn default_wg_port() -> u16 {
 fn default_state_dir() -> PathBuf {
     PathBuf::from("/var/lib/pqmesh")
 }
+fn default_socket_dir() -> PathBuf {
+    PathBuf::from(mesh_proto::firewall::document::DEFAULT_SOCKET_DIR)
+}
 fn default_rotation() -> String {
     "120s".into()
 }
@@ -119,6 +124,9 @@ pub struct Config {
     pub roster: PathBuf,
     /// Highest roster serial and key epochs survive restarts here.
     pub state_dir: PathBuf,
+    /// Where the data plane's sockets are: `<interface>.sock` (the
+    /// userspace API) and `<interface>.firewall` (mesh-node's `--socket-dir`).
+    pub socket_dir: PathBuf,
     /// A fresh hybrid exchange with every peer this often (jittered).
     pub rotation_interval: Duration,
     /// How long a key stays usable after its successor was due, when no
@@ -173,6 +181,13 @@ impl Config {
         if raw.persistent_keepalive == Some(0) {
             bail!("`persistent_keepalive` must be 1-65535 seconds, or left out to disable it");
         }
+        // Another process's directory: never relative to this file.
+        if !raw.socket_dir.is_absolute() {
+            bail!(
+                "`socket_dir`: `{}` is not an absolute path",
+                raw.socket_dir.display()
+            );
+        }
         let resolve = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
         let config = Config {
             interface: raw.interface,
@@ -184,6 +199,7 @@ impl Config {
             noise_key: resolve(raw.noise_key),
             roster: resolve(raw.roster),
             state_dir: resolve(raw.state_dir),
+            socket_dir: raw.socket_dir,
             rotation_interval: duration("rotation_interval", &raw.rotation_interval)?,
             hard_lifetime: duration("hard_lifetime", &raw.hard_lifetime)?,
             max_clock_skew: duration("max_clock_skew", &raw.max_clock_skew)?,
@@ -253,6 +269,7 @@ roster = "roster"
         assert_eq!(c.edge.allowed, Rung::ALL.to_vec());
         assert_eq!(c.edge.pin, None);
         assert_eq!(c.metrics_listen, None, "no metrics unless asked");
+        assert_eq!(c.socket_dir, Path::new("/var/run/wireguard"));
         assert_eq!(
             c.cert,
             dir.path().join("node.crt"),
@@ -301,6 +318,26 @@ roster = "roster"
         assert!(e.contains("edge.pin"), "{e}");
         let e = err(format!("{MINIMAL}[edge]\nrungs = []\n"));
         assert!(e.contains("edge.rungs"), "{e}");
+    }
+
+    #[test]
+    fn socket_dir() {
+        let dir = dir_with_files();
+        let c = Config::parse(
+            &MINIMAL.replace("\nca_cert", "\nsocket_dir = \"/run/pqmesh\"\nca_cert"),
+            dir.path(),
+        )
+        .unwrap();
+        assert_eq!(c.socket_dir, Path::new("/run/pqmesh"));
+        let e = format!(
+            "{:#}",
+            Config::parse(
+                &MINIMAL.replace("\nca_cert", "\nsocket_dir = \"run\"\nca_cert"),
+                dir.path()
+            )
+            .unwrap_err()
+        );
+        assert!(e.contains("socket_dir") && e.contains("absolute"), "{e}");
     }
 
     #[test]

@@ -424,7 +424,7 @@ pub async fn run(config: Config, reset_state: bool) -> Result<()> {
         identity: shared.identity.clone(),
         s: shared.clone(),
         policy,
-        dataplane: DataPlane::for_interface(&shared.config.interface),
+        dataplane: DataPlane::for_interface(&shared.config.socket_dir, &shared.config.interface),
         wg_key: Arc::new(wg_key),
         refusals: BTreeMap::new(),
         rollbacks: 0,
@@ -857,7 +857,8 @@ impl Driver {
         }
         let doc = firewall::document_for(self.policy.roster(), self.policy.my_cert());
         let ifname = self.s.config.interface.clone();
-        let status = tokio::task::spawn_blocking(move || firewall::push(&ifname, &doc))
+        let dir = self.s.config.socket_dir.clone();
+        let status = tokio::task::spawn_blocking(move || firewall::push(&dir, &ifname, &doc))
             .await
             .unwrap_or_else(|e| firewall::FirewallStatus {
                 state: firewall::FirewallState::Failed,

@@ -47,8 +47,9 @@ pub struct DataPlane {
 }
 
 impl DataPlane {
-    pub fn for_interface(ifname: &str) -> Self {
-        Self::at(Path::new("/var/run/wireguard").join(format!("{ifname}.sock")))
+    /// The data plane serving `ifname` with its sockets in `dir`.
+    pub fn for_interface(dir: &Path, ifname: &str) -> Self {
+        Self::at(dir.join(format!("{ifname}.sock")))
     }
 
     pub fn at(socket: PathBuf) -> Self {

@@ -10,7 +10,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use mesh_proto::firewall::document::{self, Answer, Document};
@@ -76,9 +76,10 @@ pub struct FirewallStatus {
     pub detail: Option<String>,
 }
 
-/// Pushes `doc` to the data plane serving `ifname` (blocking, bounded).
-pub fn push(ifname: &str, doc: &Document) -> FirewallStatus {
-    push_to(document::socket_path(ifname), doc)
+/// Pushes `doc` to the data plane serving `ifname` with its sockets in
+/// `dir` (blocking, bounded).
+pub fn push(dir: &Path, ifname: &str, doc: &Document) -> FirewallStatus {
+    push_to(document::socket_path_in(dir, ifname), doc)
 }
 
 fn push_to(socket: PathBuf, doc: &Document) -> FirewallStatus {

@@ -31,7 +31,6 @@ use tracing::{debug, error, info, warn};
 use crate::counters::Counters;
 use gotatun::device::{Device, DeviceTransports};
 
-pub const SOCKET_DIR: &str = "/var/run/wireguard";
 /// How long the next line of a request may take to arrive.
 const LINE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a connection may idle between requests.
@@ -50,14 +49,16 @@ const LOCK_BUDGET: Duration = Duration::from_millis(5);
 /// `wg setconf` is ~1.5 MB); past it the connection is closed.
 const MAX_DRAIN_BYTES: u64 = 64 << 20;
 
-pub fn socket_path(ifname: &str) -> PathBuf {
-    Path::new(SOCKET_DIR).join(format!("{ifname}.sock"))
+/// The UAPI socket of `ifname` in `dir` (`wg` looks in
+/// [`mesh_proto::firewall::document::DEFAULT_SOCKET_DIR`]).
+pub fn socket_path(dir: &Path, ifname: &str) -> PathBuf {
+    dir.join(format!("{ifname}.sock"))
 }
 
 /// Binds the UAPI socket (0600: it hands out and takes private keys).
-pub fn bind(ifname: &str) -> Result<UnixListener> {
-    std::fs::create_dir_all(SOCKET_DIR).with_context(|| format!("cannot create {SOCKET_DIR}"))?;
-    let path = socket_path(ifname);
+pub fn bind(dir: &Path, ifname: &str) -> Result<UnixListener> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let path = socket_path(dir, ifname);
     if path.exists() {
         // A live daemon would answer; a stale socket from a crash would not.
         if std::os::unix::net::UnixStream::connect(&path).is_ok() {

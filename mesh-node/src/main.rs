@@ -3,7 +3,9 @@
 
 mod pow;
 
+use std::io::IsTerminal;
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,6 +15,7 @@ use clap::{Parser, Subcommand};
 use mesh_node::firewall::{self, Firewall};
 use mesh_node::{api, counters::Counters, device, metrics, notify, setup};
 use mesh_proto::firewall::conntrack::ConntrackConfig;
+use mesh_proto::firewall::document::DEFAULT_SOCKET_DIR;
 use mesh_proto::logformat::LogFormat;
 use tracing::{error, info, warn};
 use tracing_subscriber::fmt::writer::BoxMakeWriter;
@@ -50,6 +53,9 @@ enum Cmd {
         /// The same as one JSON object.
         #[arg(long)]
         json: bool,
+        /// Where that mesh-node's sockets are (its `up --socket-dir`).
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_SOCKET_DIR)]
+        socket_dir: PathBuf,
     },
 }
 
@@ -102,6 +108,11 @@ struct UpArgs {
     /// the group can drive the data plane. mesh-node must be a member.
     #[arg(long, value_name = "GROUP")]
     socket_group: Option<String>,
+    /// Where the userspace API socket (IFNAME.sock) and the firewall
+    /// socket (IFNAME.firewall) are made. `wg` finds only the default;
+    /// elsewhere link IFNAME.sock into it.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_SOCKET_DIR)]
+    socket_dir: PathBuf,
     /// Give the interface the overlay addresses of this node
     /// certificate (as `keyd join` writes it) and set it up.
     #[arg(long, value_name = "CERT")]
@@ -110,7 +121,11 @@ struct UpArgs {
 
 fn main() -> ExitCode {
     let args = match Cli::parse().command {
-        Cmd::Status { ifname, json } => return status(&ifname, json),
+        Cmd::Status {
+            ifname,
+            json,
+            socket_dir,
+        } => return status(&ifname, &socket_dir, json),
         Cmd::Up(args) => args,
     };
     let UpArgs {
@@ -126,6 +141,7 @@ fn main() -> ExitCode {
         firewall_max_flows,
         firewall_required,
         socket_group,
+        socket_dir,
         address_from_cert,
     } = args;
     let busy_poll = Duration::from_micros(busy_poll_us.into());
@@ -140,6 +156,7 @@ fn main() -> ExitCode {
     let result = check_ifname(&ifname).and_then(|()| {
         // Both are checked before anything is created.
         let setup = Setup {
+            socket_dir: socket_dir.clone(),
             socket_gid: socket_group
                 .as_deref()
                 .map(setup::group::resolve)
@@ -170,7 +187,7 @@ fn main() -> ExitCode {
                 },
             )
         } else {
-            daemonize(&ifname)
+            daemonize(&api::socket_path(&socket_dir, &ifname))
         }
     });
     match result {
@@ -184,9 +201,9 @@ fn main() -> ExitCode {
 
 /// `mesh-node status IFNAME`: asks the running mesh-node over its
 /// firewall socket (gotatun's own transports have none: nothing to show).
-fn status(ifname: &str, json: bool) -> ExitCode {
+fn status(ifname: &str, socket_dir: &Path, json: bool) -> ExitCode {
     let result = check_ifname(ifname)
-        .and_then(|()| Ok(firewall::control::query_status(ifname)?))
+        .and_then(|()| Ok(firewall::control::query_status(socket_dir, ifname)?))
         .and_then(|s| {
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
@@ -215,7 +232,7 @@ fn check_ifname(name: &str) -> Result<()> {
 /// Re-executes this program in a new session and waits until its UAPI
 /// socket answers (success) or it exits (its error is on our stderr, which
 /// it shares until it is ready).
-fn daemonize(ifname: &str) -> Result<()> {
+fn daemonize(socket: &Path) -> Result<()> {
     let exe = std::env::current_exe().context("cannot find own executable")?;
     let mut child = unsafe {
         Command::new(exe)
@@ -234,12 +251,11 @@ fn daemonize(ifname: &str) -> Result<()> {
             .context("cannot start the daemon process")?
     };
     let deadline = Instant::now() + Duration::from_secs(20);
-    let socket = api::socket_path(ifname);
     while Instant::now() < deadline {
         if let Some(status) = child.try_wait()? {
             bail!("mesh-node daemon exited during start-up ({status})");
         }
-        if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+        if std::os::unix::net::UnixStream::connect(socket).is_ok() {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -271,7 +287,8 @@ fn init_logging(log_file: Option<&std::path::Path>, format: LogFormat) -> Result
     };
     let builder = tracing_subscriber::fmt()
         .with_target(false)
-        .with_ansi(log_file.is_none())
+        // Colour only for a person at a terminal, never into the journal.
+        .with_ansi(log_file.is_none() && std::io::stderr().is_terminal())
         .with_writer(writer);
     match format {
         LogFormat::Text => builder.finish().with(filter).init(),
@@ -315,8 +332,9 @@ struct DataPath {
     firewall_required: bool,
 }
 
-/// What `--socket-group` and `--address-from-cert` ask for.
+/// What `--socket-dir`, `--socket-group` and `--address-from-cert` ask for.
 struct Setup {
+    socket_dir: PathBuf,
     socket_gid: Option<u32>,
     addresses: Vec<mesh_proto::prefix::IpPrefix>,
 }
@@ -410,6 +428,10 @@ async fn serve<T: gotatun::device::DeviceTransports>(
     transports: &str,
 ) -> Result<()> {
     {
+        let (api_socket, firewall_socket) = (
+            api::socket_path(&setup.socket_dir, ifname),
+            firewall::control::socket_path(&setup.socket_dir, ifname),
+        );
         let device = Arc::new(device);
         // Before any socket answers: whoever waits for one (`mesh-node up`,
         // keyd, systemd) finds the interface addressed and up.
@@ -420,16 +442,16 @@ async fn serve<T: gotatun::device::DeviceTransports>(
         // and keyd that we are ready: the firewall socket is there by then.
         let control = match &firewall {
             Some(fw) => Some(tokio::spawn(firewall::control::serve(
-                firewall::control::bind(ifname)?,
+                firewall::control::bind(&setup.socket_dir, ifname)?,
                 fw.clone(),
             ))),
             None => None,
         };
-        let listener = api::bind(ifname)?;
+        let listener = api::bind(&setup.socket_dir, ifname)?;
         if let Some(gid) = setup.socket_gid {
-            setup::group::share(&api::socket_path(ifname), gid)?;
+            setup::group::share(&api_socket, gid)?;
             if firewall.is_some() {
-                setup::group::share(&firewall::control::socket_path(ifname), gid)?;
+                setup::group::share(&firewall_socket, gid)?;
             }
         }
         let counters = Arc::new(Counters::default());
@@ -441,7 +463,7 @@ async fn serve<T: gotatun::device::DeviceTransports>(
         let server = tokio::spawn(api::serve(listener, device.clone(), counters.clone()));
         info!(
             "mesh-node up on {ifname} ({transports}); userspace API at {}",
-            api::socket_path(ifname).display()
+            api_socket.display()
         );
         // Also with a log file: a daemon that kept the caller's stderr open
         // would hang anyone who reads it to its end (`$(mesh-node up ...)`).
@@ -454,13 +476,13 @@ async fn serve<T: gotatun::device::DeviceTransports>(
         if let Some(control) = control {
             control.abort();
             let _ = control.await;
-            let _ = std::fs::remove_file(firewall::control::socket_path(ifname));
+            let _ = std::fs::remove_file(&firewall_socket);
         }
         // An aborted task lets go of its device handle only once it has
         // been dropped, which awaiting it waits for.
         let _ = server.await;
         let _ = watcher.await;
-        let _ = std::fs::remove_file(api::socket_path(ifname));
+        let _ = std::fs::remove_file(&api_socket);
         match Arc::try_unwrap(device) {
             Ok(device) => device.stop().await,
             Err(_) => error!("device still in use at shutdown; exiting anyway"),

@@ -21,8 +21,22 @@ pub struct RunArgs {
     /// accepted whatever its serial.
     #[arg(long)]
     reset_state: bool,
+    /// The data plane's socket directory, in place of the configuration's
+    /// `socket_dir` (the package's units: /run/pqmesh, where mesh-node's
+    /// unit puts them).
+    #[arg(long, value_name = "DIR", value_parser = absolute_dir)]
+    socket_dir: Option<PathBuf>,
     #[command(flatten)]
     log: LogArgs,
+}
+
+fn absolute_dir(text: &str) -> Result<PathBuf, String> {
+    let path = PathBuf::from(text);
+    if path.is_absolute() {
+        Ok(path)
+    } else {
+        Err(format!("`{text}` is not an absolute path"))
+    }
 }
 
 #[derive(Args, Debug)]
@@ -40,7 +54,10 @@ pub struct StatusArgs {
 }
 
 pub fn run(a: RunArgs) -> Result<()> {
-    let config = Config::load(&a.config)?;
+    let mut config = Config::load(&a.config)?;
+    if let Some(dir) = a.socket_dir {
+        config.socket_dir = dir;
+    }
     logging::init(a.log.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -1,11 +1,11 @@
-//! The firewall's control socket, `/var/run/wireguard/IFNAME.firewall`,
+//! The firewall's control socket, `IFNAME.firewall` in the socket directory,
 //! next to the UAPI socket: keyd writes one firewall document
 //! ([`mesh_proto::firewall::document`], which defines the format for both
 //! sides) and a newline per connection; we answer one line and close.
 //! `mesh-node status` writes [`STATUS_REQUEST`] instead and gets the
 //! firewall's [`FirewallStatus`] as one JSON line.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,9 +18,7 @@ use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
 use super::{Firewall, FirewallStatus, InstallError, Ruleset};
-use crate::api::SOCKET_DIR;
-
-pub use document::socket_path;
+pub use document::socket_path_in as socket_path;
 
 /// How long the document may take to arrive.
 const READ_TIMEOUT: Duration = Duration::from_secs(2);
@@ -32,10 +30,10 @@ const MAX_CONNECTIONS: usize = 4;
 
 /// Binds the control socket, 0600: whoever writes to it decides what may
 /// reach this node. A socket left by a crashed run is replaced.
-pub fn bind(ifname: &str) -> Result<UnixListener> {
+pub fn bind(dir: &Path, ifname: &str) -> Result<UnixListener> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    std::fs::create_dir_all(SOCKET_DIR).with_context(|| format!("cannot create {SOCKET_DIR}"))?;
-    let path = socket_path(ifname);
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let path = socket_path(dir, ifname);
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(&path).is_ok() {
             anyhow::bail!(
@@ -228,9 +226,9 @@ pub enum StatusError {
 }
 
 /// Asks the mesh-node serving `ifname` for its firewall's status.
-pub fn query_status(ifname: &str) -> Result<FirewallStatus, StatusError> {
+pub fn query_status(dir: &Path, ifname: &str) -> Result<FirewallStatus, StatusError> {
     use std::io::{BufRead, Write};
-    let path = socket_path(ifname);
+    let path = socket_path(dir, ifname);
     let shown = path.display().to_string();
     let io = |source| StatusError::Io {
         path: shown.clone(),

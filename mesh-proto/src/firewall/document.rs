@@ -1,13 +1,14 @@
 //! The firewall document keyd gives the data plane: the policy, this node's
 //! identity and every peer's, as one line of JSON on a local socket next to
-//! the WireGuard userspace API's (`/var/run/wireguard/IFNAME.firewall`).
+//! the WireGuard userspace API's (`/var/run/wireguard/IFNAME.firewall` by
+//! default; the package's units use `/run/pqmesh`).
 //! A second socket rather than new UAPI keys: a stock WireGuard data plane
 //! serves the UAPI and would refuse unknown keys, and "this data plane has no
 //! firewall" is then plainly "no such socket". Both sides use this module,
 //! so the format is defined once.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
@@ -20,9 +21,17 @@ use crate::prefix::IpPrefix;
 /// A document larger than this is refused unread (10,000 peers fit).
 pub const MAX_DOCUMENT: usize = 4 << 20;
 
+/// Where the WireGuard userspace API's sockets live unless told otherwise.
+pub const DEFAULT_SOCKET_DIR: &str = "/var/run/wireguard";
+
 /// Where a data plane serving `ifname` takes firewall documents.
 pub fn socket_path(ifname: &str) -> PathBuf {
-    PathBuf::from("/var/run/wireguard").join(format!("{ifname}.firewall"))
+    socket_path_in(Path::new(DEFAULT_SOCKET_DIR), ifname)
+}
+
+/// The same, for a data plane whose sockets are in `dir`.
+pub fn socket_path_in(dir: &Path, ifname: &str) -> PathBuf {
+    dir.join(format!("{ifname}.firewall"))
 }
 
 /// A member's identity on the wire: addresses as text (`10.77.0.1/32`).
