@@ -1,12 +1,14 @@
 //! Root writing into a service user's directory acts as that user.
 //!
-//! The package gives `/etc/pqmesh` to the `pqmesh` user that `keyd run`
-//! runs as, and keyd refuses a key file that is not its own
-//! (`files::read_secret`). So `keyd join`, run as root on such a directory
-//! (cloud-init, `sudo`), first becomes the directory's owner: the keys,
-//! certificate, roster and configuration it writes then belong to the user
-//! who will read them, and the enrollment runs without root. A directory
-//! root owns (or one not there yet) changes nothing.
+//! The package gives `/var/lib/pqmesh` to the `pqmesh` user that `keyd run`
+//! runs as (and systemd gives `/var/lib/pqmesh-authority` to the
+//! authority's user), and keyd refuses a key file that is not its own
+//! (`files::read_secret`). So `keyd join` and the authority's commands that
+//! write its directory (`init`, `rotate-key`), run as root on such a
+//! directory (cloud-init, `sudo`), first become the directory's owner: the
+//! keys, certificates, roster and configuration they write then belong to
+//! the user who will read them, and the rest runs without root. A
+//! directory root owns (or one not there yet) changes nothing.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};

@@ -30,8 +30,9 @@ pub struct JoinArgs {
     /// The join token, or `-` to read it from standard input (keeps it out
     /// of the process list and shell history).
     token: String,
-    /// Directory for keys, certificate, roster, state and keyd.toml.
-    #[arg(long, default_value = "/etc/pqmesh")]
+    /// Directory for keys, certificate, roster, state and keyd.toml (the
+    /// package's units read /var/lib/pqmesh).
+    #[arg(long, default_value = "/var/lib/pqmesh")]
     dir: PathBuf,
     /// The name to ask for (default: the host name).
     #[arg(long)]
@@ -51,7 +52,7 @@ pub struct JoinArgs {
 }
 
 pub fn run(a: JoinArgs) -> Result<()> {
-    // Root joining into the package's /etc/pqmesh writes it as its owner.
+    // Root joining into the package's /var/lib/pqmesh writes it as its owner.
     if let Acting::Owner { uid, gid } = owner::act_as_owner_of(&a.dir)? {
         eprintln!(
             "keyd join: acting as uid {uid} gid {gid}, the owner of {}",
