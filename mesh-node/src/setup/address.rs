@@ -122,12 +122,20 @@ pub fn apply(ifname: &str, addresses: &[IpPrefix]) -> Result<(), AddressError> {
 /// the kernel answers EACCES where the interface's disable_ipv6 is set and
 /// EAFNOSUPPORT where it has no IPv6 at all.
 fn ipv6_disabled(ifname: &str, e: &std::io::Error) -> bool {
-    match e.raw_os_error() {
+    let sysctl =
+        std::fs::read_to_string(format!("/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6")).ok();
+    disabled_by(e.raw_os_error(), sysctl.as_deref())
+}
+
+/// The decision of [`ipv6_disabled`]: `sysctl` is the interface's
+/// disable_ipv6 where /proc/sys can be read. The packaged unit's
+/// `ProcSubset=pid` hides /proc/sys; there EACCES alone decides (we hold
+/// CAP_NET_ADMIN on an interface we just created: an IPv6 address is
+/// refused with EACCES only because IPv6 is disabled on it).
+fn disabled_by(errno: Option<i32>, sysctl: Option<&str>) -> bool {
+    match errno {
         Some(libc::EAFNOSUPPORT) => true,
-        Some(libc::EACCES) => {
-            std::fs::read_to_string(format!("/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6"))
-                .is_ok_and(|v| v.trim() == "1")
-        }
+        Some(libc::EACCES) => sysctl.is_none_or(|v| v.trim() == "1"),
         _ => false,
     }
 }
@@ -149,6 +157,19 @@ fn interface_index(ifname: &str) -> Result<u32, AddressError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The review's finding: under the unit's ProcSubset=pid /proc/sys is
+    /// not there, and EACCES was taken for a fault (the node restarted in a
+    /// loop where IPv6 is disabled).
+    #[test]
+    fn ipv6_is_off_on_eacces_also_where_proc_sys_is_hidden() {
+        assert!(disabled_by(Some(libc::EACCES), None));
+        assert!(disabled_by(Some(libc::EACCES), Some("1\n")));
+        assert!(!disabled_by(Some(libc::EACCES), Some("0\n")));
+        assert!(disabled_by(Some(libc::EAFNOSUPPORT), Some("0\n")));
+        assert!(!disabled_by(Some(libc::EPERM), None));
+        assert!(!disabled_by(None, None));
+    }
 
     #[test]
     fn refusals_name_the_file() {
