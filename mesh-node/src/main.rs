@@ -471,18 +471,24 @@ async fn serve<T: gotatun::device::DeviceTransports>(
         notify::ready();
         let reason = wait_for_signal().await;
         info!("{reason}: shutting down {ifname}");
+        // The socket files go first, while the listeners still answer:
+        // `wg` unlinks a socket path whose connect is refused, and where
+        // that path is a link (the package's /run/wireguard/IF.sock) it
+        // would remove the link, not our socket.
+        let _ = std::fs::remove_file(&api_socket);
+        if control.is_some() {
+            let _ = std::fs::remove_file(&firewall_socket);
+        }
         server.abort();
         watcher.abort();
         if let Some(control) = control {
             control.abort();
             let _ = control.await;
-            let _ = std::fs::remove_file(&firewall_socket);
         }
         // An aborted task lets go of its device handle only once it has
         // been dropped, which awaiting it waits for.
         let _ = server.await;
         let _ = watcher.await;
-        let _ = std::fs::remove_file(&api_socket);
         match Arc::try_unwrap(device) {
             Ok(device) => device.stop().await,
             Err(_) => error!("device still in use at shutdown; exiting anyway"),
