@@ -15,6 +15,12 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OwnerError {
+    /// Root does not follow a link to decide whose files it writes.
+    #[error("{dir} is a symbolic link: give the directory itself")]
+    Link { dir: PathBuf },
+    /// Acting as a user with root's group would hand root's group on.
+    #[error("{dir} belongs to uid {uid} but to group 0: give it the user's own group (chgrp)")]
+    RootGroup { dir: PathBuf, uid: u32 },
     #[error("cannot act as uid {uid} gid {gid}, the owner of {dir}: {source}")]
     Switch {
         dir: PathBuf,
@@ -40,12 +46,21 @@ pub fn act_as_owner_of(dir: &Path) -> Result<Acting, OwnerError> {
     if unsafe { libc::geteuid() } != 0 {
         return Ok(Acting::Unchanged);
     }
-    let Ok(meta) = std::fs::metadata(dir) else {
+    let Ok(meta) = std::fs::symlink_metadata(dir) else {
         return Ok(Acting::Unchanged);
     };
+    if meta.file_type().is_symlink() {
+        return Err(OwnerError::Link { dir: dir.into() });
+    }
     let (uid, gid) = (meta.uid(), meta.gid());
     if uid == 0 {
         return Ok(Acting::Unchanged);
+    }
+    if gid == 0 {
+        return Err(OwnerError::RootGroup {
+            dir: dir.into(),
+            uid,
+        });
     }
     let fail = |source| OwnerError::Switch {
         dir: dir.into(),
@@ -66,6 +81,10 @@ pub fn act_as_owner_of(dir: &Path) -> Result<Acting, OwnerError> {
         if libc::setresuid(uid, uid, uid) != 0 {
             return Err(fail(std::io::Error::last_os_error()));
         }
+        // Not root's umask (a hardened image's 077 would make the
+        // certificate unreadable for the data plane, which reads it
+        // through the group): files for the owner and its group.
+        libc::umask(0o027);
     }
     Ok(Acting::Owner { uid, gid })
 }
@@ -86,5 +105,33 @@ mod tests {
             Acting::Unchanged
         );
         assert_eq!(unsafe { libc::geteuid() }, before);
+    }
+
+    /// The review's findings: root decides whose files it writes by the
+    /// directory itself, never through a link, and never hands on group 0.
+    /// (Both refusals come before any switch, so the test process stays
+    /// root.)
+    #[test]
+    fn a_link_or_a_directory_of_group_0_is_refused() {
+        if unsafe { libc::geteuid() } != 0 {
+            return; // only root ever switches
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let owned = dir.path().join("owned");
+        std::fs::create_dir(&owned).unwrap();
+        std::os::unix::fs::chown(&owned, Some(4_242_019), Some(4_242_019)).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&owned, &link).unwrap();
+        assert!(matches!(
+            act_as_owner_of(&link),
+            Err(OwnerError::Link { .. })
+        ));
+        std::os::unix::fs::chown(&owned, Some(4_242_019), Some(0)).unwrap();
+        let e = act_as_owner_of(&owned).unwrap_err();
+        assert!(
+            matches!(e, OwnerError::RootGroup { uid: 4_242_019, .. }),
+            "{e}"
+        );
+        assert_eq!(unsafe { libc::geteuid() }, 0);
     }
 }
