@@ -19,6 +19,7 @@ pub mod policy;
 pub mod quic;
 pub mod ratelimit;
 pub mod refusals;
+pub mod sockbuf;
 pub mod state;
 pub mod text;
 pub mod time;

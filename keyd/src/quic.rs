@@ -101,6 +101,14 @@ pub fn endpoint(listen: SocketAddr) -> Result<quinn::Endpoint> {
         .datagram_receive_buffer_size(Some(DATAGRAM_BUFFER))
         .datagram_send_buffer_size(DATAGRAM_BUFFER)
         .mtu_discovery_config(Some(mtu))
+        // Ask the peer to acknowledge every 11th packet rather than every
+        // 2nd (both ends are quinn, which supports the extension): on the
+        // QUIC rung each ACK is a packet to seal, send, receive and open.
+        .ack_frequency_config(Some({
+            let mut a = quinn::AckFrequencyConfig::default();
+            a.ack_eliciting_threshold(10u32.into());
+            a
+        }))
         .stream_receive_window(STREAM_WINDOW.into())
         .receive_window(CONNECTION_WINDOW.into())
         .send_window(SEND_WINDOW);
@@ -115,8 +123,26 @@ pub fn endpoint(listen: SocketAddr) -> Result<quinn::Endpoint> {
     // No migration: a connection keeps the address that admission control
     // validated (with a retry) when it was accepted.
     server.migration(false);
-    let mut endpoint = quinn::Endpoint::server(server, listen)
+    let socket = std::net::UdpSocket::bind(listen)
         .with_context(|| format!("cannot listen for QUIC on {listen}"))?;
+    // The edge ladder's QUIC rung carries the data plane's bursts on this
+    // socket: a default-sized buffer drops them (sockbuf.rs).
+    let granted = crate::sockbuf::grow(&socket);
+    if !crate::sockbuf::is_full_size(granted) {
+        tracing::warn!(
+            "the QUIC socket's receive buffer is {granted} bytes, not 4 MiB: the edge \
+             ladder's QUIC rung will lose packets under load; raise net.core.rmem_max and \
+             net.core.wmem_max to 4194304 (docs/edge.md)"
+        );
+    }
+    let runtime = quinn::default_runtime().context("no async runtime for QUIC")?;
+    let mut endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server),
+        socket,
+        runtime,
+    )
+    .with_context(|| format!("cannot listen for QUIC on {listen}"))?;
     endpoint.set_default_client_config(client);
     Ok(endpoint)
 }
