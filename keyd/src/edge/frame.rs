@@ -8,6 +8,8 @@
 //!   2 PING     nonce u64 BE
 //!   3 PONG     nonce u64 BE
 //!   5 HELLO    flags u8
+//!   6 PACKED   seq u16 BE ++ carry u16 BE ++ body (pack.rs; only to a peer
+//!              whose HELLO has HELLO_TAKES_PACKED)
 //! TCP record = kind u8 ++ len u16 BE ++ body; kinds 0, 2, 3, 5 and
 //! 4 EXCHANGE (one exchange message). A FRAGMENT, an unknown kind or a
 //! malformed body ends the TCP link.
@@ -32,6 +34,11 @@ pub const KIND_EXCHANGE: u8 = 4;
 pub const KIND_HELLO: u8 = 5;
 /// HELLO flag: this node's data plane answers path probes (mesh-node).
 pub const HELLO_ANSWERS_PROBES: u8 = 1;
+/// HELLO flag: this keyd takes PACKED datagrams (a keyd that does not say
+/// so is sent one packet, or its fragments, per datagram).
+pub const HELLO_TAKES_PACKED: u8 = 2;
+/// kind 6 PACKED: WireGuard packets back to back across datagrams (pack.rs).
+pub const KIND_PACKED: u8 = 6;
 
 /// kind u8 ++ id u16 ++ index u8 ++ count u8.
 pub const FRAGMENT_HEADER: usize = 5;
@@ -69,6 +76,10 @@ pub enum FrameError {
     FragmentIndex { index: u8, count: u8 },
     #[error("empty fragment")]
     EmptyFragment,
+    #[error("PACKED header truncated ({found} bytes)")]
+    PackedHeader { found: usize },
+    #[error("PACKED datagram carries {carry} bytes in a body of {body}")]
+    CarryBeyondBody { carry: usize, body: usize },
     #[error("body of {len} bytes exceeds {MAX_BODY}")]
     TooLong { len: usize },
     #[error(
@@ -96,6 +107,12 @@ pub enum Payload<'a> {
     Ping(u64),
     Pong(u64),
     Hello(u8),
+    /// `carry <= body.len()` (checked by the decoder).
+    Packed {
+        seq: u16,
+        carry: usize,
+        body: &'a [u8],
+    },
 }
 
 /// A fragment as the reassembler takes it (the fields of `Payload::Fragment`).
@@ -147,6 +164,12 @@ impl<'a> Payload<'a> {
             Payload::Ping(n) => encode_ping(n, out),
             Payload::Pong(n) => encode_pong(n, out),
             Payload::Hello(f) => encode_hello(f, out),
+            Payload::Packed { seq, carry, body } => {
+                out.push(KIND_PACKED);
+                out.extend_from_slice(&seq.to_be_bytes());
+                out.extend_from_slice(&(carry as u16).to_be_bytes());
+                out.extend_from_slice(body);
+            }
         }
     }
 
@@ -157,6 +180,7 @@ impl<'a> Payload<'a> {
             Payload::Fragment { bytes, .. } => FRAGMENT_HEADER + bytes.len(),
             Payload::Ping(_) | Payload::Pong(_) => 1 + NONCE_LEN,
             Payload::Hello(_) => 2,
+            Payload::Packed { body, .. } => super::pack::PACKED_HEADER + body.len(),
         }
     }
 }
@@ -235,6 +259,23 @@ pub fn decode_datagram(datagram: &[u8]) -> Result<Payload<'_>, FrameError> {
                 found: body.len(),
             }),
         },
+        KIND_PACKED => {
+            let [s0, s1, c0, c1, body @ ..] = body else {
+                return Err(FrameError::PackedHeader { found: body.len() });
+            };
+            let carry = usize::from(u16::from_be_bytes([*c0, *c1]));
+            if carry > body.len() {
+                return Err(FrameError::CarryBeyondBody {
+                    carry,
+                    body: body.len(),
+                });
+            }
+            Ok(Payload::Packed {
+                seq: u16::from_be_bytes([*s0, *s1]),
+                carry,
+                body,
+            })
+        }
         other => Err(FrameError::UnknownKind(other)),
     }
 }

@@ -11,6 +11,7 @@ pub mod backoff;
 pub mod batch;
 pub mod frame;
 pub mod ladder;
+pub mod pack;
 pub mod prober;
 pub mod relay;
 pub mod tcp;

@@ -18,6 +18,7 @@ use tokio::net::UdpSocket;
 use super::batch::{self, Batch};
 use super::frame::{self, Fragmenter, Payload, Reassembler, ReassemblerConfig, Record};
 use super::ladder::{Ladder, Outcome, Rung};
+use super::pack::{Packer, Unpacker};
 use super::tcp::{LinkSink, SendError, TcpLink};
 
 /// What became of a ping.
@@ -83,9 +84,12 @@ pub struct PeerPath {
     pub peer_answers_probes: AtomicBool,
     /// The peer's keyd sent a HELLO at all.
     pub peer_hello_seen: AtomicBool,
+    /// The peer's keyd takes PACKED datagrams (its HELLO said so).
+    peer_takes_packed: AtomicBool,
     /// The peer left the roster: no carrier is attached any more.
     closed: AtomicBool,
     reassembler: Mutex<Reassembler>,
+    unpacker: Mutex<Unpacker>,
     /// Packets from the TCP link, sent to the data plane after each read.
     tcp_batch: Mutex<Batch>,
     pub counters: PathCounters,
@@ -118,8 +122,10 @@ impl PeerPath {
             pings: Mutex::new(HashMap::new()),
             peer_answers_probes: AtomicBool::new(false),
             peer_hello_seen: AtomicBool::new(false),
+            peer_takes_packed: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             reassembler: Mutex::new(Reassembler::new(ReassemblerConfig::default())),
+            unpacker: Mutex::new(Unpacker::default()),
             tcp_batch: Mutex::new(Batch::default()),
             counters: PathCounters::default(),
             wake: tokio::sync::Notify::new(),
@@ -284,6 +290,12 @@ impl PeerPath {
                     }
                 }
             }
+            Ok(Payload::Packed { seq, carry, body }) => {
+                let r = lock(&self.unpacker).push(seq, carry, body, &mut push);
+                if r.is_err() {
+                    self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
             Ok(Payload::Ping(n)) => {
                 let mut out = Vec::with_capacity(9);
                 frame::encode_pong(n, &mut out);
@@ -300,6 +312,8 @@ impl PeerPath {
     fn hello(&self, flags: u8) {
         let answers = flags & frame::HELLO_ANSWERS_PROBES != 0;
         self.peer_hello_seen.store(true, Ordering::Relaxed);
+        self.peer_takes_packed
+            .store(flags & frame::HELLO_TAKES_PACKED != 0, Ordering::Relaxed);
         if self.peer_answers_probes.swap(answers, Ordering::Relaxed) != answers {
             self.wake.notify_one();
         }
@@ -308,11 +322,12 @@ impl PeerPath {
     /// Tells the peer keyd whether our data plane answers path probes, on
     /// every carrier we have.
     pub fn send_hello(&self, answers_probes: bool) {
-        let flags = if answers_probes {
-            frame::HELLO_ANSWERS_PROBES
-        } else {
-            0
-        };
+        let flags = frame::HELLO_TAKES_PACKED
+            | if answers_probes {
+                frame::HELLO_ANSWERS_PROBES
+            } else {
+                0
+            };
         if let Some(c) = self.quic() {
             let mut out = Vec::with_capacity(2);
             frame::encode_hello(flags, &mut out);
@@ -345,12 +360,14 @@ impl PeerPath {
                 .flatten()
                 .and_then(|c| Some((c.max_datagram_size()?, c)));
             let tcp = (rung != Rung::Quic).then(|| self.tcp()).flatten();
+            let packed = self.peer_takes_packed.load(Ordering::Relaxed);
             let (mut sent, mut lost) = ([0u64; 3], 0u64);
             for packet in buf[..r.len].chunks(r.segment) {
                 let via = match (&quic, &tcp) {
-                    (Some((max, conn)), _) if rung != Rung::Tcp => quic_out
-                        .send(conn, *max, packet, &self.counters)
-                        .then_some(Rung::Quic),
+                    (Some((max, conn)), _) if rung != Rung::Tcp => {
+                        let encoded = quic_out.encode(*max, packet, packed, &self.counters);
+                        (encoded && quic_out.send(conn).await).then_some(Rung::Quic)
+                    }
                     (_, Some(link)) if rung != Rung::Quic => link
                         .send(Record::Packet(packet))
                         .is_ok()
@@ -360,6 +377,12 @@ impl PeerPath {
                 match via {
                     Some(rung) => sent[slot(rung)] += 1,
                     None => lost += 1,
+                }
+            }
+            if let Some((_, conn)) = &quic {
+                quic_out.flush();
+                if !quic_out.send(conn).await {
+                    lost += 1;
                 }
             }
             for (i, n) in sent.iter().enumerate().filter(|(_, n)| **n > 0) {
@@ -426,6 +449,11 @@ impl LinkSink for PeerPath {
 /// The relay's QUIC sending state (one task owns it).
 #[derive(Default)]
 struct QuicOut {
+    /// Datagrams encoded and not yet handed to quinn.
+    ready: Vec<bytes::Bytes>,
+    /// To a peer that takes PACKED datagrams.
+    packer: Packer,
+    /// To one that does not: a datagram per packet, or its fragments.
     fragmenter: Fragmenter,
     /// Datagrams are cut from this: one allocation per 64 KiB, not one per
     /// packet.
@@ -434,15 +462,23 @@ struct QuicOut {
 }
 
 impl QuicOut {
-    /// One WireGuard packet as one datagram, or fragments when it does not
-    /// fit `max` (the connection's datagram size now).
-    fn send(
-        &mut self,
-        conn: &quinn::Connection,
-        max: usize,
-        packet: &[u8],
-        counters: &PathCounters,
-    ) -> bool {
+    /// Encodes one WireGuard packet into datagrams for `send`: packed
+    /// (a datagram is ready when it fills up, or at `flush`), or as one
+    /// datagram, or as fragments when it does not fit `max` (the
+    /// connection's datagram size now). False: it cannot be carried.
+    fn encode(&mut self, max: usize, packet: &[u8], packed: bool, counters: &PathCounters) -> bool {
+        if packed {
+            let ready = &mut self.ready;
+            if self
+                .packer
+                .push(packet, max, &mut |d| ready.push(d))
+                .is_err()
+            {
+                counters.too_big.fetch_add(1, Ordering::Relaxed);
+                return false;
+            }
+            return true;
+        }
         let Ok(parts) = self.fragmenter.split(packet, max) else {
             counters.too_big.fetch_add(1, Ordering::Relaxed);
             return false;
@@ -454,11 +490,29 @@ impl QuicOut {
                 self.arena = bytes::BytesMut::with_capacity(64 * 1024);
             }
             self.arena.extend_from_slice(&self.encoded);
-            if conn.send_datagram(self.arena.split().freeze()).is_err() {
-                return false;
-            }
+            self.ready.push(self.arena.split().freeze());
         }
         true
+    }
+
+    /// The datagram being packed is ready (the end of a burst: nothing
+    /// waits for more to pack).
+    fn flush(&mut self) {
+        let ready = &mut self.ready;
+        self.packer.flush(&mut |d| ready.push(d));
+    }
+
+    /// Hands the ready datagrams to quinn, waiting while its send buffer
+    /// is full: a burst larger than QUIC's congestion window lets out
+    /// waits here (and then in the relay socket's buffer), rather than
+    /// quinn dropping the oldest datagrams it holds. False: the
+    /// connection is gone.
+    async fn send(&mut self, conn: &quinn::Connection) -> bool {
+        let mut ok = true;
+        for d in self.ready.drain(..) {
+            ok = ok && conn.send_datagram_wait(d).await.is_ok();
+        }
+        ok
     }
 }
 
@@ -515,10 +569,22 @@ mod tests {
     /// three quarters of this burst, were dropped that way.
     #[tokio::test]
     async fn a_burst_larger_than_quics_send_buffer_arrives_whole() {
+        burst_arrives_whole(false, 1000).await;
+    }
+
+    /// The same, packed (the peer's HELLO said it takes PACKED), with
+    /// packets that fit one datagram and packets that do not.
+    #[tokio::test]
+    async fn a_packed_burst_arrives_whole() {
+        burst_arrives_whole(true, 1000).await;
+        burst_arrives_whole(true, 1452).await;
+    }
+
+    async fn burst_arrives_whole(packed: bool, size: usize) {
         const PACKETS: usize = 2000;
-        const SIZE: usize = 1000;
         let (_ea, _eb, ca, cb) = connected().await;
-        let dp_a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let dp_a = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        crate::sockbuf::grow(&dp_a);
         let dp_b = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         crate::sockbuf::grow(&dp_b);
         let (a, b) = (
@@ -527,22 +593,34 @@ mod tests {
         );
         assert!(a.attach_quic(&ca) && b.attach_quic(&cb));
         a.set_rung(Rung::Quic);
+        a.hello(if packed { frame::HELLO_TAKES_PACKED } else { 0 });
         tokio::spawn(a.clone().relay_out());
         tokio::spawn(b.clone().quic_reader(cb.clone()));
 
         // The whole burst is in the relay socket before the relay runs
-        // (this test's runtime has one thread, busy here).
+        // (this test's runtime has one thread, busy here), written as a
+        // data plane writes: GSO batches.
+        let mut out = Batch::default();
+        let mut written = 0;
         for i in 0..PACKETS {
-            let mut p = vec![0u8; SIZE];
+            let mut p = vec![0u8; size];
             p[..8].copy_from_slice(&(i as u64).to_be_bytes());
-            dp_a.send_to(&p, a.relay_addr).unwrap();
+            if !out.has_room(p.len()) {
+                written += out.flush(&dp_a, a.relay_addr);
+            }
+            out.push(&p);
         }
+        written += out.flush(&dp_a, a.relay_addr);
+        assert_eq!(
+            written, PACKETS,
+            "the relay socket refused part of the burst"
+        );
         let received = tokio::task::spawn_blocking(move || {
             dp_b.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
             let mut seen = vec![false; PACKETS];
             let mut buf = [0u8; 2048];
             while let Ok(n) = dp_b.recv(&mut buf) {
-                assert_eq!(n, SIZE, "a packet changed size on the way");
+                assert_eq!(n, size, "a packet changed size on the way");
                 let i = u64::from_be_bytes(buf[..8].try_into().unwrap()) as usize;
                 seen[i] = true;
                 if seen.iter().all(|s| *s) {
@@ -553,12 +631,18 @@ mod tests {
         })
         .await
         .unwrap();
+        let datagrams = ca.stats().frame_tx.datagram;
         assert_eq!(
             received,
             PACKETS,
-            "datagrams sent {}, relayed {}",
-            ca.stats().frame_tx.datagram,
+            "datagrams sent {datagrams}, relayed {}",
             a.counters.to_peer[slot(Rung::Quic)].load(Ordering::Relaxed)
         );
+        if packed {
+            // Unpacked: one datagram per packet, two when it does not fit.
+            let max = ca.max_datagram_size().unwrap();
+            let unpacked = PACKETS as u64 * if size < max { 1 } else { 2 };
+            assert!(datagrams < unpacked, "{datagrams} datagrams, not packed");
+        }
     }
 }
