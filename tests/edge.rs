@@ -316,6 +316,9 @@ fn direct_udp_blocked_moves_the_pair_to_quic_and_a_transfer_survives() {
         path0["rtt_ms"]["quic"].as_f64().is_some(),
         "the QUIC rung's RTT is shown: {path0}"
     );
+    // Both keyds take PACKED datagrams: the transfer went packed.
+    assert_eq!(path0["packed"], true, "{path0}");
+    assert_eq!(path(&mesh, 1, 0)["packed"], true);
     drop(filter);
 }
 

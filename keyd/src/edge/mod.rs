@@ -77,6 +77,15 @@ pub struct PathStatus {
     /// The same per rung: `[to the peer, from the peer]`.
     pub quic_packets: [u64; 2],
     pub tcp_packets: [u64; 2],
+    /// The peer's keyd takes PACKED datagrams: what goes to it on quic is
+    /// packed (docs/edge.md, "MTU"); otherwise a datagram per packet or
+    /// its fragments.
+    #[serde(default)]
+    pub packed: bool,
+    /// Packets from the peer lost because a PACKED datagram they spanned
+    /// was lost or came out of sequence.
+    #[serde(default)]
+    pub packed_partials_lost: u64,
 }
 
 /// A path's tasks (relay, ladder, carrier readers), stopped with it.
@@ -232,6 +241,8 @@ impl Edge {
             relayed_in: sum(&path.counters.from_peer),
             quic_packets: [get(&c.to_peer, 1), get(&c.from_peer, 1)],
             tcp_packets: [get(&c.to_peer, 2), get(&c.from_peer, 2)],
+            packed: path.takes_packed(),
+            packed_partials_lost: path.unpack_counters().partials_lost,
         })
     }
 

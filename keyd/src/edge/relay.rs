@@ -136,6 +136,15 @@ impl PeerPath {
         *lock(&self.rung)
     }
 
+    /// The peer's keyd takes PACKED datagrams (its last HELLO said so).
+    pub fn takes_packed(&self) -> bool {
+        self.peer_takes_packed.load(Ordering::Relaxed)
+    }
+
+    pub fn unpack_counters(&self) -> super::pack::UnpackCounters {
+        lock(&self.unpacker).counters()
+    }
+
     pub fn set_rung(&self, rung: Rung) {
         *lock(&self.rung) = rung;
     }

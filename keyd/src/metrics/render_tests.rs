@@ -87,6 +87,8 @@ fn peer_state_and_path_are_one_hot() {
         relayed_in: 0,
         quic_packets: [0, 0],
         tcp_packets: [0, 0],
+        packed: true,
+        packed_partials_lost: 0,
     });
     let text = render(&s, NOW);
     let state = samples(&text, "keyd_peer_state");
