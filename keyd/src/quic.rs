@@ -101,14 +101,6 @@ pub fn endpoint(listen: SocketAddr) -> Result<quinn::Endpoint> {
         .datagram_receive_buffer_size(Some(DATAGRAM_BUFFER))
         .datagram_send_buffer_size(DATAGRAM_BUFFER)
         .mtu_discovery_config(Some(mtu))
-        // Ask the peer to acknowledge every 11th packet rather than every
-        // 2nd (both ends are quinn, which supports the extension): on the
-        // QUIC rung each ACK is a packet to seal, send, receive and open.
-        .ack_frequency_config(Some({
-            let mut a = quinn::AckFrequencyConfig::default();
-            a.ack_eliciting_threshold(10u32.into());
-            a
-        }))
         .stream_receive_window(STREAM_WINDOW.into())
         .receive_window(CONNECTION_WINDOW.into())
         .send_window(SEND_WINDOW);

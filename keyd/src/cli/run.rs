@@ -59,12 +59,8 @@ pub fn run(a: RunArgs) -> Result<()> {
         config.socket_dir = dir;
     }
     logging::init(a.log.log_format);
-    // One thread: the relay's packets and quinn's drivers hand work to each
-    // other without waking a second thread for each packet (bench/edge:
-    // about 10% less CPU per GB on the QUIC rung). Exchanges are short,
-    // well under a millisecond of CPU; calls to the data plane go to
-    // blocking threads.
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;

@@ -31,6 +31,10 @@ pub enum Ping {
     NoCarrier,
 }
 
+/// How long one burst from the data plane may wait for room in quinn's
+/// datagram send buffer (QuicOut::send).
+const WAIT_FOR_ROOM: std::time::Duration = std::time::Duration::from_millis(2);
+
 /// Pings in flight per path; more are not sent (the ladder counts them
 /// lost).
 const MAX_PINGS: usize = 64;
@@ -172,6 +176,11 @@ impl PeerPath {
             return false;
         }
         *q = Some(conn.clone());
+        // A new connection may be to a restarted (or older) keyd: packed
+        // only once its HELLO says so again, and nothing carried over from
+        // the old connection's datagrams.
+        self.peer_takes_packed.store(false, Ordering::Relaxed);
+        *lock(&self.unpacker) = Unpacker::default();
         drop(q);
         self.wake.notify_one();
         true
@@ -370,12 +379,13 @@ impl PeerPath {
                 .and_then(|c| Some((c.max_datagram_size()?, c)));
             let tcp = (rung != Rung::Quic).then(|| self.tcp()).flatten();
             let packed = self.peer_takes_packed.load(Ordering::Relaxed);
+            let room_until = Instant::now() + WAIT_FOR_ROOM;
             let (mut sent, mut lost) = ([0u64; 3], 0u64);
             for packet in buf[..r.len].chunks(r.segment) {
                 let via = match (&quic, &tcp) {
                     (Some((max, conn)), _) if rung != Rung::Tcp => {
                         let encoded = quic_out.encode(*max, packet, packed, &self.counters);
-                        (encoded && quic_out.send(conn).await).then_some(Rung::Quic)
+                        (encoded && quic_out.send(conn, room_until).await).then_some(Rung::Quic)
                     }
                     (_, Some(link)) if rung != Rung::Quic => link
                         .send(Record::Packet(packet))
@@ -390,7 +400,7 @@ impl PeerPath {
             }
             if let Some((_, conn)) = &quic {
                 quic_out.flush();
-                if !quic_out.send(conn).await {
+                if !quic_out.send(conn, room_until).await {
                     lost += 1;
                 }
             }
@@ -511,15 +521,26 @@ impl QuicOut {
         self.packer.flush(&mut |d| ready.push(d));
     }
 
-    /// Hands the ready datagrams to quinn, waiting while its send buffer
-    /// is full: a burst larger than QUIC's congestion window lets out
-    /// waits here (and then in the relay socket's buffer), rather than
-    /// quinn dropping the oldest datagrams it holds. False: the
-    /// connection is gone.
-    async fn send(&mut self, conn: &quinn::Connection) -> bool {
+    /// Hands the ready datagrams to quinn. While its send buffer is full
+    /// this waits for room, until `room_until` (one deadline per burst);
+    /// after that quinn drops its oldest datagrams to take new ones. So a
+    /// burst that QUIC's congestion window has yet to grow into (slow
+    /// start) arrives whole, and a path that stopped passing costs the
+    /// relay at most `WAIT_FOR_ROOM` per burst, not the connection's idle
+    /// timeout, nor a queue of seconds in the relay socket behind it.
+    /// False: a datagram was not taken (the connection is gone).
+    async fn send(&mut self, conn: &quinn::Connection, room_until: Instant) -> bool {
         let mut ok = true;
         for d in self.ready.drain(..) {
-            ok = ok && conn.send_datagram_wait(d).await.is_ok();
+            let waited = if Instant::now() < room_until {
+                let wait = conn.send_datagram_wait(d.clone());
+                tokio::time::timeout_at(room_until.into(), wait).await.ok()
+            } else {
+                None
+            };
+            // Not taken within the wait: the future, dropped, queued nothing.
+            let taken = waited.unwrap_or_else(|| conn.send_datagram(d));
+            ok &= taken.is_ok();
         }
         ok
     }
@@ -587,6 +608,51 @@ mod tests {
     async fn a_packed_burst_arrives_whole() {
         burst_arrives_whole(true, 1000).await;
         burst_arrives_whole(true, 1452).await;
+    }
+
+    /// The peer keyd vanishes without closing (a black hole): quinn's send
+    /// buffer fills and stays full until the connection's idle timeout.
+    /// The relay must keep taking the data plane's packets meanwhile
+    /// (dropping what QUIC cannot carry), so that it sees the ladder's move
+    /// to another rung at its next burst: waiting for room without a bound
+    /// held it until the connection died (6 s), then sent seconds-old
+    /// packets (review finding).
+    #[tokio::test]
+    async fn a_black_holed_connection_does_not_hold_the_relay() {
+        const PACKETS: u64 = 2000;
+        let (_ea, eb, ca, _cb) = connected().await;
+        // B's endpoint moves to another port: A's datagrams go nowhere and
+        // nothing answers, but A's connection stays open for a while.
+        eb.rebind(std::net::UdpSocket::bind("127.0.0.1:0").unwrap())
+            .unwrap();
+        let dp_a = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        crate::sockbuf::grow(&dp_a);
+        let a = path(dp_a.local_addr().unwrap()).await;
+        assert!(a.attach_quic(&ca));
+        a.set_rung(Rung::Quic);
+        tokio::spawn(a.clone().relay_out());
+        let mut out = Batch::default();
+        for i in 0..PACKETS {
+            let p = vec![i as u8; 1000];
+            if !out.has_room(p.len()) {
+                out.flush(&dp_a, a.relay_addr);
+            }
+            out.push(&p);
+        }
+        out.flush(&dp_a, a.relay_addr);
+        let taken = || {
+            a.counters.to_peer[slot(Rung::Quic)].load(Ordering::Relaxed)
+                + a.counters.no_carrier.load(Ordering::Relaxed)
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while taken() < PACKETS && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(taken(), PACKETS, "the relay stopped taking packets");
+        assert!(
+            ca.close_reason().is_none(),
+            "the relay took the burst only once the connection was gone"
+        );
     }
 
     async fn burst_arrives_whole(packed: bool, size: usize) {
