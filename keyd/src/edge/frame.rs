@@ -1116,6 +1116,30 @@ mod tests {
     }
 
     #[test]
+    fn packed_datagrams_decode_and_their_headers_are_checked() {
+        let p = Payload::Packed {
+            seq: 0xfffe,
+            carry: 2,
+            body: &[9, 9, 0, 1, 7],
+        };
+        let mut out = Vec::new();
+        p.encode(&mut out);
+        assert_eq!(out, [KIND_PACKED, 0xff, 0xfe, 0, 2, 9, 9, 0, 1, 7]);
+        assert_eq!(out.len(), p.encoded_len());
+        assert_eq!(decode_datagram(&out), Ok(p));
+        assert_eq!(
+            decode_datagram(&[KIND_PACKED, 0, 1, 0]),
+            Err(FrameError::PackedHeader { found: 3 })
+        );
+        assert_eq!(
+            decode_datagram(&[KIND_PACKED, 0, 1, 0, 3, 1, 2]),
+            Err(FrameError::CarryBeyondBody { carry: 3, body: 2 })
+        );
+        // An older keyd sees only the flag it knows.
+        assert_eq!(HELLO_TAKES_PACKED & HELLO_ANSWERS_PROBES, 0);
+    }
+
+    #[test]
     fn hello_on_both_carriers() {
         let mut out = Vec::new();
         encode_hello(HELLO_ANSWERS_PROBES, &mut out);
