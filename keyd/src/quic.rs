@@ -122,9 +122,10 @@ pub fn endpoint(listen: SocketAddr) -> Result<quinn::Endpoint> {
     let granted = crate::sockbuf::grow(&socket);
     if !crate::sockbuf::is_full_size(granted) {
         tracing::warn!(
-            "the QUIC socket's receive buffer is {granted} bytes, not 4 MiB: the edge \
+            "the QUIC socket's receive buffer is {} bytes, not 4 MiB: the edge \
              ladder's QUIC rung will lose packets under load; raise net.core.rmem_max and \
-             net.core.wmem_max to 4194304 (docs/edge.md)"
+             net.core.wmem_max to 4194304 (docs/edge.md)",
+            granted / 2
         );
     }
     let runtime = quinn::default_runtime().context("no async runtime for QUIC")?;

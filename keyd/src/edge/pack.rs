@@ -16,8 +16,9 @@
 //! of every burst the relay read: packing never holds a packet back.
 //!
 //! Losses: a lost datagram loses its packets and the one that continued
-//! into it; a datagram out of sequence drops the packet in progress. Both
-//! are counted. The receiver holds at most one partial packet (64 KiB).
+//! into it; a late one (reordered) still gives its whole packets and leaves
+//! the packet in progress alone. Both are counted. The receiver holds at
+//! most one partial packet (64 KiB).
 
 use bytes::{BufMut, Bytes, BytesMut};
 use thiserror::Error;
@@ -31,7 +32,9 @@ const LEN_FIELD: usize = 2;
 /// A datagram at most this far behind the next expected sequence number
 /// is late (reordered on the way), not a sign that the ones between were
 /// lost.
-const LATE_WINDOW: u16 = 1024;
+/// Small: a real gap of more than 65,536 - 64 datagrams (seconds of a
+/// black hole at full rate) must rarely pass for a late one.
+const LATE_WINDOW: u16 = 64;
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum PackError {
@@ -149,6 +152,15 @@ pub struct Unpacker {
 impl Unpacker {
     pub fn counters(&self) -> UnpackCounters {
         self.counters
+    }
+
+    /// Forgets the sequence and the packet in progress (a new connection
+    /// starts its own), keeping the counters.
+    pub fn restart(&mut self) {
+        *self = Self {
+            counters: self.counters,
+            ..Self::default()
+        };
     }
 
     /// Takes one PACKED datagram (its fields as `frame::decode_datagram`
@@ -389,6 +401,19 @@ mod tests {
         sorted.dedup();
         assert_eq!(sorted.len(), got.len());
         assert!(got.iter().all(|p| packets.contains(p)));
+    }
+
+    #[test]
+    fn a_restart_forgets_the_sequence_and_keeps_the_counts() {
+        let packets: Vec<_> = (0..3).map(|i| packet(i, 1452)).collect();
+        let datagrams = pack(&packets, 1434, 3);
+        let mut u = Unpacker::default();
+        unpack(&mut u, &datagrams[1..2]);
+        assert_eq!(u.counters().partials_lost, 1);
+        u.restart();
+        assert_eq!(u.counters().partials_lost, 1);
+        // A new connection's first datagram (sequence 0 again) is not late.
+        assert_eq!(unpack(&mut u, &datagrams), packets);
     }
 
     #[test]
