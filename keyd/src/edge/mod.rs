@@ -83,7 +83,7 @@ pub struct PathStatus {
     #[serde(default)]
     pub packed: bool,
     /// Packets from the peer lost because a PACKED datagram they spanned
-    /// was lost or came out of sequence.
+    /// was lost or reordered.
     #[serde(default)]
     pub packed_partials_lost: u64,
 }
