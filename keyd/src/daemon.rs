@@ -213,8 +213,14 @@ fn load_roster(c: &Config, ca: &CaCert) -> Result<Roster> {
         .with_context(|| format!("roster {}", c.roster.display()))
 }
 
-/// Loads everything, checks it, and runs until stopped.
-pub async fn run(config: Config, reset_state: bool) -> Result<()> {
+/// Loads everything, checks it, and runs until stopped. `datapath`: the
+/// runtime of the thread that carries packets (datapath_thread.rs), which
+/// must outlive this daemon's runtime.
+pub async fn run(
+    config: Config,
+    reset_state: bool,
+    datapath: tokio::runtime::Handle,
+) -> Result<()> {
     let ca = Arc::new(crate::cli::load_ca_cert(&config.ca_cert)?);
     let mut cert = NodeCert::from_text(&files::read_text(&config.cert)?)
         .with_context(|| format!("`cert` {}", config.cert.display()))?;
@@ -304,7 +310,10 @@ pub async fn run(config: Config, reset_state: bool) -> Result<()> {
         seed,
         now(),
     );
-    let endpoint = quic::endpoint(config.quic_listen)?;
+    let endpoint = quic::endpoint(
+        config.quic_listen,
+        Arc::new(crate::datapath_thread::QuinnOn(datapath.clone())),
+    )?;
     let identity_static = noise_key.public_key();
     let identity = Arc::new(LocalIdentity { cert, noise_key });
     info!(
@@ -328,6 +337,7 @@ pub async fn run(config: Config, reset_state: bool) -> Result<()> {
         config.wg_listen_port,
         config.quic_listen.ip(),
         edge_requests,
+        datapath,
     )
     .await?;
     edge.sync(policy.roster()).await;

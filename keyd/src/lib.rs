@@ -6,6 +6,7 @@ pub mod authority;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod datapath_thread;
 pub mod dataplane;
 pub mod edge;
 pub mod files;

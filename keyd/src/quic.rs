@@ -81,8 +81,9 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// A QUIC endpoint that both accepts and dials, bound to `listen`.
-pub fn endpoint(listen: SocketAddr) -> Result<quinn::Endpoint> {
+/// A QUIC endpoint that both accepts and dials, bound to `listen`, driven
+/// on `runtime` (the daemon's: the data-path thread, datapath_thread.rs).
+pub fn endpoint(listen: SocketAddr, runtime: Arc<dyn quinn::Runtime>) -> Result<quinn::Endpoint> {
     let (server, client_tls) = tls_configs(ALPN)?;
     let mut transport = quinn::TransportConfig::default();
     // One exchange at a time per connection, small windows, no
@@ -128,7 +129,6 @@ pub fn endpoint(listen: SocketAddr) -> Result<quinn::Endpoint> {
             granted / 2
         );
     }
-    let runtime = quinn::default_runtime().context("no async runtime for QUIC")?;
     let mut endpoint = quinn::Endpoint::new(
         quinn::EndpointConfig::default(),
         Some(server),
@@ -546,8 +546,16 @@ mod tests {
         let roster = Arc::new(
             Roster::build(&ca, &key, 1, unix_now(), unix_now() + 3600, members, vec![]).unwrap(),
         );
-        let ea = endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
-        let eb = endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
+        let ea = endpoint(
+            "127.0.0.1:0".parse().unwrap(),
+            quinn::default_runtime().unwrap(),
+        )
+        .unwrap();
+        let eb = endpoint(
+            "127.0.0.1:0".parse().unwrap(),
+            quinn::default_runtime().unwrap(),
+        )
+        .unwrap();
         let b_addr = eb.local_addr().unwrap();
         let (pb, rb) = (params(&ca, &roster, &b), eb.clone());
         let b_gate = gate(&b);
@@ -609,7 +617,11 @@ mod tests {
             )
             .unwrap(),
         );
-        let eb = endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
+        let eb = endpoint(
+            "127.0.0.1:0".parse().unwrap(),
+            quinn::default_runtime().unwrap(),
+        )
+        .unwrap();
         let b_addr = eb.local_addr().unwrap();
         let pb = params(&ca, &roster, &b);
         let b_gate = gate(&b);
@@ -617,7 +629,11 @@ mod tests {
             let conn = eb.accept().await.unwrap().await.unwrap();
             respond(&conn, None, |m: &[u8]| b_gate(m, false), || Ok((pb, ()))).await
         });
-        let ea = endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
+        let ea = endpoint(
+            "127.0.0.1:0".parse().unwrap(),
+            quinn::default_runtime().unwrap(),
+        )
+        .unwrap();
         let conn = connect(&ea, b_addr).await.unwrap();
         // The stranger trusts our CA, so it gets as far as sending msg3.
         let mut ps = params(&ca, &roster, &stranger);
@@ -657,7 +673,11 @@ mod tests {
         let roster = Arc::new(
             Roster::build(&ca, &key, 1, unix_now(), unix_now() + 3600, members, vec![]).unwrap(),
         );
-        let eb = endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
+        let eb = endpoint(
+            "127.0.0.1:0".parse().unwrap(),
+            quinn::default_runtime().unwrap(),
+        )
+        .unwrap();
         let b_addr = eb.local_addr().unwrap();
         let pb = params(&ca, &roster, &b);
         let b_gate = gate(&b);
@@ -665,7 +685,11 @@ mod tests {
             let conn = eb.accept().await.unwrap().await.unwrap();
             respond(&conn, None, |m: &[u8]| b_gate(m, false), || Ok((pb, ()))).await
         });
-        let ea = endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
+        let ea = endpoint(
+            "127.0.0.1:0".parse().unwrap(),
+            quinn::default_runtime().unwrap(),
+        )
+        .unwrap();
         let conn = connect(&ea, b_addr).await.unwrap();
         let wrong = NoisePrivateKey::generate().unwrap().public_key();
         let initiator = initiate(
@@ -707,7 +731,11 @@ mod tests {
             )
             .unwrap(),
         );
-        let eb = endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
+        let eb = endpoint(
+            "127.0.0.1:0".parse().unwrap(),
+            quinn::default_runtime().unwrap(),
+        )
+        .unwrap();
         let b_addr = eb.local_addr().unwrap();
         let pb = params(&ca, &roster, &b);
         let b_gate = gate(&b);
@@ -722,7 +750,11 @@ mod tests {
             )
             .await
         });
-        let ea = endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
+        let ea = endpoint(
+            "127.0.0.1:0".parse().unwrap(),
+            quinn::default_runtime().unwrap(),
+        )
+        .unwrap();
         let _idle = connect(&ea, b_addr).await.unwrap();
         let e = responder.await.unwrap().unwrap_err();
         assert_eq!(

@@ -7,6 +7,7 @@ use clap::Args;
 
 use crate::config::Config;
 use crate::daemon::{self, Status};
+use crate::datapath_thread::DataPathThread;
 use crate::logging::{self, LogArgs};
 use crate::policy::LocalState;
 use crate::{files, health, time};
@@ -59,17 +60,24 @@ pub fn run(a: RunArgs) -> Result<()> {
         config.socket_dir = dir;
     }
     logging::init(a.log.log_format);
+    // Started first and stopped last: the daemon's tasks use quinn, whose
+    // drivers run there, until its runtime is gone.
+    let datapath = DataPathThread::start().context("cannot start the data path's thread")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(async {
+    let handle = datapath.handle().clone();
+    let result = runtime.block_on(async {
         tokio::select! {
-            r = daemon::run(config, a.reset_state) => r,
+            r = daemon::run(config, a.reset_state, handle) => r,
             _ = tokio::signal::ctrl_c() => Ok(()),
         }
-    })
+    });
+    drop(runtime);
+    drop(datapath);
+    result
 }
 
 /// `keyd status --short`: the line, then exit with its level's status

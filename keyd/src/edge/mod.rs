@@ -103,6 +103,9 @@ pub struct Edge {
     prober: Prober,
     self_answers: AtomicBool,
     paths: Mutex<HashMap<NodeId, (Arc<PeerPath>, Tasks)>>,
+    /// The data-path thread's runtime: the relays run there, beside
+    /// quinn's drivers (datapath_thread.rs).
+    datapath: tokio::runtime::Handle,
     pub connector: tokio_rustls::TlsConnector,
     pub acceptor: tokio_rustls::TlsAcceptor,
     requests: mpsc::Sender<Request>,
@@ -117,6 +120,7 @@ impl Edge {
         wg_listen_port: u16,
         probe_from: IpAddr,
         requests: mpsc::Sender<Request>,
+        datapath: tokio::runtime::Handle,
     ) -> anyhow::Result<Arc<Self>> {
         config.validate()?;
         let (connector, acceptor) = tcp::tls()?;
@@ -130,6 +134,7 @@ impl Edge {
             prober,
             self_answers: AtomicBool::new(false),
             paths: Mutex::new(HashMap::new()),
+            datapath,
             connector,
             acceptor,
             requests,
@@ -169,7 +174,7 @@ impl Edge {
                 Some(p) => p,
                 None => {
                     let ladder = Ladder::new(self.config.clone(), Instant::now());
-                    let path = match PeerPath::new(id, self.dataplane, ladder).await {
+                    let path = match PeerPath::new(id, self.dataplane, ladder, &self.datapath) {
                         Ok(p) => Arc::new(p),
                         Err(e) => {
                             warn!("edge: cannot open a relay socket: {e}");
@@ -177,7 +182,7 @@ impl Edge {
                         }
                     };
                     let tasks = vec![
-                        tokio::spawn(path.clone().relay_out()),
+                        self.datapath.spawn(path.clone().relay_out()),
                         tokio::spawn(drive(Arc::downgrade(self), path.clone())),
                     ];
                     lock(&self.paths).insert(id, (path.clone(), tasks));
@@ -199,7 +204,7 @@ impl Edge {
     pub fn attach_quic(&self, peer: NodeId, conn: &quinn::Connection) {
         let Some(path) = self.path(&peer) else { return };
         if path.attach_quic(conn) {
-            let reader = tokio::spawn(path.clone().quic_reader(conn.clone()));
+            let reader = self.datapath.spawn(path.clone().quic_reader(conn.clone()));
             if let Some((_, tasks)) = lock(&self.paths).get_mut(&peer) {
                 tasks.retain(|t| !t.is_finished());
                 tasks.push(reader);

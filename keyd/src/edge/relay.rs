@@ -98,8 +98,21 @@ pub struct PeerPath {
 }
 
 impl PeerPath {
-    pub async fn new(id: NodeId, dataplane: SocketAddr, ladder: Ladder) -> std::io::Result<Self> {
-        let relay = UdpSocket::bind(SocketAddr::new(dataplane.ip(), 0)).await?;
+    /// `runtime`: the data-path thread's, where the relay's tasks run; its
+    /// socket is registered there, so that its readiness wakes that thread
+    /// and no other.
+    pub fn new(
+        id: NodeId,
+        dataplane: SocketAddr,
+        ladder: Ladder,
+        runtime: &tokio::runtime::Handle,
+    ) -> std::io::Result<Self> {
+        let relay = std::net::UdpSocket::bind(SocketAddr::new(dataplane.ip(), 0))?;
+        relay.set_nonblocking(true)?;
+        let relay = {
+            let _on = runtime.enter();
+            UdpSocket::from_std(relay)?
+        };
         crate::sockbuf::grow(&relay);
         // Without GRO (an old kernel) each receive is one packet: slower, the same.
         let _ = batch::enable_gro(&relay);
@@ -559,8 +572,20 @@ mod tests {
         quinn::Connection,
         quinn::Connection,
     ) {
-        let ea = crate::quic::endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
-        let eb = crate::quic::endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
+        connected_on(quinn::default_runtime().unwrap()).await
+    }
+
+    /// The same, driven on `runtime`.
+    async fn connected_on(
+        runtime: Arc<dyn quinn::Runtime>,
+    ) -> (
+        quinn::Endpoint,
+        quinn::Endpoint,
+        quinn::Connection,
+        quinn::Connection,
+    ) {
+        let ea = crate::quic::endpoint("127.0.0.1:0".parse().unwrap(), runtime.clone()).unwrap();
+        let eb = crate::quic::endpoint("127.0.0.1:0".parse().unwrap(), runtime).unwrap();
         let addr = eb.local_addr().unwrap();
         let server = eb.clone();
         let accept = tokio::spawn(async move { server.accept().await.unwrap().await.unwrap() });
@@ -570,12 +595,45 @@ mod tests {
     }
 
     async fn path(dataplane: SocketAddr) -> Arc<PeerPath> {
+        path_on(dataplane, &tokio::runtime::Handle::current())
+    }
+
+    fn path_on(dataplane: SocketAddr, runtime: &tokio::runtime::Handle) -> Arc<PeerPath> {
         let ladder = Ladder::new(LadderConfig::default(), Instant::now());
-        Arc::new(
-            PeerPath::new(NodeId([7; 16]), dataplane, ladder)
-                .await
-                .unwrap(),
-        )
+        Arc::new(PeerPath::new(NodeId([7; 16]), dataplane, ladder, runtime).unwrap())
+    }
+
+    /// As the daemon runs them: quinn and both relays on the data-path
+    /// thread. Packets cross while the daemon's runtime (this test's one
+    /// thread) is blocked, as by a large roster's verification: nothing
+    /// on the packets' way waits for it.
+    #[tokio::test]
+    async fn packets_cross_while_the_daemons_runtime_is_blocked() {
+        const PACKETS: usize = 200;
+        let thread = crate::datapath_thread::DataPathThread::start().unwrap();
+        let on = thread.handle().clone();
+        let (_ea, _eb, ca, cb) =
+            connected_on(Arc::new(crate::datapath_thread::QuinnOn(on.clone()))).await;
+        let dp_a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let dp_b = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let a = path_on(dp_a.local_addr().unwrap(), &on);
+        let b = path_on(dp_b.local_addr().unwrap(), &on);
+        assert!(a.attach_quic(&ca) && b.attach_quic(&cb));
+        a.set_rung(Rung::Quic);
+        on.spawn(a.clone().relay_out());
+        on.spawn(b.clone().quic_reader(cb.clone()));
+
+        // From here on this thread does not yield to its runtime.
+        dp_b.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let mut buf = [0u8; 2048];
+        for i in 0..PACKETS {
+            let p = [i as u8; 600];
+            dp_a.send_to(&p, a.relay_addr).unwrap();
+            let n = dp_b.recv(&mut buf).unwrap_or_else(|e| {
+                panic!("packet {i} did not cross while the daemon's runtime was blocked: {e}")
+            });
+            assert_eq!(&buf[..n], &p[..]);
+        }
     }
 
     /// A data plane writes a burst (here four times quinn's datagram send
