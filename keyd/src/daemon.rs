@@ -1345,7 +1345,7 @@ async fn connect_carrier(s: &Shared, member: &Member, rung: Rung) -> Result<()> 
             let addr = member
                 .keyd_endpoint
                 .context("the roster has no keyd endpoint for it")?;
-            let link = TcpLink::connect(&s.edge.connector, addr).await?;
+            let link = TcpLink::connect(&s.edge.connector, addr, s.edge.datapath()).await?;
             counted(&s.exchanges, initiate_tcp(s, member, &link)).await?
         }
         Rung::Direct => return Ok(()),
@@ -1413,7 +1413,7 @@ impl quic::MessageIo for FirstThen<'_> {
 async fn serve_tcp(s: Arc<Shared>, tcp: tokio::net::TcpStream, remote: SocketAddr) {
     use quic::MessageIo;
     let _slot = ConnectionSlot(s.clone(), remote.ip());
-    let link = match TcpLink::accept(&s.edge.acceptor, tcp, remote).await {
+    let link = match TcpLink::accept(&s.edge.acceptor, tcp, remote, s.edge.datapath()).await {
         Ok(l) => l,
         Err(e) => {
             s.refused(remote, refusals::TRANSPORT, &format!("{e:#}"));

@@ -86,6 +86,37 @@ pub struct PathStatus {
     /// was lost or reordered.
     #[serde(default)]
     pub packed_partials_lost: u64,
+    /// Packets and datagrams the relay dropped, by reason.
+    #[serde(default)]
+    pub dropped: PathDrops,
+}
+
+/// What a path's relay dropped since keyd started (relay.rs, PathCounters).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct PathDrops {
+    /// Data-plane packets no carrier could take (none open, or its queue
+    /// full).
+    pub no_carrier: u64,
+    /// Datagrams from the peer keyd that were not a relay payload, or
+    /// fragments and PACKED bodies refused.
+    pub malformed: u64,
+    /// Data-plane packets too large to carry.
+    pub too_big: u64,
+    /// Packets from the peer that the local data plane's socket did not
+    /// take (its buffer full).
+    pub dataplane_full: u64,
+}
+
+impl PathDrops {
+    /// Every reason with its count, in the order metrics list them.
+    pub fn by_reason(&self) -> [(&'static str, u64); 4] {
+        [
+            ("no_carrier", self.no_carrier),
+            ("malformed", self.malformed),
+            ("too_big", self.too_big),
+            ("dataplane_full", self.dataplane_full),
+        ]
+    }
 }
 
 /// A path's tasks (relay, ladder, carrier readers), stopped with it.
@@ -195,6 +226,11 @@ impl Edge {
         }
     }
 
+    /// The data-path thread's runtime (carriers' sockets and tasks).
+    pub fn datapath(&self) -> &tokio::runtime::Handle {
+        &self.datapath
+    }
+
     pub fn path(&self, id: &NodeId) -> Option<Arc<PeerPath>> {
         lock(&self.paths).get(id).map(|(p, _)| p.clone())
     }
@@ -248,6 +284,12 @@ impl Edge {
             tcp_packets: [get(&c.to_peer, 2), get(&c.from_peer, 2)],
             packed: path.takes_packed(),
             packed_partials_lost: path.unpack_counters().partials_lost,
+            dropped: PathDrops {
+                no_carrier: c.no_carrier.load(Ordering::Relaxed),
+                malformed: c.malformed.load(Ordering::Relaxed),
+                too_big: c.too_big.load(Ordering::Relaxed),
+                dataplane_full: c.dataplane_full.load(Ordering::Relaxed),
+            },
         })
     }
 

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
@@ -70,12 +71,19 @@ pub struct TcpLink {
 }
 
 impl TcpLink {
-    /// Dials `addr` and completes TLS within [`HANDSHAKE_TIMEOUT`].
-    pub async fn connect(connector: &TlsConnector, addr: SocketAddr) -> Result<Arc<Self>> {
+    /// Dials `addr` and completes TLS within [`HANDSHAKE_TIMEOUT`]. The
+    /// link's socket and tasks are `runtime`'s (the data-path thread's,
+    /// where the relay that feeds it runs).
+    pub async fn connect(
+        connector: &TlsConnector,
+        addr: SocketAddr,
+        runtime: &Handle,
+    ) -> Result<Arc<Self>> {
         let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
             let tcp = tokio::net::TcpStream::connect(addr)
                 .await
                 .with_context(|| format!("TCP connect to {addr}"))?;
+            let tcp = move_to(tcp, runtime).with_context(|| format!("TCP connect to {addr}"))?;
             let _ = tcp.set_nodelay(true);
             // An address as the server name: no SNI in the ClientHello.
             let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
@@ -87,25 +95,28 @@ impl TcpLink {
         .await
         .map_err(|_| anyhow!(crate::quic::NoAnswer(addr)))??;
         let binding = crate::quic::tls_binding(tls.get_ref().1)?;
-        Ok(Self::start(tls, addr, binding))
+        Ok(Self::start(tls, addr, binding, runtime))
     }
 
-    /// Completes an accepted connection's TLS within [`HANDSHAKE_TIMEOUT`].
+    /// Completes an accepted connection's TLS within [`HANDSHAKE_TIMEOUT`]
+    /// (socket and tasks on `runtime`, as for `connect`).
     pub async fn accept(
         acceptor: &TlsAcceptor,
         tcp: tokio::net::TcpStream,
         remote: SocketAddr,
+        runtime: &Handle,
     ) -> Result<Arc<Self>> {
+        let tcp = move_to(tcp, runtime).with_context(|| format!("TCP from {remote}"))?;
         let _ = tcp.set_nodelay(true);
         let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
             .await
             .map_err(|_| anyhow!("TLS handshake from {remote} did not finish"))?
             .with_context(|| format!("TLS handshake from {remote}"))?;
         let binding = crate::quic::tls_binding(tls.get_ref().1)?;
-        Ok(Self::start(tls, remote, binding))
+        Ok(Self::start(tls, remote, binding, runtime))
     }
 
-    fn start<S>(stream: S, remote: SocketAddr, binding: Vec<u8>) -> Arc<Self>
+    fn start<S>(stream: S, remote: SocketAddr, binding: Vec<u8>, runtime: &Handle) -> Arc<Self>
     where
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
@@ -122,8 +133,8 @@ impl TcpLink {
             tasks: Mutex::new(Vec::new()),
         });
         let (reader, writer) = tokio::io::split(stream);
-        let w = tokio::spawn(write_loop(writer, send_rx));
-        let r = tokio::spawn(read_loop(reader, Arc::downgrade(&link), exchange_tx));
+        let w = runtime.spawn(write_loop(writer, send_rx));
+        let r = runtime.spawn(read_loop(reader, Arc::downgrade(&link), exchange_tx));
         if let Ok(mut t) = link.tasks.lock() {
             t.extend([w, r]);
         }
@@ -181,6 +192,14 @@ impl Drop for TcpLink {
     fn drop(&mut self) {
         self.close();
     }
+}
+
+/// `tcp`, registered with `runtime`'s reactor instead: its readiness then
+/// wakes that runtime's thread (the relay's), not another one first.
+fn move_to(tcp: tokio::net::TcpStream, runtime: &Handle) -> std::io::Result<tokio::net::TcpStream> {
+    let tcp = tcp.into_std()?;
+    let _on = runtime.enter();
+    tokio::net::TcpStream::from_std(tcp)
 }
 
 /// Writes queued records, flushing whenever the queue runs dry.
