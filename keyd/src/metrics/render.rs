@@ -311,6 +311,82 @@ fn peers(e: &mut Exposition, s: &Status) {
             }
         }
     }
+    let name = "keyd_peer_path_rtt_seconds";
+    e.family(
+        name,
+        Kind::Gauge,
+        "The last answered probe's round trip on each rung of a peer's path (keyd to the peer's data plane on direct, to its keyd on quic and tcp); absent for a rung not heard lately",
+    );
+    for p in s.peers.values() {
+        if let Some(path) = &p.path {
+            for rung in Rung::ALL {
+                let ms = path.rtt_ms.get(rung.as_str()).and_then(|v| v.as_f64());
+                if let Some(ms) = ms {
+                    let labels = [
+                        ("peer", &*p.name),
+                        ("node_id", &p.node_id),
+                        ("rung", rung.as_str()),
+                    ];
+                    e.sample(name, &labels, ms / 1000.0);
+                }
+            }
+        }
+    }
+    let name = "keyd_peer_path_changes_total";
+    e.family(
+        name,
+        Kind::Counter,
+        "Moves of a peer's path from one rung to another (edge.md, the ladder)",
+    );
+    for p in s.peers.values() {
+        if let Some(path) = &p.path {
+            e.sample(
+                name,
+                &[("peer", &p.name), ("node_id", &p.node_id)],
+                path.changes,
+            );
+        }
+    }
+    let name = "keyd_peer_path_packets_total";
+    e.family(
+        name,
+        Kind::Counter,
+        "WireGuard packets relayed over a fallback rung, by rung and direction (to or from the peer)",
+    );
+    for p in s.peers.values() {
+        if let Some(path) = &p.path {
+            for (rung, counts) in [("quic", path.quic_packets), ("tcp", path.tcp_packets)] {
+                for (direction, n) in [("to_peer", counts[0]), ("from_peer", counts[1])] {
+                    let labels = [
+                        ("peer", &*p.name),
+                        ("node_id", &p.node_id),
+                        ("rung", rung),
+                        ("direction", direction),
+                    ];
+                    e.sample(name, &labels, n);
+                }
+            }
+        }
+    }
+    let name = "keyd_peer_path_dropped_total";
+    e.family(
+        name,
+        Kind::Counter,
+        "Packets and datagrams a peer's relay dropped, by reason: no_carrier, malformed, too_big, dataplane_full, packed_partial (a packet lost with the PACKED datagram it spanned)",
+    );
+    for p in s.peers.values() {
+        if let Some(path) = &p.path {
+            let partial = ("packed_partial", path.packed_partials_lost);
+            for (reason, n) in path.dropped.by_reason().into_iter().chain([partial]) {
+                let labels = [
+                    ("peer", &*p.name),
+                    ("node_id", &p.node_id),
+                    ("reason", reason),
+                ];
+                e.sample(name, &labels, n);
+            }
+        }
+    }
     let name = "keyd_peer_path_ladder";
     e.family(
         name,

@@ -89,6 +89,7 @@ fn peer_state_and_path_are_one_hot() {
         tcp_packets: [0, 0],
         packed: true,
         packed_partials_lost: 0,
+        dropped: Default::default(),
     });
     let text = render(&s, NOW);
     let state = samples(&text, "keyd_peer_state");
@@ -344,4 +345,84 @@ fn the_roster_expiry_warning_is_exported_and_the_alert_uses_it() {
         "{expr}"
     );
     assert!(!expr.contains("86400"), "{expr}");
+}
+
+/// The path's round trips, moves, relayed packets and drops (issue 12:
+/// "its RTT and its changes are visible in keyd status and the metrics"),
+/// each from its own field of the status.
+#[test]
+fn path_rtt_changes_packets_and_drops_are_exported() {
+    let mut s = healthy(1);
+    s.peers.get_mut("node2").unwrap().path = Some(PathStatus {
+        rung: Rung::Tcp,
+        ladder: true,
+        rtt_ms: serde_json::json!({"direct": null, "quic": 1.5, "tcp": 0.25}),
+        changes: 4,
+        last_change: serde_json::Value::Null,
+        relayed_out: 17,
+        relayed_in: 29,
+        quic_packets: [10, 20],
+        tcp_packets: [7, 9],
+        packed: true,
+        packed_partials_lost: 6,
+        dropped: crate::edge::PathDrops {
+            no_carrier: 1,
+            malformed: 2,
+            too_big: 3,
+            dataplane_full: 5,
+        },
+    });
+    let text = render(&s, NOW);
+    let l = "peer=\"node2\",node_id=\"node2-id\"";
+    let rtt = samples(&text, "keyd_peer_path_rtt_seconds");
+    assert_eq!(rtt.len(), 2, "no sample for a rung not heard: {rtt:?}");
+    assert_eq!(
+        value(
+            &text,
+            &format!("keyd_peer_path_rtt_seconds{{{l},rung=\"quic\"}}")
+        ),
+        "0.0015"
+    );
+    assert_eq!(
+        value(
+            &text,
+            &format!("keyd_peer_path_rtt_seconds{{{l},rung=\"tcp\"}}")
+        ),
+        "0.00025"
+    );
+    assert_eq!(
+        value(&text, &format!("keyd_peer_path_changes_total{{{l}}}")),
+        "4"
+    );
+    for (rung, direction, n) in [
+        ("quic", "to_peer", "10"),
+        ("quic", "from_peer", "20"),
+        ("tcp", "to_peer", "7"),
+        ("tcp", "from_peer", "9"),
+    ] {
+        assert_eq!(
+            value(
+                &text,
+                &format!(
+                    "keyd_peer_path_packets_total{{{l},rung=\"{rung}\",direction=\"{direction}\"}}"
+                )
+            ),
+            n
+        );
+    }
+    for (reason, n) in [
+        ("no_carrier", "1"),
+        ("malformed", "2"),
+        ("too_big", "3"),
+        ("dataplane_full", "5"),
+        ("packed_partial", "6"),
+    ] {
+        assert_eq!(
+            value(
+                &text,
+                &format!("keyd_peer_path_dropped_total{{{l},reason=\"{reason}\"}}")
+            ),
+            n
+        );
+    }
 }
