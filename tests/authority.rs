@@ -269,6 +269,11 @@ impl Net {
         }
     }
 
+    /// Where `keyd join` pins the CA for node `i` (`--ca-pin`).
+    fn pin(&self, i: usize) -> PathBuf {
+        self.work.path().join(format!("pin-{i}")).join("ca.pin")
+    }
+
     /// `keyd join TOKEN` in node `i`'s namespace, into `dir`.
     fn join_into(&self, i: usize, token: &str, dir: &Path) -> Output {
         let n = &self.nodes[i];
@@ -276,6 +281,8 @@ impl Net {
             p(&keyd_bin()),
             "join",
             token,
+            "--ca-pin",
+            p(&self.pin(i)),
             "--dir",
             p(dir),
             "--name",
@@ -601,6 +608,17 @@ fn every_node_joins_by_token_and_the_full_mesh_forms() {
         let r = net.roster(i);
         assert_eq!(r["signature"], "ok");
         assert_eq!(r["members"].as_array().unwrap().len(), 4);
+        // The join pinned the CA it was given: the one in its directory.
+        let ca = net.nodes[i].dir.join("ca.crt");
+        let pinned = std::fs::read_to_string(net.pin(i)).unwrap();
+        let fingerprint = inspect(&ca, &ca)["fingerprint"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(
+            pinned.lines().any(|l| l == fingerprint),
+            "{pinned} lacks {fingerprint}"
+        );
     }
 }
 

@@ -23,9 +23,20 @@ fn bin() -> &'static Path {
 fn cert_file(dir: &Path, addresses: &[&str]) -> std::path::PathBuf {
     let ca_key = CaSigningKey::generate().unwrap();
     let ca = CaCert::create(&ca_key, "ca", "net", 0, u64::MAX / 2).unwrap();
+    issued_file(dir, &ca, &ca_key, addresses)
+}
+
+/// The same from `ca`, with `ca.crt` beside it (as `keyd join` writes).
+fn issued_file(
+    dir: &Path,
+    ca: &CaCert,
+    ca_key: &CaSigningKey,
+    addresses: &[&str],
+) -> std::path::PathBuf {
+    std::fs::write(dir.join("ca.crt"), ca.to_text()).unwrap();
     let cert = ca
         .issue(
-            &ca_key,
+            ca_key,
             NodeCertRequest {
                 name: "n1".into(),
                 addresses: addresses.iter().map(|a| a.parse().unwrap()).collect(),
@@ -158,6 +169,62 @@ fn a_bad_certificate_or_group_stops_it_before_an_interface_exists() {
         assert!(!links.contains(&ifname), "no interface left: {links}");
         assert!(!Path::new(&format!("/var/run/wireguard/{ifname}.sock")).exists());
     }
+}
+
+/// `--ca-pin`: a certificate that keyd's user could write (here: another
+/// CA's, with that CA beside it) gives the interface no address; it stops
+/// before an interface exists. The pinned network's certificate is taken.
+#[test]
+fn with_a_ca_pin_only_the_pinned_network_s_certificate_gives_addresses() {
+    let ns = Netns::new();
+    let ifname = unique("pqs");
+    let ca_key = CaSigningKey::generate().unwrap();
+    let ca = CaCert::create(&ca_key, "ca", "net", 0, u64::MAX / 2).unwrap();
+    let pin_dir = tempfile::tempdir().unwrap();
+    let pin = pin_dir.path().join("ca.pin");
+    std::fs::write(&pin, format!("{}\n", ca.fingerprint().to_hex())).unwrap();
+
+    let forged_dir = tempfile::tempdir().unwrap();
+    let evil_key = CaSigningKey::generate().unwrap();
+    let evil = CaCert::create(&evil_key, "ca", "net", 0, u64::MAX / 2).unwrap();
+    // A prefix covering the host's networks (metadata address included).
+    let forged = issued_file(forged_dir.path(), &evil, &evil_key, &["169.254.0.1/1"]);
+    let out = ns
+        .cmd(&[
+            bin().to_str().unwrap(),
+            "up",
+            &ifname,
+            "--foreground",
+            "--address-from-cert",
+            forged.to_str().unwrap(),
+            "--ca-pin",
+            pin.to_str().unwrap(),
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a forged certificate was taken");
+    assert!(err.contains("not the pinned"), "{err}");
+    let links = ns.ok(&["ip", "-o", "link"]);
+    assert!(!links.contains(&ifname), "no interface left: {links}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let cert = issued_file(dir.path(), &ca, &ca_key, &["10.213.0.9/16"]);
+    let (child, log) = up_ready(
+        &ns,
+        dir.path(),
+        &ifname,
+        &[
+            "--address-from-cert",
+            cert.to_str().unwrap(),
+            "--ca-pin",
+            pin.to_str().unwrap(),
+        ],
+    );
+    let addrs = ns.ok(&["ip", "-o", "addr", "show", "dev", &ifname]);
+    assert!(addrs.contains("10.213.0.9/16"), "{addrs}");
+    assert!(stop(child), "{}", read(&log));
 }
 
 /// mesh-node `up` in the foreground in `ns` with `extra` options; waits for

@@ -117,6 +117,12 @@ struct UpArgs {
     /// certificate (as `keyd join` writes it) and set it up.
     #[arg(long, value_name = "CERT")]
     address_from_cert: Option<std::path::PathBuf>,
+    /// With --address-from-cert: take the addresses only from a
+    /// certificate issued under the CA this file pins (its fingerprint, as
+    /// `keyd join` writes it as root), checked against the `ca.crt` and
+    /// `roster` beside the certificate.
+    #[arg(long, value_name = "PIN", requires = "address_from_cert")]
+    ca_pin: Option<std::path::PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -143,6 +149,7 @@ fn main() -> ExitCode {
         socket_group,
         socket_dir,
         address_from_cert,
+        ca_pin,
     } = args;
     let busy_poll = Duration::from_micros(busy_poll_us.into());
     let crypto_threads = crypto_threads.map_or_else(
@@ -163,7 +170,7 @@ fn main() -> ExitCode {
                 .transpose()?,
             addresses: address_from_cert
                 .as_deref()
-                .map(setup::address::from_cert)
+                .map(|cert| setup::address::from_cert(cert, ca_pin.as_deref()))
                 .transpose()?
                 .unwrap_or_default(),
         };

@@ -5,8 +5,10 @@
 //! that `keyd run --config DIR/keyd.toml` needs, including where to
 //! subscribe for roster updates.
 
+use std::fs::Permissions;
 use std::io::Read;
 use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -49,16 +51,19 @@ pub struct JoinArgs {
     wg_port: u16,
     #[arg(long)]
     json: bool,
+    /// Pin the network's CA (the fingerprint the token carries) in this
+    /// root-owned file before anything else; `mesh-node up --ca-pin` then
+    /// takes addresses only from a certificate that CA's network issued.
+    /// Default: /etc/pqmesh/ca.pin when root joins into a directory that
+    /// another user owns (the package's layout), else no pin.
+    #[arg(long, value_name = "FILE")]
+    ca_pin: Option<PathBuf>,
 }
 
+/// Where root pins the network's CA in the package's layout.
+pub const DEFAULT_CA_PIN: &str = "/etc/pqmesh/ca.pin";
+
 pub fn run(a: JoinArgs) -> Result<()> {
-    // Root joining into the package's /var/lib/pqmesh writes it as its owner.
-    if let Acting::Owner { uid, gid } = owner::act_as_owner_of(&a.dir)? {
-        eprintln!(
-            "keyd join: acting as uid {uid} gid {gid}, the owner of {}",
-            a.dir.display()
-        );
-    }
     let text = if a.token == "-" {
         let mut t = Zeroizing::new(String::new());
         std::io::stdin()
@@ -70,6 +75,19 @@ pub fn run(a: JoinArgs) -> Result<()> {
         Zeroizing::new(a.token.clone())
     };
     let token = JoinToken::parse(&text)?;
+    // Still as the caller (root in the package's case): keyd's user must
+    // not be able to change what the data plane trusts (docs/install.md).
+    if let Some(pin) = a.ca_pin.clone().or_else(|| default_pin(&a.dir)) {
+        write_pin(&pin, &token)?;
+        eprintln!("keyd join: pinned the network's CA in {}", pin.display());
+    }
+    // Root joining into the package's /var/lib/pqmesh writes it as its owner.
+    if let Acting::Owner { uid, gid } = owner::act_as_owner_of(&a.dir)? {
+        eprintln!(
+            "keyd join: acting as uid {uid} gid {gid}, the owner of {}",
+            a.dir.display()
+        );
+    }
     let name = match &a.name {
         Some(n) => n.clone(),
         None => hostname()?,
@@ -149,6 +167,51 @@ pub fn run(a: JoinArgs) -> Result<()> {
     }
 }
 
+/// [`DEFAULT_CA_PIN`] where root joins into a directory another user owns
+/// (the package's /var/lib/pqmesh, keyd's); elsewhere (a developer's or a
+/// test's directory) no pin unless asked for.
+fn default_pin(dir: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let meta = std::fs::symlink_metadata(dir).ok()?;
+    (root && meta.is_dir() && meta.uid() != 0).then(|| PathBuf::from(DEFAULT_CA_PIN))
+}
+
+/// Writes the token's CA fingerprint to `pin` (0644), in a directory that
+/// must be root's and writable by no one else: a pin that keyd's user could
+/// replace would pin nothing.
+fn write_pin(pin: &Path, token: &JoinToken) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = pin
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !dir.exists() {
+        // Readable by the data plane's user whatever root's umask.
+        std::fs::create_dir_all(dir)
+            .and_then(|()| std::fs::set_permissions(dir, Permissions::from_mode(0o755)))
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let meta = std::fs::metadata(dir).with_context(|| format!("cannot read {}", dir.display()))?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me || meta.mode() & 0o022 != 0 {
+        bail!(
+            "{} must belong to uid {me} and be writable by it alone to hold the CA pin",
+            dir.display()
+        );
+    }
+    let text = format!(
+        "# The CA of network {}, pinned by `keyd join`; mesh-node --ca-pin.\n{}\n",
+        token.network_id,
+        token.ca_fingerprint.to_hex()
+    );
+    files::write_document(pin, &text)?;
+    std::fs::set_permissions(pin, Permissions::from_mode(0o644))
+        .with_context(|| format!("cannot make {} readable", pin.display()))
+}
+
 /// The machine's keys: those of an earlier attempt, or new ones.
 fn keys(dir: &Path) -> Result<(WgPrivateKey, NoisePrivateKey)> {
     let (wg_path, noise_path) = (dir.join(WG_KEY_FILE), dir.join(NOISE_KEY_FILE));
@@ -175,4 +238,47 @@ fn hostname() -> Result<String> {
     let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .context("cannot read the host name: give --name")?;
     Ok(name.trim().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::authority::token::{TokenId, TokenSecret};
+    use mesh_proto::identity::NoisePrivateKey;
+    use mesh_proto::signed::Fingerprint;
+
+    fn token() -> JoinToken {
+        JoinToken {
+            network_id: "net".into(),
+            ca_fingerprint: Fingerprint([0xab; 32]),
+            authority_key: NoisePrivateKey::generate().unwrap().public_key(),
+            endpoints: vec![],
+            id: TokenId([7; 8]),
+            secret: TokenSecret([9; 32]),
+        }
+    }
+
+    #[test]
+    fn the_pin_names_the_tokens_ca_and_others_can_read_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let pin = dir.path().join("etc").join("ca.pin");
+        write_pin(&pin, &token()).unwrap();
+        let text = std::fs::read_to_string(&pin).unwrap();
+        assert!(text.lines().any(|l| l == "ab".repeat(32)), "{text}");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&pin), 0o644);
+        assert_eq!(mode(pin.parent().unwrap()), 0o755);
+    }
+
+    /// A pin in a directory others may write pins nothing: they could
+    /// replace it.
+    #[test]
+    fn a_pin_where_others_may_write_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), Permissions::from_mode(0o777)).unwrap();
+        let pin = dir.path().join("ca.pin");
+        let err = write_pin(&pin, &token()).unwrap_err();
+        assert!(err.to_string().contains("writable by it alone"), "{err}");
+        assert!(!pin.exists());
+    }
 }

@@ -4,36 +4,72 @@
 //! certificate is read before the interface exists, so a missing or broken
 //! one stops mesh-node without leaving an interface behind.
 //!
-//! The signature is not checked here: the file is the one keyd verified
-//! and writes, in a directory only root and keyd's user can write, and an
-//! address only decides what this host routes into its own interface.
+//! With `--ca-pin PIN` the certificate must come from the network whose CA
+//! root pinned at `keyd join` (PIN, root's): signed by that CA (`ca.crt`
+//! beside the certificate, whose fingerprint must be the pinned one) or by
+//! an authority its roster (`roster`, beside it too) lists. keyd's user
+//! writes that directory; without the pin a compromised keyd could give
+//! the interface any address at the next start (a prefix covering the
+//! host's networks, say) and draw host traffic into the tunnel. With it,
+//! a forged certificate is refused; a stolen one of another member only
+//! moves this node inside the overlay. Validity times are not checked: an
+//! expired certificate's addresses are still the ones the authority
+//! assigned, and keyd renews it.
 
 use std::path::{Path, PathBuf};
 
 use mesh_proto::CertError;
-use mesh_proto::cert::NodeCert;
+use mesh_proto::cert::{CaCert, NodeCert};
 use mesh_proto::prefix::IpPrefix;
+use mesh_proto::roster::Roster;
+use mesh_proto::signed::Fingerprint;
 
 use tracing::warn;
 
 use super::netlink::Netlink;
 
-/// The largest certificate file read (they are about 1 KB).
+/// The largest certificate or pin file read (they are about 1 KB).
 const MAX_CERT_BYTES: u64 = 64 * 1024;
+/// The largest roster read (about 1 KB per member).
+const MAX_ROSTER_BYTES: u64 = 64 * 1024 * 1024;
+/// What `keyd join` writes beside the node certificate.
+const CA_FILE: &str = "ca.crt";
+const ROSTER_FILE: &str = "roster";
 
 #[derive(Debug, thiserror::Error)]
 pub enum AddressError {
-    #[error("--address-from-cert: cannot read {path}: {source}")]
+    #[error("cannot read {path}: {source}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("--address-from-cert: {path} is larger than {MAX_CERT_BYTES} bytes")]
-    TooLarge { path: PathBuf },
+    #[error("--address-from-cert: {path} is larger than {max} bytes")]
+    TooLarge { path: PathBuf, max: u64 },
     #[error("--address-from-cert: {path} is not a node certificate: {source}")]
     NotACert { path: PathBuf, source: CertError },
     #[error("--address-from-cert: the certificate in {path} carries no address")]
     NoAddress { path: PathBuf },
+    #[error(
+        "--ca-pin: {path} holds no CA fingerprint (64 hex digits; `keyd join` writes it as root)"
+    )]
+    NoPin { path: PathBuf },
+    #[error("--ca-pin: {path} is not a CA certificate: {source}")]
+    NotACa { path: PathBuf, source: CertError },
+    #[error("--ca-pin: {path} is CA {found}, not the pinned {pinned}")]
+    CaNotPinned {
+        path: PathBuf,
+        found: Fingerprint,
+        pinned: Fingerprint,
+    },
+    #[error(
+        "--ca-pin: {path} was not issued by the pinned CA or an authority its roster lists (issuer {issuer}){roster}"
+    )]
+    NotIssued {
+        path: PathBuf,
+        issuer: Fingerprint,
+        /// Why the roster could not vouch for it, if it could not be read.
+        roster: String,
+    },
     #[error("interface {ifname} not found: {source}")]
     NoInterface {
         ifname: String,
@@ -54,8 +90,8 @@ pub enum AddressError {
     },
 }
 
-/// The overlay addresses in the node certificate at `path`.
-pub fn from_cert(path: &Path) -> Result<Vec<IpPrefix>, AddressError> {
+/// Reads at most `max` bytes of text from `path`.
+fn read_bounded(path: &Path, max: u64) -> Result<String, AddressError> {
     use std::io::Read;
     let read = |source| AddressError::Read {
         path: path.into(),
@@ -64,21 +100,86 @@ pub fn from_cert(path: &Path) -> Result<Vec<IpPrefix>, AddressError> {
     let mut text = String::new();
     std::fs::File::open(path)
         .map_err(read)?
-        .take(MAX_CERT_BYTES + 1)
+        .take(max + 1)
         .read_to_string(&mut text)
         .map_err(read)?;
-    if text.len() as u64 > MAX_CERT_BYTES {
-        return Err(AddressError::TooLarge { path: path.into() });
+    if text.len() as u64 > max {
+        return Err(AddressError::TooLarge {
+            path: path.into(),
+            max,
+        });
     }
+    Ok(text)
+}
+
+/// The overlay addresses in the node certificate at `path`; with `pin`,
+/// only if the pinned CA's network issued it (module comment).
+pub fn from_cert(path: &Path, pin: Option<&Path>) -> Result<Vec<IpPrefix>, AddressError> {
+    let text = read_bounded(path, MAX_CERT_BYTES)?;
     let cert = NodeCert::from_text(&text).map_err(|source| AddressError::NotACert {
         path: path.into(),
         source,
     })?;
+    if let Some(pin) = pin {
+        check_issuer(path, &cert, pin)?;
+    }
     let addresses = cert.body().addresses.clone();
     if addresses.is_empty() {
         return Err(AddressError::NoAddress { path: path.into() });
     }
     Ok(addresses)
+}
+
+/// The pinned fingerprint: the first line of `pin` that is not a comment.
+fn read_pin(pin: &Path) -> Result<Fingerprint, AddressError> {
+    let text = read_bounded(pin, MAX_CERT_BYTES)?;
+    text.lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with('#'))
+        .and_then(|l| Fingerprint::from_hex(l).ok())
+        .ok_or_else(|| AddressError::NoPin { path: pin.into() })
+}
+
+/// `cert` (read from `path`) was issued by the CA that `pin` names or by
+/// an authority that CA's roster lists; the CA and the roster are the
+/// files `keyd join` writes beside the certificate.
+fn check_issuer(path: &Path, cert: &NodeCert, pin: &Path) -> Result<(), AddressError> {
+    let pinned = read_pin(pin)?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let ca_path = dir.join(CA_FILE);
+    let ca = CaCert::from_text(&read_bounded(&ca_path, MAX_CERT_BYTES)?).map_err(|source| {
+        AddressError::NotACa {
+            path: ca_path.clone(),
+            source,
+        }
+    })?;
+    if ca.fingerprint() != pinned {
+        return Err(AddressError::CaNotPinned {
+            path: ca_path,
+            found: ca.fingerprint(),
+            pinned,
+        });
+    }
+    if ca.signed(cert) {
+        return Ok(());
+    }
+    // Issued by an authority (the usual case): the roster, signed under
+    // the same CA, lists the authorities' certificates.
+    let not_issued = |why: String| AddressError::NotIssued {
+        path: path.into(),
+        issuer: cert.body().issuer,
+        roster: why,
+    };
+    let roster_path = dir.join(ROSTER_FILE);
+    let text =
+        read_bounded(&roster_path, MAX_ROSTER_BYTES).map_err(|e| not_issued(format!("; {e}")))?;
+    let roster = Roster::from_text(&text, &ca)
+        .map_err(|e| not_issued(format!("; roster {}: {e}", roster_path.display())))?;
+    if roster.issued(&ca, cert) {
+        Ok(())
+    } else {
+        Err(not_issued(String::new()))
+    }
 }
 
 /// Adds `addresses` to `ifname` and sets it up. Where IPv6 is turned off
@@ -176,18 +277,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("node.crt");
         assert!(matches!(
-            from_cert(&missing),
+            from_cert(&missing, None),
             Err(AddressError::Read { .. })
         ));
         let junk = dir.path().join("junk.crt");
         std::fs::write(&junk, "not a certificate").unwrap();
-        let err = from_cert(&junk).unwrap_err();
+        let err = from_cert(&junk, None).unwrap_err();
         assert!(matches!(err, AddressError::NotACert { .. }));
         assert!(err.to_string().contains("junk.crt"), "{err}");
         let big = dir.path().join("big.crt");
         std::fs::write(&big, vec![b'a'; MAX_CERT_BYTES as usize + 1]).unwrap();
         assert!(matches!(
-            from_cert(&big),
+            from_cert(&big, None),
             Err(AddressError::TooLarge { .. })
         ));
     }
@@ -220,7 +321,144 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("node.crt");
         std::fs::write(&path, cert.to_text()).unwrap();
-        assert_eq!(from_cert(&path).unwrap(), addresses);
+        assert_eq!(from_cert(&path, None).unwrap(), addresses);
+    }
+
+    mod pinned {
+        use super::*;
+        use mesh_proto::cert::{AuthorityCert, NodeCertRequest};
+        use mesh_proto::identity::{CaSigningKey, NoisePrivateKey, WgPrivateKey};
+        use mesh_proto::roster::{RosterContent, Signer};
+
+        const END: u64 = u64::MAX / 4;
+
+        fn request() -> NodeCertRequest {
+            NodeCertRequest {
+                name: "web-1".into(),
+                addresses: vec!["10.77.0.5/16".parse().unwrap()],
+                groups: vec![],
+                attributes: Default::default(),
+                not_before: 0,
+                not_after: END,
+                wg_public: WgPrivateKey::generate().unwrap().public_key(),
+                noise_public: NoisePrivateKey::generate().unwrap().public_key(),
+            }
+        }
+
+        /// A network: its CA and an authority the CA certified.
+        struct Network {
+            ca_key: CaSigningKey,
+            ca: CaCert,
+            authority_key: CaSigningKey,
+            authority: AuthorityCert,
+        }
+
+        fn network(name: &str) -> Network {
+            let ca_key = CaSigningKey::generate().unwrap();
+            let ca = CaCert::create(&ca_key, "ca", name, 0, u64::MAX / 2).unwrap();
+            let authority_key = CaSigningKey::generate().unwrap();
+            let authority = ca
+                .certify_authority(&ca_key, "authority", authority_key.verifying_key(), 0, END)
+                .unwrap();
+            Network {
+                ca_key,
+                ca,
+                authority_key,
+                authority,
+            }
+        }
+
+        /// `keyd join`'s files: node.crt, ca.crt and (if `with_roster`) a
+        /// roster listing `net`'s authority, in a new directory; the pin
+        /// of `pinned`'s CA beside them.
+        fn files(
+            net: &Network,
+            cert: &NodeCert,
+            with_roster: bool,
+            pinned: &CaCert,
+        ) -> (tempfile::TempDir, PathBuf, PathBuf) {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join("ca.crt"), net.ca.to_text()).unwrap();
+            if with_roster {
+                let content = RosterContent {
+                    serial: 1,
+                    issued_at: 1,
+                    not_after: END,
+                    authorities: vec![net.authority.clone()],
+                    ..RosterContent::default()
+                };
+                let roster = Roster::sign(&net.ca, &Signer::Root(&net.ca_key), &content).unwrap();
+                std::fs::write(dir.path().join("roster"), roster.to_text()).unwrap();
+            }
+            let path = dir.path().join("node.crt");
+            std::fs::write(&path, cert.to_text()).unwrap();
+            let pin = dir.path().join("ca.pin");
+            let text = format!("# pinned\n{}\n", pinned.fingerprint().to_hex());
+            std::fs::write(&pin, text).unwrap();
+            (dir, path, pin)
+        }
+
+        #[test]
+        fn certificates_of_the_pinned_network_are_taken() {
+            let net = network("net");
+            let by_ca = net.ca.issue(&net.ca_key, request()).unwrap();
+            let (_d, path, pin) = files(&net, &by_ca, false, &net.ca);
+            assert_eq!(from_cert(&path, Some(&pin)).unwrap().len(), 1);
+            let by_authority = net.authority.issue(&net.authority_key, request()).unwrap();
+            let (_d, path, pin) = files(&net, &by_authority, true, &net.ca);
+            assert_eq!(from_cert(&path, Some(&pin)).unwrap().len(), 1);
+        }
+
+        /// What a compromised keyd could write in its directory.
+        #[test]
+        fn a_certificate_of_another_network_is_refused() {
+            let net = network("net");
+            let evil = network("net");
+            let forged = evil.ca.issue(&evil.ca_key, request()).unwrap();
+            // Its own CA beside it: not the pinned one.
+            let (_d, path, pin) = files(&evil, &forged, true, &net.ca);
+            let err = from_cert(&path, Some(&pin)).unwrap_err();
+            assert!(matches!(err, AddressError::CaNotPinned { .. }), "{err}");
+            assert!(err.to_string().contains("not the pinned"), "{err}");
+            // The pinned CA beside it: it did not sign it, nor its authority.
+            let (_d, path, pin) = files(&net, &forged, true, &net.ca);
+            let err = from_cert(&path, Some(&pin)).unwrap_err();
+            assert!(matches!(err, AddressError::NotIssued { .. }), "{err}");
+            // Another network's authority, listed in no roster of ours.
+            let by_evil_authority = evil
+                .authority
+                .issue(&evil.authority_key, request())
+                .unwrap();
+            let (_d, path, pin) = files(&net, &by_evil_authority, true, &net.ca);
+            assert!(matches!(
+                from_cert(&path, Some(&pin)),
+                Err(AddressError::NotIssued { .. })
+            ));
+            // Without the pin the same file is taken (the flag is the fix).
+            assert!(from_cert(&path, None).is_ok());
+        }
+
+        #[test]
+        fn an_authority_s_certificate_needs_the_roster_and_a_pin_is_needed() {
+            let net = network("net");
+            let cert = net.authority.issue(&net.authority_key, request()).unwrap();
+            let (dir, path, pin) = files(&net, &cert, false, &net.ca);
+            let err = from_cert(&path, Some(&pin)).unwrap_err();
+            assert!(
+                matches!(err, AddressError::NotIssued { .. }) && err.to_string().contains("roster"),
+                "{err}"
+            );
+            std::fs::write(&pin, "# nothing pinned\n").unwrap();
+            assert!(matches!(
+                from_cert(&path, Some(&pin)),
+                Err(AddressError::NoPin { .. })
+            ));
+            let missing = dir.path().join("no.pin");
+            assert!(matches!(
+                from_cert(&path, Some(&missing)),
+                Err(AddressError::Read { .. })
+            ));
+        }
     }
 
     #[test]
