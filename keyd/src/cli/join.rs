@@ -202,6 +202,13 @@ fn write_pin(pin: &Path, token: &JoinToken) -> Result<()> {
             dir.display()
         );
     }
+    // The data plane reads the pin as its own user.
+    if meta.mode() & 0o005 != 0o005 {
+        bail!(
+            "{} must be readable and searchable by all users (0755): the data plane reads the CA pin in it",
+            dir.display()
+        );
+    }
     let text = format!(
         "# The CA of network {}, pinned by `keyd join`; mesh-node --ca-pin.\n{}\n",
         token.network_id,
@@ -279,6 +286,11 @@ mod tests {
         let pin = dir.path().join("ca.pin");
         let err = write_pin(&pin, &token()).unwrap_err();
         assert!(err.to_string().contains("writable by it alone"), "{err}");
+        assert!(!pin.exists());
+        // Nor one the data plane cannot read.
+        std::fs::set_permissions(dir.path(), Permissions::from_mode(0o700)).unwrap();
+        let err = write_pin(&pin, &token()).unwrap_err();
+        assert!(err.to_string().contains("readable"), "{err}");
         assert!(!pin.exists());
     }
 }

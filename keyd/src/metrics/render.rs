@@ -315,7 +315,7 @@ fn peers(e: &mut Exposition, s: &Status) {
     e.family(
         name,
         Kind::Gauge,
-        "The last answered probe's round trip on each rung of a peer's path (keyd to the peer's data plane on direct, to its keyd on quic and tcp); absent for a rung not heard lately",
+        "The smoothed round trip of answered probes on each rung of a peer's path (keyd to the peer's data plane on direct, to its keyd on quic and tcp); absent for a rung never heard, kept when one goes silent",
     );
     for p in s.peers.values() {
         if let Some(path) = &p.path {

@@ -23,6 +23,7 @@ use mesh_proto::cert::{CaCert, NodeCert};
 use mesh_proto::prefix::IpPrefix;
 use mesh_proto::roster::Roster;
 use mesh_proto::signed::Fingerprint;
+use mesh_proto::trust::DEFAULT_MAX_CLOCK_SKEW;
 
 use tracing::warn;
 
@@ -43,12 +44,17 @@ pub enum AddressError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("--address-from-cert: {path} is larger than {max} bytes")]
+    #[error("{path} is larger than {max} bytes")]
     TooLarge { path: PathBuf, max: u64 },
     #[error("--address-from-cert: {path} is not a node certificate: {source}")]
     NotACert { path: PathBuf, source: CertError },
     #[error("--address-from-cert: the certificate in {path} carries no address")]
     NoAddress { path: PathBuf },
+    #[error("--ca-pin: cannot read {path}: {source} (`keyd join`, run as root, writes it)")]
+    PinUnreadable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(
         "--ca-pin: {path} holds no CA fingerprint (64 hex digits; `keyd join` writes it as root)"
     )]
@@ -132,7 +138,10 @@ pub fn from_cert(path: &Path, pin: Option<&Path>) -> Result<Vec<IpPrefix>, Addre
 
 /// The pinned fingerprint: the first line of `pin` that is not a comment.
 fn read_pin(pin: &Path) -> Result<Fingerprint, AddressError> {
-    let text = read_bounded(pin, MAX_CERT_BYTES)?;
+    let text = read_bounded(pin, MAX_CERT_BYTES).map_err(|e| match e {
+        AddressError::Read { path, source } => AddressError::PinUnreadable { path, source },
+        e => e,
+    })?;
     text.lines()
         .map(str::trim)
         .find(|l| !l.is_empty() && !l.starts_with('#'))
@@ -173,13 +182,27 @@ fn check_issuer(path: &Path, cert: &NodeCert, pin: &Path) -> Result<(), AddressE
     let roster_path = dir.join(ROSTER_FILE);
     let text =
         read_bounded(&roster_path, MAX_ROSTER_BYTES).map_err(|e| not_issued(format!("; {e}")))?;
-    let roster = Roster::from_text(&text, &ca)
-        .map_err(|e| not_issued(format!("; roster {}: {e}", roster_path.display())))?;
+    let roster_error = |e| not_issued(format!("; roster {}: {e}", roster_path.display()));
+    let roster = Roster::from_text(&text, &ca).map_err(roster_error)?;
+    // As keyd takes a roster at start: signed by the CA, or by an authority
+    // valid now (a key that expired signs nothing a node takes).
+    roster
+        .check_signer(None, unix_now(), DEFAULT_MAX_CLOCK_SKEW)
+        .map_err(roster_error)?;
+    if roster.revokes(cert) {
+        return Err(not_issued("; the roster revokes it".into()));
+    }
     if roster.issued(&ca, cert) {
         Ok(())
     } else {
         Err(not_issued(String::new()))
     }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Adds `addresses` to `ifname` and sets it up. Where IPv6 is turned off
@@ -438,6 +461,52 @@ mod tests {
             assert!(from_cert(&path, None).is_ok());
         }
 
+        /// A roster signed by an authority key that is no longer valid (a
+        /// retired key in the wrong hands, its issue time back-dated into
+        /// the key's window) vouches for nothing; nor does a roster for a
+        /// certificate it revokes.
+        #[test]
+        fn an_expired_authority_s_roster_or_a_revoked_certificate_is_refused() {
+            let net = network("net");
+            let retired_key = CaSigningKey::generate().unwrap();
+            let retired = net
+                .ca
+                .certify_authority(&net.ca_key, "retired", retired_key.verifying_key(), 0, 50)
+                .unwrap();
+            let mut req = request();
+            req.addresses = vec!["0.0.0.0/1".parse().unwrap()];
+            req.not_after = 50;
+            let forged = retired.issue(&retired_key, req).unwrap();
+            let content = RosterContent {
+                serial: 9,
+                issued_at: 1,
+                not_after: 2,
+                authorities: vec![retired.clone()],
+                ..RosterContent::default()
+            };
+            let signer = Signer::Authority(&retired, &retired_key);
+            let roster = Roster::sign(&net.ca, &signer, &content).unwrap();
+            let (dir, path, pin) = files(&net, &forged, false, &net.ca);
+            std::fs::write(dir.path().join("roster"), roster.to_text()).unwrap();
+            let err = from_cert(&path, Some(&pin)).unwrap_err();
+            assert!(matches!(err, AddressError::NotIssued { .. }), "{err}");
+
+            let cert = net.authority.issue(&net.authority_key, request()).unwrap();
+            let content = RosterContent {
+                serial: 1,
+                issued_at: 1,
+                not_after: END,
+                authorities: vec![net.authority.clone()],
+                revoked: vec![cert.fingerprint()],
+                ..RosterContent::default()
+            };
+            let roster = Roster::sign(&net.ca, &Signer::Root(&net.ca_key), &content).unwrap();
+            let (dir, path, pin) = files(&net, &cert, false, &net.ca);
+            std::fs::write(dir.path().join("roster"), roster.to_text()).unwrap();
+            let err = from_cert(&path, Some(&pin)).unwrap_err();
+            assert!(err.to_string().contains("revokes"), "{err}");
+        }
+
         #[test]
         fn an_authority_s_certificate_needs_the_roster_and_a_pin_is_needed() {
             let net = network("net");
@@ -454,10 +523,9 @@ mod tests {
                 Err(AddressError::NoPin { .. })
             ));
             let missing = dir.path().join("no.pin");
-            assert!(matches!(
-                from_cert(&path, Some(&missing)),
-                Err(AddressError::Read { .. })
-            ));
+            let err = from_cert(&path, Some(&missing)).unwrap_err();
+            assert!(matches!(err, AddressError::PinUnreadable { .. }), "{err}");
+            assert!(err.to_string().contains("keyd join"), "{err}");
         }
     }
 
