@@ -213,7 +213,7 @@ impl Edge {
                         }
                     };
                     let tasks = vec![
-                        self.datapath.spawn(path.clone().relay_out()),
+                        path.spawn_relay(),
                         tokio::spawn(drive(Arc::downgrade(self), path.clone())),
                     ];
                     lock(&self.paths).insert(id, (path.clone(), tasks));
@@ -240,7 +240,7 @@ impl Edge {
     pub fn attach_quic(&self, peer: NodeId, conn: &quinn::Connection) {
         let Some(path) = self.path(&peer) else { return };
         if path.attach_quic(conn) {
-            let reader = self.datapath.spawn(path.clone().quic_reader(conn.clone()));
+            let reader = path.spawn_reader(conn);
             if let Some((_, tasks)) = lock(&self.paths).get_mut(&peer) {
                 tasks.retain(|t| !t.is_finished());
                 tasks.push(reader);

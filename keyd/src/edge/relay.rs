@@ -95,6 +95,9 @@ pub struct PeerPath {
     pub counters: PathCounters,
     /// Wakes the ladder task (a pong, a new carrier).
     pub wake: tokio::sync::Notify,
+    /// The data-path thread's runtime: the relay's socket is registered
+    /// there and its tasks run there (`spawn_relay`, `spawn_reader`).
+    runtime: tokio::runtime::Handle,
 }
 
 impl PeerPath {
@@ -142,7 +145,19 @@ impl PeerPath {
             tcp_batch: Mutex::new(Batch::default()),
             counters: PathCounters::default(),
             wake: tokio::sync::Notify::new(),
+            runtime: runtime.clone(),
         })
+    }
+
+    /// Starts the relay (`relay_out`) on the path's runtime.
+    pub fn spawn_relay(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        self.runtime.spawn(self.clone().relay_out())
+    }
+
+    /// Starts reading `conn`'s datagrams (`quic_reader`) on the path's
+    /// runtime.
+    pub fn spawn_reader(self: &Arc<Self>, conn: &quinn::Connection) -> tokio::task::JoinHandle<()> {
+        self.runtime.spawn(self.clone().quic_reader(conn.clone()))
     }
 
     pub fn rung(&self) -> Rung {
@@ -275,7 +290,7 @@ impl PeerPath {
 
     /// Reads the QUIC connection's datagrams until it closes: after each
     /// wait, everything already buffered, delivered as one batch.
-    pub async fn quic_reader(self: Arc<Self>, conn: quinn::Connection) {
+    async fn quic_reader(self: Arc<Self>, conn: quinn::Connection) {
         let mut whole = Vec::new();
         let mut packets = Batch::default();
         while let Ok(first) = conn.read_datagram().await {
@@ -368,7 +383,7 @@ impl PeerPath {
     /// Takes the data plane's packets from the relay socket to the peer on
     /// the current rung (the best carrier there is when that is direct:
     /// the data plane may still hold the relay as its endpoint).
-    pub async fn relay_out(self: Arc<Self>) {
+    async fn relay_out(self: Arc<Self>) {
         let mut buf = vec![0u8; batch::MAX_BATCH_BYTES];
         let mut quic_out = QuicOut::default();
         loop {
@@ -622,8 +637,8 @@ mod tests {
         let b = path_on(dp_b.local_addr().unwrap(), &on);
         assert!(a.attach_quic(&ca) && b.attach_quic(&cb));
         a.set_rung(Rung::Quic);
-        on.spawn(a.clone().relay_out());
-        on.spawn(b.clone().quic_reader(cb.clone()));
+        a.spawn_relay();
+        b.spawn_reader(&cb);
 
         // From here on this thread does not yield to its runtime.
         dp_b.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
@@ -677,7 +692,7 @@ mod tests {
         let a = path(dp_a.local_addr().unwrap()).await;
         assert!(a.attach_quic(&ca));
         a.set_rung(Rung::Quic);
-        tokio::spawn(a.clone().relay_out());
+        a.spawn_relay();
         let mut out = Batch::default();
         for i in 0..PACKETS {
             let p = vec![i as u8; 1000];
@@ -728,7 +743,7 @@ mod tests {
         a.attach_tcp(&la);
         b.attach_tcp(&lb);
         a.set_rung(Rung::Tcp);
-        tokio::spawn(a.clone().relay_out());
+        a.spawn_relay();
 
         // The whole burst is in the relay socket before the relay runs.
         let mut out = Batch::default();
@@ -801,8 +816,8 @@ mod tests {
         a.hello(if packed { frame::HELLO_TAKES_PACKED } else { 0 });
         warm_up(&ca).await;
         let warm_up_datagrams = ca.stats().frame_tx.datagram;
-        tokio::spawn(a.clone().relay_out());
-        tokio::spawn(b.clone().quic_reader(cb.clone()));
+        a.spawn_relay();
+        b.spawn_reader(&cb);
 
         // The whole burst is in the relay socket before the relay runs
         // (this test's runtime has one thread, busy here), written as a
