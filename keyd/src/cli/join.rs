@@ -203,9 +203,9 @@ fn write_pin(pin: &Path, token: &JoinToken) -> Result<()> {
         );
     }
     // The data plane reads the pin as its own user.
-    if meta.mode() & 0o005 != 0o005 {
+    if meta.mode() & 0o001 == 0 {
         bail!(
-            "{} must be readable and searchable by all users (0755): the data plane reads the CA pin in it",
+            "{} must be searchable by all users (0755 or 0711): the data plane reads the CA pin in it",
             dir.display()
         );
     }
@@ -290,7 +290,7 @@ mod tests {
         // Nor one the data plane cannot read.
         std::fs::set_permissions(dir.path(), Permissions::from_mode(0o700)).unwrap();
         let err = write_pin(&pin, &token()).unwrap_err();
-        assert!(err.to_string().contains("readable"), "{err}");
+        assert!(err.to_string().contains("searchable"), "{err}");
         assert!(!pin.exists());
     }
 }

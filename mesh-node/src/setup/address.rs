@@ -6,15 +6,19 @@
 //!
 //! With `--ca-pin PIN` the certificate must come from the network whose CA
 //! root pinned at `keyd join` (PIN, root's): signed by that CA (`ca.crt`
-//! beside the certificate, whose fingerprint must be the pinned one) or by
-//! an authority its roster (`roster`, beside it too) lists. keyd's user
-//! writes that directory; without the pin a compromised keyd could give
-//! the interface any address at the next start (a prefix covering the
-//! host's networks, say) and draw host traffic into the tunnel. With it,
-//! a forged certificate is refused; a stolen one of another member only
-//! moves this node inside the overlay. Validity times are not checked: an
-//! expired certificate's addresses are still the ones the authority
-//! assigned, and keyd renews it.
+//! beside the certificate, whose fingerprint must be the pinned one), or
+//! vouched for by the roster beside it (`roster`, signed by the CA or an
+//! authority valid now): its entry for this node (taken when newer, as
+//! keyd does at start), or issued by an authority it lists that is valid
+//! now (`vouched`). keyd's user writes that directory; without the pin a
+//! compromised keyd could give the interface any address at the next start
+//! (a prefix covering the host's networks, say) and draw host traffic into
+//! the tunnel. With it, a forged certificate is refused; a stolen one of
+//! another member only moves this node inside the overlay. The node
+//! certificate's own validity times are not checked: an expired
+//! certificate's addresses are still the ones the authority assigned, and
+//! keyd renews it; refusing here would keep keyd, which needs the data
+//! plane up, from starting to do so.
 
 use std::path::{Path, PathBuf};
 
@@ -23,7 +27,6 @@ use mesh_proto::cert::{CaCert, NodeCert};
 use mesh_proto::prefix::IpPrefix;
 use mesh_proto::roster::Roster;
 use mesh_proto::signed::Fingerprint;
-use mesh_proto::trust::DEFAULT_MAX_CLOCK_SKEW;
 
 use tracing::warn;
 
@@ -33,6 +36,11 @@ use super::netlink::Netlink;
 const MAX_CERT_BYTES: u64 = 64 * 1024;
 /// The largest roster read (about 1 KB per member).
 const MAX_ROSTER_BYTES: u64 = 64 * 1024 * 1024;
+/// Clock skew allowed on an authority's validity: wider than keyd's
+/// default (300 s, `max_clock_skew`), so that where the two differ keyd,
+/// which can repair things, is the one to refuse, not the data plane it
+/// needs to start.
+const MAX_CLOCK_SKEW: u64 = 3600;
 /// What `keyd join` writes beside the node certificate.
 const CA_FILE: &str = "ca.crt";
 const ROSTER_FILE: &str = "roster";
@@ -119,15 +127,16 @@ fn read_bounded(path: &Path, max: u64) -> Result<String, AddressError> {
 }
 
 /// The overlay addresses in the node certificate at `path`; with `pin`,
-/// only if the pinned CA's network issued it (module comment).
+/// only from a certificate the pinned CA's network vouches for, which may
+/// be a newer one the roster lists for this node (module comment).
 pub fn from_cert(path: &Path, pin: Option<&Path>) -> Result<Vec<IpPrefix>, AddressError> {
     let text = read_bounded(path, MAX_CERT_BYTES)?;
-    let cert = NodeCert::from_text(&text).map_err(|source| AddressError::NotACert {
+    let mut cert = NodeCert::from_text(&text).map_err(|source| AddressError::NotACert {
         path: path.into(),
         source,
     })?;
     if let Some(pin) = pin {
-        check_issuer(path, &cert, pin)?;
+        cert = vouched(path, cert, pin)?;
     }
     let addresses = cert.body().addresses.clone();
     if addresses.is_empty() {
@@ -149,10 +158,20 @@ fn read_pin(pin: &Path) -> Result<Fingerprint, AddressError> {
         .ok_or_else(|| AddressError::NoPin { path: pin.into() })
 }
 
-/// `cert` (read from `path`) was issued by the CA that `pin` names or by
-/// an authority that CA's roster lists; the CA and the roster are the
-/// files `keyd join` writes beside the certificate.
-fn check_issuer(path: &Path, cert: &NodeCert, pin: &Path) -> Result<(), AddressError> {
+/// The certificate whose addresses the interface gets, `cert` (read from
+/// `path`) or a newer one for the same node that the roster lists (as keyd
+/// takes it at start: after an authority key rollover the roster may list
+/// only the new key while `node.crt` still holds the old key's
+/// certificate), if the network that `pin` names vouches for it:
+/// * signed by the pinned CA (`ca.crt` beside `path`), or
+/// * the roster's own entry for this node, the roster (`roster` beside
+///   `path`) signed by the CA or by an authority valid now, or
+/// * issued by an authority that roster lists and that is valid now (a
+///   key that expired, or was retired and still listed by the roster
+///   that rolled it over, vouches for nothing new);
+///
+/// and in any case not revoked by that roster.
+fn vouched(path: &Path, cert: NodeCert, pin: &Path) -> Result<NodeCert, AddressError> {
     let pinned = read_pin(pin)?;
     let dir = path.parent().unwrap_or(Path::new("."));
     let ca_path = dir.join(CA_FILE);
@@ -169,34 +188,54 @@ fn check_issuer(path: &Path, cert: &NodeCert, pin: &Path) -> Result<(), AddressE
             pinned,
         });
     }
-    if ca.signed(cert) {
-        return Ok(());
-    }
-    // Issued by an authority (the usual case): the roster, signed under
-    // the same CA, lists the authorities' certificates.
-    let not_issued = |why: String| AddressError::NotIssued {
+    let roster_path = dir.join(ROSTER_FILE);
+    let now = unix_now();
+    let roster = load_roster(&roster_path, &ca, now).map_err(|why| AddressError::NotIssued {
         path: path.into(),
         issuer: cert.body().issuer,
-        roster: why,
+        roster: format!("; roster {}: {why}", roster_path.display()),
+    });
+    let roster = match roster {
+        Ok(r) => r,
+        // Without a roster only the CA's own signature vouches.
+        Err(_) if ca.signed(&cert) => return Ok(cert),
+        Err(e) => return Err(e),
     };
-    let roster_path = dir.join(ROSTER_FILE);
-    let text =
-        read_bounded(&roster_path, MAX_ROSTER_BYTES).map_err(|e| not_issued(format!("; {e}")))?;
-    let roster_error = |e| not_issued(format!("; roster {}: {e}", roster_path.display()));
-    let roster = Roster::from_text(&text, &ca).map_err(roster_error)?;
-    // As keyd takes a roster at start: signed by the CA, or by an authority
-    // valid now (a key that expired signs nothing a node takes).
-    roster
-        .check_signer(None, unix_now(), DEFAULT_MAX_CLOCK_SKEW)
-        .map_err(roster_error)?;
-    if roster.revokes(cert) {
-        return Err(not_issued("; the roster revokes it".into()));
+    let listed = roster
+        .member(&cert.body().node_id)
+        .map(|m| &m.cert)
+        .filter(|m| m.body().not_before > cert.body().not_before);
+    let cert = listed.cloned().unwrap_or(cert);
+    let not_issued = |why: &str| AddressError::NotIssued {
+        path: path.into(),
+        issuer: cert.body().issuer,
+        roster: why.into(),
+    };
+    if roster.revokes(&cert) {
+        return Err(not_issued("; the roster revokes it"));
     }
-    if roster.issued(&ca, cert) {
-        Ok(())
+    let is_roster_entry = roster
+        .member(&cert.body().node_id)
+        .is_some_and(|m| m.cert.fingerprint() == cert.fingerprint());
+    let issuer_valid_now = roster
+        .authority(&cert.body().issuer)
+        .is_some_and(|a| a.signed(&cert) && a.is_valid_at(now, MAX_CLOCK_SKEW));
+    if ca.signed(&cert) || (is_roster_entry && roster.issued(&ca, &cert)) || issuer_valid_now {
+        Ok(cert)
     } else {
-        Err(not_issued(String::new()))
+        Err(not_issued(""))
     }
+}
+
+/// The roster at `path`, verified under `ca` and signed by the CA or an
+/// authority valid now (as keyd takes one at start).
+fn load_roster(path: &Path, ca: &CaCert, now: u64) -> Result<Roster, String> {
+    let text = read_bounded(path, MAX_ROSTER_BYTES).map_err(|e| e.to_string())?;
+    let roster = Roster::from_text(&text, ca).map_err(|e| e.to_string())?;
+    roster
+        .check_signer(None, now, MAX_CLOCK_SKEW)
+        .map_err(|e| e.to_string())?;
+    Ok(roster)
 }
 
 fn unix_now() -> u64 {
@@ -505,6 +544,96 @@ mod tests {
             std::fs::write(dir.path().join("roster"), roster.to_text()).unwrap();
             let err = from_cert(&path, Some(&pin)).unwrap_err();
             assert!(err.to_string().contains("revokes"), "{err}");
+        }
+
+        /// After an authority key rollover the roster (signed by the new
+        /// key) lists only the new key and this node's reissued
+        /// certificate, while node.crt may still hold the old key's (its
+        /// write came later and was lost). keyd takes the roster's newer
+        /// certificate at start; so does mesh-node, else it would refuse
+        /// and keyd, which needs it, could never start to repair it.
+        #[test]
+        fn after_a_rollover_the_roster_s_newer_certificate_is_taken() {
+            let net = network("net");
+            let old_key = CaSigningKey::generate().unwrap();
+            let old = net
+                .ca
+                .certify_authority(&net.ca_key, "old", old_key.verifying_key(), 0, 50)
+                .unwrap();
+            let mut req = request();
+            req.not_after = 50;
+            let stale = old.issue(&old_key, req.clone()).unwrap();
+            req.not_before = 10;
+            req.not_after = END;
+            req.addresses = vec!["10.77.0.9/16".parse().unwrap()];
+            let reissued = net.authority.issue(&net.authority_key, req).unwrap();
+            let content = RosterContent {
+                serial: 3,
+                issued_at: 20,
+                not_after: END,
+                authorities: vec![net.authority.clone()],
+                members: vec![mesh_proto::roster::Member {
+                    cert: reissued,
+                    wg_endpoint: None,
+                    keyd_endpoint: None,
+                }],
+                ..RosterContent::default()
+            };
+            let signer = Signer::Authority(&net.authority, &net.authority_key);
+            let roster = Roster::sign(&net.ca, &signer, &content).unwrap();
+            let (dir, path, pin) = files(&net, &stale, false, &net.ca);
+            std::fs::write(dir.path().join("roster"), roster.to_text()).unwrap();
+            let got = from_cert(&path, Some(&pin)).unwrap();
+            assert_eq!(got, vec!["10.77.0.9/16".parse::<IpPrefix>().unwrap()]);
+        }
+
+        /// A rollover's middle roster is signed by the new key and still
+        /// lists the old one: a certificate made with the old key once it
+        /// expired is refused, for a node the roster lists or not.
+        #[test]
+        fn an_expired_key_still_listed_vouches_for_nothing_new() {
+            let net = network("net");
+            let old_key = CaSigningKey::generate().unwrap();
+            let old = net
+                .ca
+                .certify_authority(&net.ca_key, "old", old_key.verifying_key(), 0, 50)
+                .unwrap();
+            let mut req = request();
+            req.not_before = 5;
+            let member = net
+                .authority
+                .issue(&net.authority_key, req.clone())
+                .unwrap();
+            let content = RosterContent {
+                serial: 2,
+                issued_at: 20,
+                not_after: END,
+                authorities: vec![old.clone(), net.authority.clone()],
+                members: vec![mesh_proto::roster::Member {
+                    cert: member,
+                    wg_endpoint: None,
+                    keyd_endpoint: None,
+                }],
+                ..RosterContent::default()
+            };
+            let signer = Signer::Authority(&net.authority, &net.authority_key);
+            let roster = Roster::sign(&net.ca, &signer, &content).unwrap();
+            // The same node, a newer (forged) certificate; and a stranger.
+            req.not_before = 6;
+            req.not_after = 50;
+            req.addresses = vec!["0.0.0.0/1".parse().unwrap()];
+            let mut stranger = request();
+            stranger.addresses = req.addresses.clone();
+            stranger.not_after = 50;
+            for forged in [
+                old.issue(&old_key, req).unwrap(),
+                old.issue(&old_key, stranger).unwrap(),
+            ] {
+                let (dir, path, pin) = files(&net, &forged, false, &net.ca);
+                std::fs::write(dir.path().join("roster"), roster.to_text()).unwrap();
+                let err = from_cert(&path, Some(&pin)).unwrap_err();
+                assert!(matches!(err, AddressError::NotIssued { .. }), "{err}");
+            }
         }
 
         #[test]
