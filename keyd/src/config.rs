@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use mesh_proto::trust::MAX_CLOCK_SKEW_LIMIT;
 use serde::Deserialize;
 
 use crate::edge::ladder::{LadderConfig, Rung};
@@ -155,6 +156,19 @@ fn duration(field: &str, text: &str) -> Result<Duration> {
     Ok(d)
 }
 
+/// `max_clock_skew`, at most [`MAX_CLOCK_SKEW_LIMIT`]: the data plane's
+/// certificate check allows no more (mesh-node `--ca-pin`).
+fn clock_skew(text: &str) -> Result<Duration> {
+    let d = duration("max_clock_skew", text)?;
+    if d.as_secs() > MAX_CLOCK_SKEW_LIMIT {
+        bail!(
+            "`max_clock_skew` must be at most {}s (the data plane checks certificates with no more)",
+            MAX_CLOCK_SKEW_LIMIT
+        );
+    }
+    Ok(d)
+}
+
 impl Config {
     /// Reads, parses and validates `path`.
     pub fn load(path: &Path) -> Result<Self> {
@@ -202,7 +216,7 @@ impl Config {
             socket_dir: raw.socket_dir,
             rotation_interval: duration("rotation_interval", &raw.rotation_interval)?,
             hard_lifetime: duration("hard_lifetime", &raw.hard_lifetime)?,
-            max_clock_skew: duration("max_clock_skew", &raw.max_clock_skew)?,
+            max_clock_skew: clock_skew(&raw.max_clock_skew)?,
             persistent_keepalive: raw.persistent_keepalive,
             accept_unlisted_sources: raw.accept_unlisted_sources,
             authority: raw.authority.map(authority).transpose()?,
@@ -256,6 +270,19 @@ wg_key = "wg.key"
 noise_key = "noise.key"
 roster = "roster"
 "#;
+
+    /// The data plane's certificate check allows no more skew than this
+    /// (mesh-node --ca-pin): a keyd allowed more would take rosters at
+    /// start that the data plane it needs refuses.
+    #[test]
+    fn a_clock_skew_above_an_hour_is_refused() {
+        let dir = dir_with_files();
+        let c = Config::parse(&format!("{MINIMAL}max_clock_skew = \"1h\"\n"), dir.path()).unwrap();
+        assert_eq!(c.max_clock_skew, Duration::from_secs(3600));
+        let err =
+            Config::parse(&format!("{MINIMAL}max_clock_skew = \"61m\"\n"), dir.path()).unwrap_err();
+        assert!(format!("{err:#}").contains("at most 3600s"), "{err:#}");
+    }
 
     #[test]
     fn minimal_config_gets_the_documented_defaults() {

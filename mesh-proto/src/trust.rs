@@ -18,6 +18,11 @@ use crate::{TrustError, UnixTime};
 
 /// Default tolerance for clocks that disagree, in seconds.
 pub const DEFAULT_MAX_CLOCK_SKEW: u64 = 300;
+/// The largest clock skew keyd may be configured with. mesh-node's check of
+/// the data plane's certificate (`--ca-pin`) allows this much on
+/// authorities' validity, so that it never refuses a roster keyd would
+/// take at start: keyd, which can repair things, needs the data plane up.
+pub const MAX_CLOCK_SKEW_LIMIT: u64 = 3600;
 
 /// What a node trusts: its CA, the current roster, and how much clock skew to
 /// tolerate. Cheap to clone; the daemon swaps in a new roster on update.

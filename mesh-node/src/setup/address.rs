@@ -36,11 +36,10 @@ use super::netlink::Netlink;
 const MAX_CERT_BYTES: u64 = 64 * 1024;
 /// The largest roster read (about 1 KB per member).
 const MAX_ROSTER_BYTES: u64 = 64 * 1024 * 1024;
-/// Clock skew allowed on an authority's validity: wider than keyd's
-/// default (300 s, `max_clock_skew`), so that where the two differ keyd,
-/// which can repair things, is the one to refuse, not the data plane it
-/// needs to start.
-const MAX_CLOCK_SKEW: u64 = 3600;
+/// Clock skew allowed on an authority's validity: the most keyd may be
+/// configured with, so that keyd, which can repair things, is the one to
+/// refuse, never the data plane it needs to start.
+const MAX_CLOCK_SKEW: u64 = mesh_proto::trust::MAX_CLOCK_SKEW_LIMIT;
 /// What `keyd join` writes beside the node certificate.
 const CA_FILE: &str = "ca.crt";
 const ROSTER_FILE: &str = "roster";
@@ -516,11 +515,18 @@ mod tests {
             req.addresses = vec!["0.0.0.0/1".parse().unwrap()];
             req.not_after = 50;
             let forged = retired.issue(&retired_key, req).unwrap();
+            // The roster lists the forged certificate as this node's
+            // entry: only the signer's validity (check_signer) refuses it.
             let content = RosterContent {
                 serial: 9,
                 issued_at: 1,
                 not_after: 2,
                 authorities: vec![retired.clone()],
+                members: vec![mesh_proto::roster::Member {
+                    cert: forged.clone(),
+                    wg_endpoint: None,
+                    keyd_endpoint: None,
+                }],
                 ..RosterContent::default()
             };
             let signer = Signer::Authority(&retired, &retired_key);
@@ -585,6 +591,38 @@ mod tests {
             std::fs::write(dir.path().join("roster"), roster.to_text()).unwrap();
             let got = from_cert(&path, Some(&pin)).unwrap();
             assert_eq!(got, vec!["10.77.0.9/16".parse::<IpPrefix>().unwrap()]);
+        }
+
+        /// The roster's own entry for this node is taken even where its
+        /// issuer is no longer valid: a current roster (here the CA's)
+        /// vouches for the members it lists, as keyd takes them.
+        #[test]
+        fn the_roster_s_entry_is_taken_though_its_issuer_expired() {
+            let net = network("net");
+            let old_key = CaSigningKey::generate().unwrap();
+            let old = net
+                .ca
+                .certify_authority(&net.ca_key, "old", old_key.verifying_key(), 0, 50)
+                .unwrap();
+            let mut req = request();
+            req.not_after = 50;
+            let cert = old.issue(&old_key, req).unwrap();
+            let content = RosterContent {
+                serial: 4,
+                issued_at: 20,
+                not_after: END,
+                authorities: vec![old.clone()],
+                members: vec![mesh_proto::roster::Member {
+                    cert: cert.clone(),
+                    wg_endpoint: None,
+                    keyd_endpoint: None,
+                }],
+                ..RosterContent::default()
+            };
+            let roster = Roster::sign(&net.ca, &Signer::Root(&net.ca_key), &content).unwrap();
+            let (dir, path, pin) = files(&net, &cert, false, &net.ca);
+            std::fs::write(dir.path().join("roster"), roster.to_text()).unwrap();
+            assert_eq!(from_cert(&path, Some(&pin)).unwrap().len(), 1);
         }
 
         /// A rollover's middle roster is signed by the new key and still
