@@ -284,12 +284,7 @@ impl Edge {
             tcp_packets: [get(&c.to_peer, 2), get(&c.from_peer, 2)],
             packed: path.takes_packed(),
             packed_partials_lost: path.unpack_counters().partials_lost,
-            dropped: PathDrops {
-                no_carrier: c.no_carrier.load(Ordering::Relaxed),
-                malformed: c.malformed.load(Ordering::Relaxed),
-                too_big: c.too_big.load(Ordering::Relaxed),
-                dataplane_full: c.dataplane_full.load(Ordering::Relaxed),
-            },
+            dropped: c.drops(),
         })
     }
 

@@ -50,6 +50,18 @@ pub struct PathCounters {
     pub dataplane_full: AtomicU64,
 }
 
+impl PathCounters {
+    /// The drops, by reason, as status and metrics show them.
+    pub fn drops(&self) -> super::PathDrops {
+        super::PathDrops {
+            no_carrier: self.no_carrier.load(Ordering::Relaxed),
+            malformed: self.malformed.load(Ordering::Relaxed),
+            too_big: self.too_big.load(Ordering::Relaxed),
+            dataplane_full: self.dataplane_full.load(Ordering::Relaxed),
+        }
+    }
+}
+
 fn slot(rung: Rung) -> usize {
     match rung {
         Rung::Direct => 0,
@@ -618,6 +630,76 @@ mod tests {
     fn path_on(dataplane: SocketAddr, runtime: &tokio::runtime::Handle) -> Arc<PeerPath> {
         let ladder = Ladder::new(LadderConfig::default(), Instant::now());
         Arc::new(PeerPath::new(NodeId([7; 16]), dataplane, ladder, runtime).unwrap())
+    }
+
+    #[test]
+    fn each_drop_counter_shows_under_its_own_reason() {
+        let c = PathCounters::default();
+        c.no_carrier.store(1, Ordering::Relaxed);
+        c.malformed.store(2, Ordering::Relaxed);
+        c.too_big.store(3, Ordering::Relaxed);
+        c.dataplane_full.store(4, Ordering::Relaxed);
+        assert_eq!(
+            c.drops().by_reason(),
+            [
+                ("no_carrier", 1),
+                ("malformed", 2),
+                ("too_big", 3),
+                ("dataplane_full", 4)
+            ]
+        );
+    }
+
+    /// The TCP rung as the daemon runs it: the links' sockets and tasks on
+    /// the data-path thread with the relays. Packets cross while the
+    /// daemon's runtime (this test's one thread) is blocked; with the
+    /// links left on it they would not.
+    #[test]
+    fn tcp_packets_cross_while_the_daemons_runtime_is_blocked() {
+        const PACKETS: usize = 200;
+        let daemon = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let thread = crate::datapath_thread::DataPathThread::start().unwrap();
+        let on = thread.handle().clone();
+        let (la, lb) = daemon.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let (connector, acceptor) = super::super::tcp::tls().unwrap();
+            let on_accept = on.clone();
+            let accept = tokio::spawn(async move {
+                let (tcp, remote) = listener.accept().await.unwrap();
+                TcpLink::accept(&acceptor, tcp, remote, &on_accept)
+                    .await
+                    .unwrap()
+            });
+            let la = TcpLink::connect(&connector, addr, &on).await.unwrap();
+            (la, accept.await.unwrap())
+        });
+        let dp_a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let dp_b = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let a = path_on(dp_a.local_addr().unwrap(), &on);
+        let b = path_on(dp_b.local_addr().unwrap(), &on);
+        a.attach_tcp(&la);
+        b.attach_tcp(&lb);
+        a.set_rung(Rung::Tcp);
+        a.spawn_relay();
+
+        // From here on the daemon's runtime does not run at all.
+        dp_b.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let mut buf = [0u8; 2048];
+        for i in 0..PACKETS {
+            let p = [i as u8; 600];
+            dp_a.send_to(&p, a.relay_addr).unwrap();
+            let n = dp_b.recv(&mut buf).unwrap_or_else(|e| {
+                panic!("packet {i} did not cross while the daemon's runtime was blocked: {e}")
+            });
+            assert_eq!(&buf[..n], &p[..]);
+        }
+        drop((la, lb, a, b));
+        drop(thread);
+        drop(daemon);
     }
 
     /// As the daemon runs them: quinn and both relays on the data-path
