@@ -150,25 +150,22 @@ fn a_bad_certificate_or_group_stops_it_before_an_interface_exists() {
             "no group `pqmesh-no-such-group`",
         ),
     ] {
-        let out = ns
-            .cmd(&[
-                bin().to_str().unwrap(),
-                "up",
-                &ifname,
-                "--foreground",
-                flag,
-                value,
-            ])
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{flag} {value}");
-        assert!(err.contains(says), "{flag} {value}: {err}");
-        let links = ns.ok(&["ip", "-o", "link"]);
-        assert!(!links.contains(&ifname), "no interface left: {links}");
-        assert!(!Path::new(&format!("/var/run/wireguard/{ifname}.sock")).exists());
+        refused_before_an_interface(&ns, &ifname, &[flag, value], says);
     }
+}
+
+/// mesh-node `up IFNAME --foreground` with `options` in `ns` fails, says
+/// `says`, and leaves neither an interface nor a socket behind.
+fn refused_before_an_interface(ns: &Netns, ifname: &str, options: &[&str], says: &str) {
+    let mut argv = vec![bin().to_str().unwrap(), "up", ifname, "--foreground"];
+    argv.extend_from_slice(options);
+    let out = ns.cmd(&argv).stdin(Stdio::null()).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{options:?} was taken");
+    assert!(err.contains(says), "{options:?}: {err}");
+    let links = ns.ok(&["ip", "-o", "link"]);
+    assert!(!links.contains(ifname), "no interface left: {links}");
+    assert!(!Path::new(&format!("/var/run/wireguard/{ifname}.sock")).exists());
 }
 
 /// `--ca-pin`: a certificate that keyd's user could write (here: another
@@ -189,25 +186,17 @@ fn with_a_ca_pin_only_the_pinned_network_s_certificate_gives_addresses() {
     let evil = CaCert::create(&evil_key, "ca", "net", 0, u64::MAX / 2).unwrap();
     // A prefix covering the host's networks (metadata address included).
     let forged = issued_file(forged_dir.path(), &evil, &evil_key, &["169.254.0.1/1"]);
-    let out = ns
-        .cmd(&[
-            bin().to_str().unwrap(),
-            "up",
-            &ifname,
-            "--foreground",
+    refused_before_an_interface(
+        &ns,
+        &ifname,
+        &[
             "--address-from-cert",
             forged.to_str().unwrap(),
             "--ca-pin",
             pin.to_str().unwrap(),
-        ])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "a forged certificate was taken");
-    assert!(err.contains("not the pinned"), "{err}");
-    let links = ns.ok(&["ip", "-o", "link"]);
-    assert!(!links.contains(&ifname), "no interface left: {links}");
+        ],
+        "not the pinned",
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let cert = issued_file(dir.path(), &ca, &ca_key, &["10.213.0.9/16"]);

@@ -656,27 +656,13 @@ mod tests {
     /// links left on it they would not.
     #[test]
     fn tcp_packets_cross_while_the_daemons_runtime_is_blocked() {
-        const PACKETS: usize = 200;
         let daemon = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         let thread = crate::datapath_thread::DataPathThread::start().unwrap();
         let on = thread.handle().clone();
-        let (la, lb) = daemon.block_on(async {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            let (connector, acceptor) = super::super::tcp::tls().unwrap();
-            let on_accept = on.clone();
-            let accept = tokio::spawn(async move {
-                let (tcp, remote) = listener.accept().await.unwrap();
-                TcpLink::accept(&acceptor, tcp, remote, &on_accept)
-                    .await
-                    .unwrap()
-            });
-            let la = TcpLink::connect(&connector, addr, &on).await.unwrap();
-            (la, accept.await.unwrap())
-        });
+        let (la, lb) = daemon.block_on(tcp_links(&on));
         let dp_a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let dp_b = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let a = path_on(dp_a.local_addr().unwrap(), &on);
@@ -687,16 +673,7 @@ mod tests {
         a.spawn_relay();
 
         // From here on the daemon's runtime does not run at all.
-        dp_b.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-        let mut buf = [0u8; 2048];
-        for i in 0..PACKETS {
-            let p = [i as u8; 600];
-            dp_a.send_to(&p, a.relay_addr).unwrap();
-            let n = dp_b.recv(&mut buf).unwrap_or_else(|e| {
-                panic!("packet {i} did not cross while the daemon's runtime was blocked: {e}")
-            });
-            assert_eq!(&buf[..n], &p[..]);
-        }
+        cross_one_by_one(&dp_a, a.relay_addr, &dp_b);
         drop((la, lb, a, b));
         drop(thread);
         drop(daemon);
@@ -708,7 +685,6 @@ mod tests {
     /// on the packets' way waits for it.
     #[tokio::test]
     async fn packets_cross_while_the_daemons_runtime_is_blocked() {
-        const PACKETS: usize = 200;
         let thread = crate::datapath_thread::DataPathThread::start().unwrap();
         let on = thread.handle().clone();
         let (_ea, _eb, ca, cb) =
@@ -723,16 +699,7 @@ mod tests {
         b.spawn_reader(&cb);
 
         // From here on this thread does not yield to its runtime.
-        dp_b.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-        let mut buf = [0u8; 2048];
-        for i in 0..PACKETS {
-            let p = [i as u8; 600];
-            dp_a.send_to(&p, a.relay_addr).unwrap();
-            let n = dp_b.recv(&mut buf).unwrap_or_else(|e| {
-                panic!("packet {i} did not cross while the daemon's runtime was blocked: {e}")
-            });
-            assert_eq!(&buf[..n], &p[..]);
-        }
+        cross_one_by_one(&dp_a, a.relay_addr, &dp_b);
     }
 
     /// A data plane writes a burst (here four times quinn's datagram send
@@ -803,17 +770,7 @@ mod tests {
     #[tokio::test]
     async fn a_burst_over_the_tcp_rung_arrives_whole() {
         const PACKETS: usize = 2000;
-        let here = tokio::runtime::Handle::current();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (connector, acceptor) = super::super::tcp::tls().unwrap();
-        let on = here.clone();
-        let accept = tokio::spawn(async move {
-            let (tcp, remote) = listener.accept().await.unwrap();
-            TcpLink::accept(&acceptor, tcp, remote, &on).await.unwrap()
-        });
-        let la = TcpLink::connect(&connector, addr, &here).await.unwrap();
-        let lb = accept.await.unwrap();
+        let (la, lb) = tcp_links(&tokio::runtime::Handle::current()).await;
         let dp_a = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         crate::sockbuf::grow(&dp_a);
         let dp_b = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -828,27 +785,80 @@ mod tests {
         a.spawn_relay();
 
         // The whole burst is in the relay socket before the relay runs.
+        write_burst(&dp_a, a.relay_addr, PACKETS, 1000);
+        let received = receive_burst(dp_b, PACKETS, 1000).await;
+        assert_eq!(
+            received,
+            PACKETS,
+            "link drops {}, relayed {}",
+            la.dropped.load(Ordering::Relaxed),
+            a.counters.to_peer[slot(Rung::Tcp)].load(Ordering::Relaxed)
+        );
+    }
+
+    /// A TLS/TCP link pair on loopback, both ends' sockets and tasks on
+    /// `runtime`.
+    async fn tcp_links(runtime: &tokio::runtime::Handle) -> (Arc<TcpLink>, Arc<TcpLink>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (connector, acceptor) = super::super::tcp::tls().unwrap();
+        let on = runtime.clone();
+        let accept = tokio::spawn(async move {
+            let (tcp, remote) = listener.accept().await.unwrap();
+            TcpLink::accept(&acceptor, tcp, remote, &on).await.unwrap()
+        });
+        let la = TcpLink::connect(&connector, addr, runtime).await.unwrap();
+        (la, accept.await.unwrap())
+    }
+
+    /// 200 packets, each sent to the relay at `relay` only once the one
+    /// before it reached `dp_b`, without yielding to any runtime.
+    fn cross_one_by_one(dp_a: &std::net::UdpSocket, relay: SocketAddr, dp_b: &std::net::UdpSocket) {
+        dp_b.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let mut buf = [0u8; 2048];
+        for i in 0..200 {
+            let p = [i as u8; 600];
+            dp_a.send_to(&p, relay).unwrap();
+            let n = dp_b.recv(&mut buf).unwrap_or_else(|e| {
+                panic!("packet {i} did not cross while the daemon's runtime was blocked: {e}")
+            });
+            assert_eq!(&buf[..n], &p[..]);
+        }
+    }
+
+    /// Writes `packets` packets of `size` bytes, numbered, to `relay` as a
+    /// data plane writes them: GSO batches. All must be taken.
+    fn write_burst(dp_a: &UdpSocket, relay: SocketAddr, packets: usize, size: usize) {
         let mut out = Batch::default();
         let mut written = 0;
-        for i in 0..PACKETS {
-            let mut p = vec![0u8; 1000];
+        for i in 0..packets {
+            let mut p = vec![0u8; size];
             p[..8].copy_from_slice(&(i as u64).to_be_bytes());
             if !out.has_room(p.len()) {
-                written += out.flush(&dp_a, a.relay_addr);
+                written += out.flush(dp_a, relay);
             }
             out.push(&p);
         }
-        written += out.flush(&dp_a, a.relay_addr);
+        written += out.flush(dp_a, relay);
         assert_eq!(
-            written, PACKETS,
+            written, packets,
             "the relay socket refused part of the burst"
         );
-        let received = tokio::task::spawn_blocking(move || {
+    }
+
+    /// How many of the `packets` numbered packets (`size` bytes) arrive at
+    /// `dp_b` (others, numbered beyond, are skipped).
+    async fn receive_burst(dp_b: std::net::UdpSocket, packets: usize, size: usize) -> usize {
+        tokio::task::spawn_blocking(move || {
             dp_b.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-            let mut seen = vec![false; PACKETS];
+            let mut seen = vec![false; packets];
             let mut buf = [0u8; 2048];
-            while let Ok(_n) = dp_b.recv(&mut buf) {
+            while let Ok(n) = dp_b.recv(&mut buf) {
                 let i = u64::from_be_bytes(buf[..8].try_into().unwrap()) as usize;
+                if i >= packets {
+                    continue; // a warm-up's
+                }
+                assert_eq!(n, size, "a packet changed size on the way");
                 seen[i] = true;
                 if seen.iter().all(|s| *s) {
                     break;
@@ -857,14 +867,7 @@ mod tests {
             seen.iter().filter(|s| **s).count()
         })
         .await
-        .unwrap();
-        assert_eq!(
-            received,
-            PACKETS,
-            "link drops {}, relayed {}",
-            la.dropped.load(Ordering::Relaxed),
-            a.counters.to_peer[slot(Rung::Tcp)].load(Ordering::Relaxed)
-        );
+        .unwrap()
     }
 
     /// Grows `conn`'s congestion window past the bursts below: 4 MB of
@@ -904,40 +907,8 @@ mod tests {
         // The whole burst is in the relay socket before the relay runs
         // (this test's runtime has one thread, busy here), written as a
         // data plane writes: GSO batches.
-        let mut out = Batch::default();
-        let mut written = 0;
-        for i in 0..PACKETS {
-            let mut p = vec![0u8; size];
-            p[..8].copy_from_slice(&(i as u64).to_be_bytes());
-            if !out.has_room(p.len()) {
-                written += out.flush(&dp_a, a.relay_addr);
-            }
-            out.push(&p);
-        }
-        written += out.flush(&dp_a, a.relay_addr);
-        assert_eq!(
-            written, PACKETS,
-            "the relay socket refused part of the burst"
-        );
-        let received = tokio::task::spawn_blocking(move || {
-            dp_b.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-            let mut seen = vec![false; PACKETS];
-            let mut buf = [0u8; 2048];
-            while let Ok(n) = dp_b.recv(&mut buf) {
-                let i = u64::from_be_bytes(buf[..8].try_into().unwrap()) as usize;
-                if i >= PACKETS {
-                    continue; // the warm-up's
-                }
-                assert_eq!(n, size, "a packet changed size on the way");
-                seen[i] = true;
-                if seen.iter().all(|s| *s) {
-                    break;
-                }
-            }
-            seen.iter().filter(|s| **s).count()
-        })
-        .await
-        .unwrap();
+        write_burst(&dp_a, a.relay_addr, PACKETS, size);
+        let received = receive_burst(dp_b, PACKETS, size).await;
         let datagrams = ca.stats().frame_tx.datagram - warm_up_datagrams;
         assert_eq!(
             received,

@@ -429,26 +429,50 @@ mod tests {
             }
         }
 
-        /// `keyd join`'s files: node.crt, ca.crt and (if `with_roster`) a
-        /// roster listing `net`'s authority, in a new directory; the pin
-        /// of `pinned`'s CA beside them.
+        /// An authority of `net` whose certificate expires at 50 (long
+        /// past), and its key.
+        fn expired_authority(net: &Network) -> (AuthorityCert, CaSigningKey) {
+            let key = CaSigningKey::generate().unwrap();
+            let cert = net
+                .ca
+                .certify_authority(&net.ca_key, "old", key.verifying_key(), 0, 50)
+                .unwrap();
+            (cert, key)
+        }
+
+        /// `cert` as a roster member (no endpoints).
+        fn entry(cert: &NodeCert) -> mesh_proto::roster::Member {
+            mesh_proto::roster::Member {
+                cert: cert.clone(),
+                wg_endpoint: None,
+                keyd_endpoint: None,
+            }
+        }
+
+        /// A roster of `net` listing its authority and no member, signed
+        /// by its CA.
+        fn plain_roster(net: &Network) -> Roster {
+            let content = RosterContent {
+                serial: 1,
+                issued_at: 1,
+                not_after: END,
+                authorities: vec![net.authority.clone()],
+                ..RosterContent::default()
+            };
+            Roster::sign(&net.ca, &Signer::Root(&net.ca_key), &content).unwrap()
+        }
+
+        /// `keyd join`'s files: node.crt, ca.crt and `roster` (if any) in a
+        /// new directory; the pin of `pinned`'s CA beside them.
         fn files(
             net: &Network,
             cert: &NodeCert,
-            with_roster: bool,
+            roster: Option<&Roster>,
             pinned: &CaCert,
         ) -> (tempfile::TempDir, PathBuf, PathBuf) {
             let dir = tempfile::tempdir().unwrap();
             std::fs::write(dir.path().join("ca.crt"), net.ca.to_text()).unwrap();
-            if with_roster {
-                let content = RosterContent {
-                    serial: 1,
-                    issued_at: 1,
-                    not_after: END,
-                    authorities: vec![net.authority.clone()],
-                    ..RosterContent::default()
-                };
-                let roster = Roster::sign(&net.ca, &Signer::Root(&net.ca_key), &content).unwrap();
+            if let Some(roster) = roster {
                 std::fs::write(dir.path().join("roster"), roster.to_text()).unwrap();
             }
             let path = dir.path().join("node.crt");
@@ -463,10 +487,10 @@ mod tests {
         fn certificates_of_the_pinned_network_are_taken() {
             let net = network("net");
             let by_ca = net.ca.issue(&net.ca_key, request()).unwrap();
-            let (_d, path, pin) = files(&net, &by_ca, false, &net.ca);
+            let (_d, path, pin) = files(&net, &by_ca, None, &net.ca);
             assert_eq!(from_cert(&path, Some(&pin)).unwrap().len(), 1);
             let by_authority = net.authority.issue(&net.authority_key, request()).unwrap();
-            let (_d, path, pin) = files(&net, &by_authority, true, &net.ca);
+            let (_d, path, pin) = files(&net, &by_authority, Some(&plain_roster(&net)), &net.ca);
             assert_eq!(from_cert(&path, Some(&pin)).unwrap().len(), 1);
         }
 
@@ -477,12 +501,12 @@ mod tests {
             let evil = network("net");
             let forged = evil.ca.issue(&evil.ca_key, request()).unwrap();
             // Its own CA beside it: not the pinned one.
-            let (_d, path, pin) = files(&evil, &forged, true, &net.ca);
+            let (_d, path, pin) = files(&evil, &forged, Some(&plain_roster(&evil)), &net.ca);
             let err = from_cert(&path, Some(&pin)).unwrap_err();
             assert!(matches!(err, AddressError::CaNotPinned { .. }), "{err}");
             assert!(err.to_string().contains("not the pinned"), "{err}");
             // The pinned CA beside it: it did not sign it, nor its authority.
-            let (_d, path, pin) = files(&net, &forged, true, &net.ca);
+            let (_d, path, pin) = files(&net, &forged, Some(&plain_roster(&net)), &net.ca);
             let err = from_cert(&path, Some(&pin)).unwrap_err();
             assert!(matches!(err, AddressError::NotIssued { .. }), "{err}");
             // Another network's authority, listed in no roster of ours.
@@ -490,7 +514,8 @@ mod tests {
                 .authority
                 .issue(&evil.authority_key, request())
                 .unwrap();
-            let (_d, path, pin) = files(&net, &by_evil_authority, true, &net.ca);
+            let (_d, path, pin) =
+                files(&net, &by_evil_authority, Some(&plain_roster(&net)), &net.ca);
             assert!(matches!(
                 from_cert(&path, Some(&pin)),
                 Err(AddressError::NotIssued { .. })
@@ -506,11 +531,7 @@ mod tests {
         #[test]
         fn an_expired_authority_s_roster_or_a_revoked_certificate_is_refused() {
             let net = network("net");
-            let retired_key = CaSigningKey::generate().unwrap();
-            let retired = net
-                .ca
-                .certify_authority(&net.ca_key, "retired", retired_key.verifying_key(), 0, 50)
-                .unwrap();
+            let (retired, retired_key) = expired_authority(&net);
             let mut req = request();
             req.addresses = vec!["0.0.0.0/1".parse().unwrap()];
             req.not_after = 50;
@@ -522,17 +543,12 @@ mod tests {
                 issued_at: 1,
                 not_after: 2,
                 authorities: vec![retired.clone()],
-                members: vec![mesh_proto::roster::Member {
-                    cert: forged.clone(),
-                    wg_endpoint: None,
-                    keyd_endpoint: None,
-                }],
+                members: vec![entry(&forged)],
                 ..RosterContent::default()
             };
             let signer = Signer::Authority(&retired, &retired_key);
             let roster = Roster::sign(&net.ca, &signer, &content).unwrap();
-            let (dir, path, pin) = files(&net, &forged, false, &net.ca);
-            std::fs::write(dir.path().join("roster"), roster.to_text()).unwrap();
+            let (_dir, path, pin) = files(&net, &forged, Some(&roster), &net.ca);
             let err = from_cert(&path, Some(&pin)).unwrap_err();
             assert!(matches!(err, AddressError::NotIssued { .. }), "{err}");
 
@@ -546,8 +562,7 @@ mod tests {
                 ..RosterContent::default()
             };
             let roster = Roster::sign(&net.ca, &Signer::Root(&net.ca_key), &content).unwrap();
-            let (dir, path, pin) = files(&net, &cert, false, &net.ca);
-            std::fs::write(dir.path().join("roster"), roster.to_text()).unwrap();
+            let (_dir, path, pin) = files(&net, &cert, Some(&roster), &net.ca);
             let err = from_cert(&path, Some(&pin)).unwrap_err();
             assert!(err.to_string().contains("revokes"), "{err}");
         }
@@ -561,11 +576,7 @@ mod tests {
         #[test]
         fn after_a_rollover_the_roster_s_newer_certificate_is_taken() {
             let net = network("net");
-            let old_key = CaSigningKey::generate().unwrap();
-            let old = net
-                .ca
-                .certify_authority(&net.ca_key, "old", old_key.verifying_key(), 0, 50)
-                .unwrap();
+            let (old, old_key) = expired_authority(&net);
             let mut req = request();
             req.not_after = 50;
             let stale = old.issue(&old_key, req.clone()).unwrap();
@@ -578,17 +589,12 @@ mod tests {
                 issued_at: 20,
                 not_after: END,
                 authorities: vec![net.authority.clone()],
-                members: vec![mesh_proto::roster::Member {
-                    cert: reissued,
-                    wg_endpoint: None,
-                    keyd_endpoint: None,
-                }],
+                members: vec![entry(&reissued)],
                 ..RosterContent::default()
             };
             let signer = Signer::Authority(&net.authority, &net.authority_key);
             let roster = Roster::sign(&net.ca, &signer, &content).unwrap();
-            let (dir, path, pin) = files(&net, &stale, false, &net.ca);
-            std::fs::write(dir.path().join("roster"), roster.to_text()).unwrap();
+            let (_dir, path, pin) = files(&net, &stale, Some(&roster), &net.ca);
             let got = from_cert(&path, Some(&pin)).unwrap();
             assert_eq!(got, vec!["10.77.0.9/16".parse::<IpPrefix>().unwrap()]);
         }
@@ -599,11 +605,7 @@ mod tests {
         #[test]
         fn the_roster_s_entry_is_taken_though_its_issuer_expired() {
             let net = network("net");
-            let old_key = CaSigningKey::generate().unwrap();
-            let old = net
-                .ca
-                .certify_authority(&net.ca_key, "old", old_key.verifying_key(), 0, 50)
-                .unwrap();
+            let (old, old_key) = expired_authority(&net);
             let mut req = request();
             req.not_after = 50;
             let cert = old.issue(&old_key, req).unwrap();
@@ -612,16 +614,11 @@ mod tests {
                 issued_at: 20,
                 not_after: END,
                 authorities: vec![old.clone()],
-                members: vec![mesh_proto::roster::Member {
-                    cert: cert.clone(),
-                    wg_endpoint: None,
-                    keyd_endpoint: None,
-                }],
+                members: vec![entry(&cert)],
                 ..RosterContent::default()
             };
             let roster = Roster::sign(&net.ca, &Signer::Root(&net.ca_key), &content).unwrap();
-            let (dir, path, pin) = files(&net, &cert, false, &net.ca);
-            std::fs::write(dir.path().join("roster"), roster.to_text()).unwrap();
+            let (_dir, path, pin) = files(&net, &cert, Some(&roster), &net.ca);
             assert_eq!(from_cert(&path, Some(&pin)).unwrap().len(), 1);
         }
 
@@ -631,11 +628,7 @@ mod tests {
         #[test]
         fn an_expired_key_still_listed_vouches_for_nothing_new() {
             let net = network("net");
-            let old_key = CaSigningKey::generate().unwrap();
-            let old = net
-                .ca
-                .certify_authority(&net.ca_key, "old", old_key.verifying_key(), 0, 50)
-                .unwrap();
+            let (old, old_key) = expired_authority(&net);
             let mut req = request();
             req.not_before = 5;
             let member = net
@@ -647,11 +640,7 @@ mod tests {
                 issued_at: 20,
                 not_after: END,
                 authorities: vec![old.clone(), net.authority.clone()],
-                members: vec![mesh_proto::roster::Member {
-                    cert: member,
-                    wg_endpoint: None,
-                    keyd_endpoint: None,
-                }],
+                members: vec![entry(&member)],
                 ..RosterContent::default()
             };
             let signer = Signer::Authority(&net.authority, &net.authority_key);
@@ -667,8 +656,7 @@ mod tests {
                 old.issue(&old_key, req).unwrap(),
                 old.issue(&old_key, stranger).unwrap(),
             ] {
-                let (dir, path, pin) = files(&net, &forged, false, &net.ca);
-                std::fs::write(dir.path().join("roster"), roster.to_text()).unwrap();
+                let (_dir, path, pin) = files(&net, &forged, Some(&roster), &net.ca);
                 let err = from_cert(&path, Some(&pin)).unwrap_err();
                 assert!(matches!(err, AddressError::NotIssued { .. }), "{err}");
             }
@@ -678,7 +666,7 @@ mod tests {
         fn an_authority_s_certificate_needs_the_roster_and_a_pin_is_needed() {
             let net = network("net");
             let cert = net.authority.issue(&net.authority_key, request()).unwrap();
-            let (dir, path, pin) = files(&net, &cert, false, &net.ca);
+            let (dir, path, pin) = files(&net, &cert, None, &net.ca);
             let err = from_cert(&path, Some(&pin)).unwrap_err();
             assert!(
                 matches!(err, AddressError::NotIssued { .. }) && err.to_string().contains("roster"),
