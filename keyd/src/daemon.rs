@@ -346,7 +346,7 @@ pub async fn run(
         Some(
             tokio::net::TcpListener::bind(config.quic_listen)
                 .await
-                .with_context(|| format!("cannot listen for TCP on {}", config.quic_listen))?,
+                .map_err(|e| quic::cannot_listen("TCP", config.quic_listen, e))?,
         )
     } else {
         None

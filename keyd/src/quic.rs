@@ -55,6 +55,24 @@ const DATAGRAM_BUFFER: usize = 512 << 10;
 /// (quinn's default stops at 1452, the IPv6 figure, which would cost every
 /// full-size WireGuard packet a second datagram on IPv4 paths.)
 const MTU_UPPER_BOUND: u16 = 1472;
+/// A listening socket that could not be bound, with the remedy where the
+/// cause is a known one: on an edge node's 443, keyd's unit (no capability
+/// at all) or a web server holding the port.
+pub fn cannot_listen(what: &str, addr: SocketAddr, e: std::io::Error) -> anyhow::Error {
+    let hint = match e.kind() {
+        std::io::ErrorKind::PermissionDenied => {
+            " (a port below 1024 needs CAP_NET_BIND_SERVICE: under systemd, install keyd's \
+             drop-in /usr/share/pqmesh/keyd-privileged-port.conf, docs/install.md)"
+        }
+        std::io::ErrorKind::AddrInUse => {
+            " (another program holds it; on 443 usually a web server, or one serving HTTP/3 \
+             on UDP: give keyd another quic_listen)"
+        }
+        _ => "",
+    };
+    anyhow::Error::new(e).context(format!("cannot listen for {what} on {addr}{hint}"))
+}
+
 /// The TLS exporter label that binds an exchange to the QUIC or TLS
 /// connection carrying it (mesh-proto's `channel_binding`).
 const BINDING_LABEL: &[u8] = b"EXPORTER-pqmesh-exchange-binding";
@@ -116,8 +134,7 @@ pub fn endpoint(listen: SocketAddr, runtime: Arc<dyn quinn::Runtime>) -> Result<
     // No migration: a connection keeps the address that admission control
     // validated (with a retry) when it was accepted.
     server.migration(false);
-    let socket = std::net::UdpSocket::bind(listen)
-        .with_context(|| format!("cannot listen for QUIC on {listen}"))?;
+    let socket = std::net::UdpSocket::bind(listen).map_err(|e| cannot_listen("QUIC", listen, e))?;
     // The edge ladder's QUIC rung carries the data plane's bursts on this
     // socket: a default-sized buffer drops them (sockbuf.rs).
     let granted = crate::sockbuf::grow(&socket);
@@ -761,6 +778,47 @@ mod tests {
             e.downcast_ref::<mesh_proto::ExchangeError>(),
             Some(&mesh_proto::ExchangeError::Timeout),
             "{e:#}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_port_another_program_holds_is_named_with_the_remedy() {
+        let held = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = held.local_addr().unwrap();
+        let e = endpoint(addr, quinn::default_runtime().unwrap()).unwrap_err();
+        let text = format!("{e:#}");
+        assert!(
+            text.starts_with(&format!("cannot listen for QUIC on {addr}")),
+            "{text}"
+        );
+        assert!(text.contains("another program holds it"), "{text}");
+    }
+
+    #[test]
+    fn a_privileged_port_names_the_drop_in() {
+        // Root binds any port here, so the kernel's answer to an
+        // unprivileged keyd is made up.
+        let e = std::io::Error::from_raw_os_error(libc::EACCES);
+        let text = format!(
+            "{:#}",
+            cannot_listen("TCP", "0.0.0.0:443".parse().unwrap(), e)
+        );
+        assert!(
+            text.starts_with("cannot listen for TCP on 0.0.0.0:443"),
+            "{text}"
+        );
+        assert!(
+            text.contains("/usr/share/pqmesh/keyd-privileged-port.conf"),
+            "{text}"
+        );
+        let other = std::io::Error::from_raw_os_error(libc::EADDRNOTAVAIL);
+        let text = format!(
+            "{:#}",
+            cannot_listen("TCP", "192.0.2.1:443".parse().unwrap(), other)
+        );
+        assert!(
+            !text.contains("CAP_NET_BIND_SERVICE") && !text.contains("another program"),
+            "{text}"
         );
     }
 }
