@@ -42,9 +42,11 @@ pub struct JoinArgs {
     /// The WireGuard interface keyd will drive.
     #[arg(long, default_value = "pqmesh0")]
     interface: String,
-    /// Where this node's keyd listens (QUIC); its IP is also reported as the
-    /// WireGuard endpoint's. 0.0.0.0: the authority fills in the address it
-    /// sees.
+    /// Where this node's keyd listens (QUIC, and TLS over TCP for the edge
+    /// ladder); its IP is also reported as the WireGuard endpoint's.
+    /// 0.0.0.0: the authority fills in the address it sees. A port below
+    /// 1024 (an edge node's 443) needs keyd's drop-in
+    /// /usr/share/pqmesh/keyd-privileged-port.conf under systemd.
     #[arg(long, default_value = "0.0.0.0:51821")]
     quic_listen: SocketAddr,
     #[arg(long, default_value_t = 51820)]
