@@ -31,6 +31,7 @@ use crate::admission::{Admission, AdmissionConfig, ConnectionDecision, Refusal};
 use crate::authority::{client, wire};
 use crate::config::Config;
 use crate::dataplane::{DataPlane, PeerChange, PeerConfig};
+use crate::dialled::Dialled;
 use crate::edge::ladder::Rung;
 use crate::edge::tcp::TcpLink;
 use crate::edge::{self, Edge};
@@ -134,7 +135,7 @@ struct Shared {
     snapshot: watch::Sender<Arc<Snapshot>>,
     inputs: mpsc::Sender<Input>,
     /// QUIC connections this node dialled, reused across rotations.
-    connections: Mutex<HashMap<NodeId, quinn::Connection>>,
+    connections: Dialled<quinn::Connection>,
     admission: Mutex<Admission>,
     /// mac1/cookie check in front of every msg1 this node answers.
     cookies: Mutex<CookieChecker>,
@@ -385,7 +386,7 @@ pub async fn run(
         endpoint,
         snapshot,
         inputs,
-        connections: Mutex::new(HashMap::new()),
+        connections: Dialled::default(),
         admission: Mutex::new(admission),
         cookies: Mutex::new(CookieChecker::new(
             &identity_static,
@@ -823,9 +824,7 @@ impl Driver {
                 },
                 Err(e) => {
                     // A failed exchange ends its connection on both sides.
-                    if let Ok(mut c) = s.connections.lock()
-                        && let Some(conn) = c.remove(&id)
-                    {
+                    if let Some(conn) = s.connections.remove(&id) {
                         conn.close(1u32.into(), b"exchange failed");
                     }
                     Input::DialFailed {
@@ -1098,22 +1097,14 @@ async fn initiate_quic(s: &Shared, member: &Member) -> Result<Established> {
             text::sanitize(&member.cert.body().name, text::NAME_MAX)
         )
     })?;
-    let cached = s
+    let conn = s
         .connections
-        .lock()
-        .ok()
-        .and_then(|c| c.get(&id).cloned())
-        .filter(|c| c.close_reason().is_none());
-    let conn = match cached {
-        Some(c) => c,
-        None => {
-            let c = quic::connect(&s.endpoint, addr).await?;
-            if let Ok(mut m) = s.connections.lock() {
-                m.insert(id, c.clone());
-            }
-            c
-        }
-    };
+        .get_or_dial(
+            id,
+            |c| c.close_reason().is_none(),
+            || quic::connect(&s.endpoint, addr),
+        )
+        .await?;
     let snap = s.snapshot.borrow().clone();
     let mut jar = s
         .jars

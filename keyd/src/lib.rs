@@ -8,6 +8,7 @@ pub mod config;
 pub mod daemon;
 pub mod datapath_thread;
 pub mod dataplane;
+pub mod dialled;
 pub mod edge;
 pub mod files;
 pub mod firewall;

@@ -86,6 +86,14 @@ pub struct PathStatus {
     /// was lost or reordered.
     #[serde(default)]
     pub packed_partials_lost: u64,
+    /// Datagrams from the peer that came after later ones (their whole
+    /// packets still delivered).
+    #[serde(default)]
+    pub packed_late: u64,
+    /// Packets from an older keyd that came as fragments and never became
+    /// whole (evicted or expired in reassembly).
+    #[serde(default)]
+    pub fragments_lost: u64,
     /// Packets and datagrams the relay dropped, by reason.
     #[serde(default)]
     pub dropped: PathDrops,
@@ -97,8 +105,9 @@ pub struct PathDrops {
     /// Data-plane packets no carrier could take (none open, or its queue
     /// full).
     pub no_carrier: u64,
-    /// Datagrams from the peer keyd that were not a relay payload, or
-    /// fragments and PACKED bodies refused.
+    /// Datagrams from the peer keyd that were not a relay payload,
+    /// fragments and PACKED bodies refused, and datagrams sent to the
+    /// relay socket from a local address other than the data plane's.
     pub malformed: u64,
     /// Data-plane packets too large to carry.
     pub too_big: u64,
@@ -199,6 +208,9 @@ impl Edge {
                 t.abort();
             }
         }
+        // A member that leaves and comes back starts without the backoff
+        // of its last life, and the map holds only members.
+        lock(&self.connects).retain(|(id, _), _| members.contains_key(id));
         for (id, m) in members {
             let existing = lock(&self.paths).get(&id).map(|(p, _)| p.clone());
             let path = match existing {
@@ -284,6 +296,8 @@ impl Edge {
             tcp_packets: [get(&c.to_peer, 2), get(&c.from_peer, 2)],
             packed: path.takes_packed(),
             packed_partials_lost: path.unpack_counters().partials_lost,
+            packed_late: path.unpack_counters().late,
+            fragments_lost: path.fragments_lost(),
             dropped: c.drops(),
         })
     }
@@ -530,4 +544,45 @@ async fn move_to(e: &Edge, path: &PeerPath, to: Rung, why: &str) {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mesh_proto::cert::CaCert;
+    use mesh_proto::identity::CaSigningKey;
+
+    /// A carrier's backoff ends with its member: one that leaves the
+    /// roster and comes back is tried at once, and the map does not grow
+    /// with every node id ever seen.
+    #[tokio::test]
+    async fn a_departed_members_backoff_is_forgotten() {
+        let (requests, _r) = mpsc::channel(8);
+        let edge = Edge::new(
+            LadderConfig::default(),
+            NodeId([0; 16]),
+            1,
+            Ipv4Addr::LOCALHOST.into(),
+            requests,
+            tokio::runtime::Handle::current(),
+        )
+        .await
+        .unwrap();
+        let gone = NodeId([9; 16]);
+        edge.connect_done(gone, Rung::Tcp, false);
+        assert_eq!(lock(&edge.connects).len(), 1);
+
+        let key = CaSigningKey::generate().unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let ca = CaCert::create(&key, "ca", "edge-test", now - 60, now + 3600).unwrap();
+        let roster = Roster::build(&ca, &key, 1, now, now + 3600, vec![], vec![]).unwrap();
+        edge.sync(&roster).await;
+        assert!(
+            lock(&edge.connects).is_empty(),
+            "backoff kept for a departed member"
+        );
+    }
 }

@@ -185,6 +185,13 @@ impl PeerPath {
         lock(&self.unpacker).counters()
     }
 
+    /// Packets from an older keyd that came as fragments and were never
+    /// whole: evicted (more than the reassembler holds) or expired.
+    pub fn fragments_lost(&self) -> u64 {
+        let c = lock(&self.reassembler).counters();
+        c.evicted + c.expired
+    }
+
     pub fn set_rung(&self, rung: Rung) {
         *lock(&self.rung) = rung;
     }
@@ -211,7 +218,14 @@ impl PeerPath {
         {
             return false;
         }
-        *q = Some(conn.clone());
+        let old = q.replace(conn.clone());
+        // One connection per pair: the one replaced is to a keyd that
+        // since dialled again (a restart, a failed exchange), and its
+        // keep-alives would hold it open, with its reader here and the
+        // task serving it on the peer.
+        if let Some(old) = old {
+            old.close(0u32.into(), b"replaced");
+        }
         // A new connection may be to a restarted (or older) keyd: packed
         // only once its HELLO says so again, and nothing carried over from
         // the old connection's datagrams.
@@ -419,8 +433,11 @@ impl PeerPath {
             for packet in buf[..r.len].chunks(r.segment) {
                 let via = match (&quic, &tcp) {
                     (Some((max, conn)), _) if rung != Rung::Tcp => {
-                        let encoded = quic_out.encode(*max, packet, packed, &self.counters);
-                        (encoded && quic_out.send(conn)).then_some(Rung::Quic)
+                        if !quic_out.encode(*max, packet, packed, &self.counters) {
+                            // Counted as too_big: a carrier was there.
+                            continue;
+                        }
+                        quic_out.send(conn).then_some(Rung::Quic)
                     }
                     (_, Some(link)) if rung != Rung::Quic => link
                         .send(Record::Packet(packet))
@@ -648,6 +665,90 @@ mod tests {
                 ("dataplane_full", 4)
             ]
         );
+    }
+
+    /// One QUIC connection per pair: a connection attached in place of
+    /// another ends the other (its reader, and the peer's task serving
+    /// it, with it), so that nothing keeps it open with keep-alives.
+    #[tokio::test]
+    async fn a_replaced_quic_connection_is_closed() {
+        let (_ea, _eb, c1, _s1) = connected().await;
+        let (_ea2, _eb2, c2, _s2) = connected().await;
+        let dp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let a = path(dp.local_addr().unwrap()).await;
+        assert!(a.attach_quic(&c1));
+        let _reader = a.spawn_reader(&c1);
+        assert!(a.attach_quic(&c2));
+        assert!(
+            c1.close_reason().is_some(),
+            "the replaced connection is still open"
+        );
+        assert!(
+            c2.close_reason().is_none(),
+            "the attached connection was closed"
+        );
+        a.close();
+        assert!(c2.close_reason().is_some());
+    }
+
+    /// Fragments from an older keyd whose packet is never whole count as
+    /// lost packets (here: more partial packets than the reassembler
+    /// holds, so the oldest is evicted).
+    #[tokio::test]
+    async fn fragments_never_whole_count_as_lost() {
+        let (_ea, _eb, ca, cb) = connected().await;
+        let dp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let a = path(dp.local_addr().unwrap()).await;
+        assert!(a.attach_quic(&ca));
+        let _reader = a.spawn_reader(&ca);
+        warm_up(&cb).await;
+        for id in 0..65u16 {
+            let mut d = Vec::new();
+            let first_half = Payload::Fragment {
+                id,
+                index: 0,
+                count: 2,
+                bytes: &[0u8; 100],
+            };
+            first_half.encode(&mut d);
+            cb.send_datagram(d.into()).unwrap();
+        }
+        for _ in 0..200 {
+            if a.fragments_lost() > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(a.fragments_lost(), 1);
+    }
+
+    /// A packet no datagram can carry (more than 4 fragments, to a keyd
+    /// that does not take PACKED) is dropped as `too_big` only: a carrier
+    /// was there, so it is not also a `no_carrier` drop.
+    #[tokio::test]
+    async fn a_packet_too_big_to_carry_counts_once() {
+        let (_ea, _eb, ca, _cb) = connected().await;
+        let dp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let a = path(dp.local_addr().unwrap()).await;
+        assert!(a.attach_quic(&ca));
+        a.set_rung(Rung::Quic);
+        a.spawn_relay();
+        dp.send_to(&[0u8; 8000], a.relay_addr).unwrap();
+        let counted = |a: &PeerPath| {
+            (
+                a.counters.too_big.load(Ordering::Relaxed),
+                a.counters.no_carrier.load(Ordering::Relaxed),
+            )
+        };
+        for _ in 0..200 {
+            if counted(&a) != (0, 0) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // One more turn of the relay, for a count it might still add.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(counted(&a), (1, 0), "(too_big, no_carrier)");
     }
 
     /// The TCP rung as the daemon runs it: the links' sockets and tasks on

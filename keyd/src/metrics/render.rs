@@ -372,12 +372,15 @@ fn peers(e: &mut Exposition, s: &Status) {
     e.family(
         name,
         Kind::Counter,
-        "Packets and datagrams a peer's relay dropped, by reason: no_carrier, malformed, too_big, dataplane_full, packed_partial (a packet lost with the PACKED datagram it spanned)",
+        "Packets and datagrams a peer's relay dropped, by reason: no_carrier, malformed, too_big, dataplane_full, packed_partial (a packet lost with the PACKED datagram it spanned), fragment_partial (a fragmented packet from an older keyd never whole)",
     );
     for p in s.peers.values() {
         if let Some(path) = &p.path {
-            let partial = ("packed_partial", path.packed_partials_lost);
-            for (reason, n) in path.dropped.by_reason().into_iter().chain([partial]) {
+            let partials = [
+                ("packed_partial", path.packed_partials_lost),
+                ("fragment_partial", path.fragments_lost),
+            ];
+            for (reason, n) in path.dropped.by_reason().into_iter().chain(partials) {
                 let labels = [
                     ("peer", &*p.name),
                     ("node_id", &p.node_id),

@@ -89,6 +89,8 @@ fn peer_state_and_path_are_one_hot() {
         tcp_packets: [0, 0],
         packed: true,
         packed_partials_lost: 0,
+        packed_late: 0,
+        fragments_lost: 0,
         dropped: Default::default(),
     });
     let text = render(&s, NOW);
@@ -365,6 +367,8 @@ fn path_rtt_changes_packets_and_drops_are_exported() {
         tcp_packets: [7, 9],
         packed: true,
         packed_partials_lost: 6,
+        packed_late: 8,
+        fragments_lost: 7,
         dropped: crate::edge::PathDrops {
             no_carrier: 1,
             malformed: 2,
@@ -416,6 +420,7 @@ fn path_rtt_changes_packets_and_drops_are_exported() {
         ("too_big", "3"),
         ("dataplane_full", "5"),
         ("packed_partial", "6"),
+        ("fragment_partial", "7"),
     ] {
         assert_eq!(
             value(
