@@ -822,17 +822,11 @@ impl Driver {
                     est: Box::new(est),
                     role: Role::Initiator,
                 },
-                Err(e) => {
-                    // A failed exchange ends its connection on both sides.
-                    if let Some(conn) = s.connections.remove(&id) {
-                        conn.close(1u32.into(), b"exchange failed");
-                    }
-                    Input::DialFailed {
-                        peer: id,
-                        label: label_of(&e),
-                        error: text::sanitize(&format!("{e:#}"), text::ERROR_MAX),
-                    }
-                }
+                Err(e) => Input::DialFailed {
+                    peer: id,
+                    label: label_of(&e),
+                    error: text::sanitize(&format!("{e:#}"), text::ERROR_MAX),
+                },
             };
             let _ = s.inputs.send(input).await;
         });
@@ -1117,8 +1111,17 @@ async fn initiate_quic(s: &Shared, member: &Member) -> Result<Established> {
     if let Ok(mut j) = s.jars.lock() {
         j.insert(id, jar);
     }
-    if result.is_ok() {
-        s.edge.attach_quic(id, &conn);
+    match &result {
+        Ok(_) => s.edge.attach_quic(id, &conn),
+        // A failed exchange ends its connection on both sides: this one,
+        // not one dialled since (a failed exchange on the TCP link, which
+        // used to end the cached connection too, leaves QUIC alone).
+        Err(_) => {
+            let ours = |c: &quinn::Connection| c.stable_id() == conn.stable_id();
+            if let Some(c) = s.connections.remove_if(&id, ours) {
+                c.close(1u32.into(), b"exchange failed");
+            }
+        }
     }
     result
 }

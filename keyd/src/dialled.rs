@@ -65,9 +65,14 @@ impl<C: Clone> Dialled<C> {
         lock(&self.connections).get(peer).cloned()
     }
 
-    /// Forgets the peer's connection and gives it to the caller (to close).
-    pub fn remove(&self, peer: &NodeId) -> Option<C> {
-        lock(&self.connections).remove(peer)
+    /// Forgets the peer's connection if `which` says it is the one meant
+    /// (not one dialled since), and gives it to the caller (to close).
+    pub fn remove_if(&self, peer: &NodeId, which: impl Fn(&C) -> bool) -> Option<C> {
+        let mut connections = lock(&self.connections);
+        if !connections.get(peer).is_some_and(which) {
+            return None;
+        }
+        connections.remove(peer)
     }
 }
 
@@ -115,7 +120,20 @@ mod tests {
         );
         assert_eq!(dials.load(Ordering::Relaxed), 1, "two connections opened");
         assert_eq!((a, b), (0, 0));
-        assert!(lock(&d.dialling).len() <= 1);
+    }
+
+    #[tokio::test]
+    async fn only_dials_under_way_keep_a_gate() {
+        let d = Dialled::<Conn>::default();
+        for n in 0..3u8 {
+            d.get_or_dial(NodeId([n; 16]), alive, || async {
+                Ok::<_, ()>(open(n.into()))
+            })
+            .await
+            .unwrap();
+        }
+        // Each dial drops the gates nobody holds: the last one's is left.
+        assert_eq!(lock(&d.dialling).len(), 1);
     }
 
     #[tokio::test]
@@ -137,9 +155,14 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(redialled.0, 3);
-        assert_eq!(d.remove(&peer).map(|c| c.0), Some(3));
+        // Only the connection meant: not one dialled since.
+        assert!(d.remove_if(&peer, |c| c.0 == 1).is_none());
+        assert_eq!(d.remove_if(&peer, |c| c.0 == 3).map(|c| c.0), Some(3));
         let failed = d.get_or_dial(peer, alive, || async { Err::<Conn, _>("refused") });
         assert_eq!(failed.await.err(), Some("refused"));
-        assert!(d.remove(&peer).is_none(), "a failed dial left a connection");
+        assert!(
+            d.remove_if(&peer, |_| true).is_none(),
+            "a failed dial left a connection"
+        );
     }
 }

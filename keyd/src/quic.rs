@@ -60,7 +60,7 @@ const MTU_UPPER_BOUND: u16 = 1472;
 /// at all) or a web server holding the port.
 pub fn cannot_listen(what: &str, addr: SocketAddr, e: std::io::Error) -> anyhow::Error {
     let hint = match e.kind() {
-        std::io::ErrorKind::PermissionDenied => {
+        std::io::ErrorKind::PermissionDenied if addr.port() < 1024 => {
             " (a port below 1024 needs CAP_NET_BIND_SERVICE: under systemd, install keyd's \
              drop-in /usr/share/pqmesh/keyd-privileged-port.conf, docs/install.md)"
         }
@@ -811,6 +811,13 @@ mod tests {
             text.contains("/usr/share/pqmesh/keyd-privileged-port.conf"),
             "{text}"
         );
+        // Denied on a port that needs no privilege: not the capability.
+        let other = std::io::Error::from_raw_os_error(libc::EACCES);
+        let text = format!(
+            "{:#}",
+            cannot_listen("TCP", "0.0.0.0:51821".parse().unwrap(), other)
+        );
+        assert!(!text.contains("CAP_NET_BIND_SERVICE"), "{text}");
         let other = std::io::Error::from_raw_os_error(libc::EADDRNOTAVAIL);
         let text = format!(
             "{:#}",

@@ -90,8 +90,9 @@ pub struct PathStatus {
     /// packets still delivered).
     #[serde(default)]
     pub packed_late: u64,
-    /// Packets from an older keyd that came as fragments and never became
-    /// whole (evicted or expired in reassembly).
+    /// Packets that came as fragments (from an older keyd, or from any
+    /// before its HELLO) and never became whole (evicted or expired in
+    /// reassembly).
     #[serde(default)]
     pub fragments_lost: u64,
     /// Packets and datagrams the relay dropped, by reason.
@@ -342,7 +343,11 @@ impl Edge {
     }
 
     /// How an attempt the ladder asked for ([`Request::Connect`]) ended.
+    /// Ignored for a peer no longer listed (its backoff went with it).
     pub fn connect_done(&self, peer: NodeId, rung: Rung, ok: bool) {
+        if self.path(&peer).is_none() {
+            return;
+        }
         let mut connects = lock(&self.connects);
         if ok {
             connects.remove(&(peer, rung));
@@ -569,8 +574,10 @@ mod tests {
         .await
         .unwrap();
         let gone = NodeId([9; 16]);
-        edge.connect_done(gone, Rung::Tcp, false);
-        assert_eq!(lock(&edge.connects).len(), 1);
+        lock(&edge.connects)
+            .entry((gone, Rung::Tcp))
+            .or_default()
+            .failed(Instant::now());
 
         let key = CaSigningKey::generate().unwrap();
         let now = std::time::SystemTime::now()
@@ -583,6 +590,12 @@ mod tests {
         assert!(
             lock(&edge.connects).is_empty(),
             "backoff kept for a departed member"
+        );
+        // An attempt that was under way when it left ends after it.
+        edge.connect_done(gone, Rung::Tcp, false);
+        assert!(
+            lock(&edge.connects).is_empty(),
+            "backoff back for a departed member"
         );
     }
 }

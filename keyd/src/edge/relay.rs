@@ -185,10 +185,14 @@ impl PeerPath {
         lock(&self.unpacker).counters()
     }
 
-    /// Packets from an older keyd that came as fragments and were never
-    /// whole: evicted (more than the reassembler holds) or expired.
+    /// Packets that came as fragments (from an older keyd, or from any
+    /// before its HELLO) and were never whole: evicted (more than the
+    /// reassembler holds) or expired, counting the partial packets that
+    /// expired since the last fragment came.
     pub fn fragments_lost(&self) -> u64 {
-        let c = lock(&self.reassembler).counters();
+        let mut r = lock(&self.reassembler);
+        r.expire(Instant::now());
+        let c = r.counters();
         c.evicted + c.expired
     }
 
@@ -720,6 +724,9 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!(a.fragments_lost(), 1);
+        // The other 64 expire (100 ms) with no fragment after them.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(a.fragments_lost(), 65);
     }
 
     /// A packet no datagram can carry (more than 4 fragments, to a keyd

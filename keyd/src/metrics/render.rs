@@ -372,7 +372,7 @@ fn peers(e: &mut Exposition, s: &Status) {
     e.family(
         name,
         Kind::Counter,
-        "Packets and datagrams a peer's relay dropped, by reason: no_carrier, malformed, too_big, dataplane_full, packed_partial (a packet lost with the PACKED datagram it spanned), fragment_partial (a fragmented packet from an older keyd never whole)",
+        "Packets and datagrams a peer's relay dropped, by reason: no_carrier, malformed, too_big, dataplane_full, packed_partial (a packet lost with the PACKED datagram it spanned), fragment_partial (a packet that came as fragments and never became whole)",
     );
     for p in s.peers.values() {
         if let Some(path) = &p.path {
