@@ -345,10 +345,12 @@ impl Edge {
     /// How an attempt the ladder asked for ([`Request::Connect`]) ended.
     /// Ignored for a peer no longer listed (its backoff went with it).
     pub fn connect_done(&self, peer: NodeId, rung: Rung, ok: bool) {
+        // Checked holding `connects`: a `sync` removing the path between
+        // the check and the insert would otherwise miss the entry.
+        let mut connects = lock(&self.connects);
         if self.path(&peer).is_none() {
             return;
         }
-        let mut connects = lock(&self.connects);
         if ok {
             connects.remove(&(peer, rung));
         } else {
