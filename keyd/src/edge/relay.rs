@@ -879,14 +879,7 @@ mod tests {
     async fn a_burst_over_the_tcp_rung_arrives_whole() {
         const PACKETS: usize = 2000;
         let (la, lb) = tcp_links(&tokio::runtime::Handle::current()).await;
-        let dp_a = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        crate::sockbuf::grow(&dp_a);
-        let dp_b = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        crate::sockbuf::grow(&dp_b);
-        let (a, b) = (
-            path(dp_a.local_addr().unwrap()).await,
-            path(dp_b.local_addr().unwrap()).await,
-        );
+        let (dp_a, dp_b, a, b) = two_paths().await;
         a.attach_tcp(&la);
         b.attach_tcp(&lb);
         a.set_rung(Rung::Tcp);
@@ -993,17 +986,22 @@ mod tests {
         }
     }
 
-    async fn burst_arrives_whole(packed: bool, size: usize) {
-        const PACKETS: usize = 2000;
-        let (_ea, _eb, ca, cb) = connected().await;
+    /// Two data planes' sockets (large buffers: the tests send bursts) and
+    /// a path for each: `a` relays what `dp_a` sends, `b` delivers to `dp_b`.
+    async fn two_paths() -> (UdpSocket, std::net::UdpSocket, Arc<PeerPath>, Arc<PeerPath>) {
         let dp_a = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         crate::sockbuf::grow(&dp_a);
         let dp_b = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         crate::sockbuf::grow(&dp_b);
-        let (a, b) = (
-            path(dp_a.local_addr().unwrap()).await,
-            path(dp_b.local_addr().unwrap()).await,
-        );
+        let a = path(dp_a.local_addr().unwrap()).await;
+        let b = path(dp_b.local_addr().unwrap()).await;
+        (dp_a, dp_b, a, b)
+    }
+
+    async fn burst_arrives_whole(packed: bool, size: usize) {
+        const PACKETS: usize = 2000;
+        let (_ea, _eb, ca, cb) = connected().await;
+        let (dp_a, dp_b, a, b) = two_paths().await;
         assert!(a.attach_quic(&ca) && b.attach_quic(&cb));
         a.set_rung(Rung::Quic);
         a.hello(if packed { frame::HELLO_TAKES_PACKED } else { 0 });
